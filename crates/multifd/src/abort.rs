@@ -1,0 +1,123 @@
+//! The one way a migration stops early: record the first error, shut every
+//! socket down so blocked I/O returns, wake every waiter.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+
+use crate::error::Error;
+use crate::transport::Connection;
+
+/// Something that must be woken when the migration aborts (a barrier, a queue).
+pub(crate) trait Wake: Sync {
+    /// Wakes every thread waiting on it; later waits must fail at once.
+    fn wake_for_abort(&self);
+}
+
+/// First-error latch plus the handles needed to stop everything.
+#[derive(Default)]
+pub(crate) struct Abort<'w> {
+    aborted: AtomicBool,
+    first: Mutex<Option<Error>>,
+    sockets: Mutex<Vec<Connection>>,
+    wakers: Mutex<Vec<&'w dyn Wake>>,
+}
+
+impl<'w> Abort<'w> {
+    pub(crate) fn new() -> Self {
+        Self {
+            aborted: AtomicBool::new(false),
+            first: Mutex::new(None),
+            sockets: Mutex::new(Vec::new()),
+            wakers: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// True once any part of the migration failed.
+    pub(crate) fn is_aborted(&self) -> bool {
+        self.aborted.load(Ordering::Acquire)
+    }
+
+    /// Keeps a handle of `conn` to shut it down on abort. A socket registered
+    /// after the abort is shut down at once.
+    pub(crate) fn register_socket(&self, conn: &Connection) -> Result<(), Error> {
+        let clone = conn
+            .try_clone()
+            .map_err(|e| Error::io("duplicating a socket handle", e))?;
+        let mut sockets = self.sockets.lock().unwrap_or_else(|p| p.into_inner());
+        if self.is_aborted() {
+            clone.shutdown();
+        }
+        sockets.push(clone);
+        Ok(())
+    }
+
+    /// Adds a waiter to wake on abort.
+    pub(crate) fn register_waker(&self, w: &'w dyn Wake) {
+        let mut wakers = self.wakers.lock().unwrap_or_else(|p| p.into_inner());
+        if self.is_aborted() {
+            w.wake_for_abort();
+        }
+        wakers.push(w);
+    }
+
+    /// Records `err` (if it is the first real error) and stops everything.
+    /// Idempotent; later errors are only logged.
+    pub(crate) fn fail(&self, err: Error) {
+        {
+            let mut first = self.first.lock().unwrap_or_else(|p| p.into_inner());
+            match (&*first, &err) {
+                (None, Error::Aborted) => {}
+                (None, _) => *first = Some(err),
+                (Some(_), Error::Aborted) => {}
+                (Some(_), _) => tracing::debug!("later error after abort: {err}"),
+            }
+        }
+        if self.aborted.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        for s in self
+            .sockets
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            s.shutdown();
+        }
+        for w in self.wakers.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            w.wake_for_abort();
+        }
+    }
+
+    /// Runs `f`; an error from it aborts the migration.
+    pub(crate) fn guard<T>(&self, f: impl FnOnce() -> Result<T, Error>) -> Option<T> {
+        match f() {
+            Ok(v) => Some(v),
+            Err(e) => {
+                self.fail(e);
+                None
+            }
+        }
+    }
+
+    /// The first error, if any part failed.
+    pub(crate) fn take_error(&self) -> Option<Error> {
+        let mut first = self.first.lock().unwrap_or_else(|p| p.into_inner());
+        match first.take() {
+            Some(e) => Some(e),
+            None if self.is_aborted() => Some(Error::Aborted),
+            None => None,
+        }
+    }
+
+    /// Shuts down every registered socket (also used at the normal end).
+    pub(crate) fn close_sockets(&self) {
+        for s in self
+            .sockets
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+        {
+            s.shutdown();
+        }
+    }
+}

@@ -1,0 +1,127 @@
+//! Round trips of every method over a real socket pair.
+
+use std::os::unix::net::UnixStream;
+
+use multifd_wire::packet::{Compression, RamPacketEncoder, RamPacketHeader, RAM_PACKET_HEADER_SIZE};
+use multifd_wire::PAGE_SIZE;
+
+use super::*;
+use crate::ram::RamBlock;
+
+fn fill(block: &RamBlock, seed: u8) {
+    for p in 0..block.pages() {
+        let mut page = [0u8; PAGE_SIZE];
+        match p % 3 {
+            0 => {}
+            1 => page.iter_mut().enumerate().for_each(|(i, b)| *b = (i % 7) as u8 ^ seed),
+            _ => page.iter_mut().enumerate().for_each(|(i, b)| {
+                *b = ((i as u64 * 2_654_435_761 + p * 97 + u64::from(seed)) >> 7) as u8
+            }),
+        }
+        block.write_page(p * PAGE_SIZE as u64, &page).unwrap();
+    }
+}
+
+fn round_trip(compression: Compression) {
+    let cfg = MethodConfig {
+        compression,
+        ..MethodConfig::default()
+    };
+    let src = RamBlock::anonymous("m0", 300 * 4096).unwrap();
+    let dst = RamBlock::anonymous("m0", 300 * 4096).unwrap();
+    let (a, b) = UnixStream::pair().unwrap();
+    let mut tx = crate::transport::Connection::from_unix_for_tests(a);
+    let mut rx = crate::transport::Connection::from_unix_for_tests(b);
+    let mut send = new_send(&cfg).unwrap();
+    let mut recv = new_recv(&cfg, 0).unwrap();
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            // Several packets, so the stream state carries across packets.
+            for seed in 0..3u8 {
+                fill(&src, seed);
+                for chunk in (0..300u64).collect::<Vec<_>>().chunks(128) {
+                    let offsets: Vec<u64> = chunk.iter().map(|p| p * 4096).collect();
+                    let mut iovs = Vec::new();
+                    let size = send.prepare(&src, &offsets, &mut iovs).unwrap();
+                    let mut hdr = [0u8; RAM_PACKET_HEADER_SIZE];
+                    RamPacketEncoder {
+                        compression,
+                        sync: false,
+                        packet_num: 0,
+                        ramblock: "m0",
+                        offsets: &offsets,
+                        normal_pages: offsets.len(),
+                        next_packet_size: size,
+                    }
+                    .encode(&mut hdr)
+                    .unwrap();
+                    iovs.insert(0, crate::ram::IoVec::from_slice(&hdr));
+                    tx.writev_all(&mut iovs).unwrap();
+                }
+                // Wait for the receiver before changing the source pages.
+                let mut ack = [0u8; 1];
+                std::io::Read::read_exact(&mut tx, &mut ack).unwrap();
+            }
+        });
+        for _ in 0..3 {
+            for _ in 0..3 {
+                let mut hdr = vec![0u8; RAM_PACKET_HEADER_SIZE];
+                assert!(rx.read_exact_or_eof(&mut hdr).unwrap());
+                let h = RamPacketHeader::decode(&hdr).unwrap();
+                recv.load(&h, &dst, &mut rx).unwrap();
+            }
+            for p in 0..300u64 {
+                let (mut x, mut y) = ([0u8; PAGE_SIZE], [0u8; PAGE_SIZE]);
+                src.read_page(p * 4096, &mut x).unwrap();
+                dst.read_page(p * 4096, &mut y).unwrap();
+                assert!(x == y, "page {p} differs ({compression})");
+            }
+            std::io::Write::write_all(&mut rx, &[1]).unwrap();
+        }
+    });
+}
+
+#[test]
+fn nocomp_round_trip() {
+    round_trip(Compression::None);
+}
+
+#[test]
+fn zlib_round_trip() {
+    round_trip(Compression::Zlib);
+}
+
+#[test]
+fn zstd_round_trip() {
+    round_trip(Compression::Zstd);
+}
+
+#[test]
+fn corrupt_zlib_payload_is_a_typed_error() {
+    let cfg = MethodConfig {
+        compression: Compression::Zlib,
+        ..MethodConfig::default()
+    };
+    let dst = RamBlock::anonymous("m0", 4096).unwrap();
+    let (a, b) = UnixStream::pair().unwrap();
+    let mut tx = crate::transport::Connection::from_unix_for_tests(a);
+    let mut rx = crate::transport::Connection::from_unix_for_tests(b);
+    let garbage = vec![0x55u8; 100];
+    std::io::Write::write_all(&mut tx, &garbage).unwrap();
+    let mut hdr = [0u8; RAM_PACKET_HEADER_SIZE];
+    RamPacketEncoder {
+        compression: Compression::Zlib,
+        sync: false,
+        packet_num: 0,
+        ramblock: "m0",
+        offsets: &[0],
+        normal_pages: 1,
+        next_packet_size: 100,
+    }
+    .encode(&mut hdr)
+    .unwrap();
+    let h = RamPacketHeader::decode(&hdr).unwrap();
+    let mut recv = new_recv(&cfg, 3).unwrap();
+    let err = recv.load(&h, &dst, &mut rx).unwrap_err();
+    assert!(matches!(err, crate::Error::Corrupt { .. }), "{err}");
+}

@@ -1,0 +1,3 @@
+//! Drivers: the precopy source and the destination.
+
+pub mod source;

@@ -1,0 +1,39 @@
+//! The QEMU side of the house: the main migration stream a precopy writes,
+//! and snapshot directories (store what a QEMU source sent, replay it into a
+//! QEMU destination).
+
+mod main_writer;
+pub mod snapshot;
+
+pub(crate) use main_writer::MainWriter;
+
+/// What the main stream carries besides RAM.
+#[derive(Debug, Clone)]
+pub struct StreamPlan {
+    /// Verbatim bytes up to the `ram` START section (file header,
+    /// configuration, ...), as recorded from a QEMU source. `None`: write a
+    /// header and a configuration section naming [`StreamPlan::machine`].
+    pub prefix: Option<Vec<u8>>,
+    /// QEMU machine type the destination runs (`none`, `pc-q35-10.0`, ...).
+    pub machine: String,
+    /// Section id of the `ram` section.
+    pub ram_section_id: u32,
+    /// Send the SWITCHOVER_START command before the `ram` END section
+    /// (QEMU 10.0 machine types do; 9.2 and older do not).
+    pub switchover_start: bool,
+    /// Verbatim bytes after the `ram` END section: device state sections,
+    /// EOF and vmdesc. `None`: just EOF.
+    pub tail: Option<Vec<u8>>,
+}
+
+impl Default for StreamPlan {
+    fn default() -> Self {
+        Self {
+            prefix: None,
+            machine: "none".into(),
+            ram_section_id: 1,
+            switchover_start: true,
+            tail: None,
+        }
+    }
+}

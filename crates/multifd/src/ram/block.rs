@@ -1,0 +1,445 @@
+//! One mapped RAM block.
+#![allow(unsafe_code)]
+
+use std::fs::{File, OpenOptions};
+use std::path::{Path, PathBuf};
+
+use vm_memory::mmap::MmapRegion;
+use vm_memory::FileOffset;
+
+use super::iov::IoVec;
+use super::received::ReceivedBitmap;
+use crate::error::{Error, Result};
+use multifd_wire::{PAGE_SIZE, PAGE_SIZE_U64};
+
+/// Whether a block may be written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// Mapped read-only (a migration source reading an image).
+    ReadOnly,
+    /// Mapped read-write (a destination).
+    ReadWrite,
+}
+
+/// A named RAM block mapped into this process.
+///
+/// Invariants: the mapping is `len` bytes long, page-aligned, and lives as
+/// long as the `RamBlock`; `len` is a non-zero multiple of 4096.
+pub struct RamBlock {
+    name: String,
+    len: u64,
+    region: MmapRegion<()>,
+    access: Access,
+    /// True when the memory is known to read as zero where nothing was
+    /// written yet (fresh anonymous memory or a file we just created), so a
+    /// zero page that was never received needs no write.
+    starts_zeroed: bool,
+    path: Option<PathBuf>,
+    received: ReceivedBitmap,
+}
+
+impl std::fmt::Debug for RamBlock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RamBlock")
+            .field("name", &self.name)
+            .field("len", &self.len)
+            .field("access", &self.access)
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+fn check_len(name: &str, len: u64) -> Result<usize> {
+    if len == 0 || len % PAGE_SIZE_U64 != 0 {
+        return Err(Error::Config(format!(
+            "RAM block {name:?}: length {len} is not a non-zero multiple of 4096"
+        )));
+    }
+    usize::try_from(len)
+        .map_err(|_| Error::Config(format!("RAM block {name:?}: length {len} too large")))
+}
+
+impl RamBlock {
+    /// Anonymous, zero-filled memory.
+    pub fn anonymous(name: &str, len: u64) -> Result<Self> {
+        let size = check_len(name, len)?;
+        let region = MmapRegion::build(
+            None,
+            size,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+        )
+        .map_err(|e| Error::Map {
+            name: name.to_owned(),
+            reason: e.to_string(),
+        })?;
+        Ok(Self::from_region(name, len, region, Access::ReadWrite, true, None))
+    }
+
+    /// Maps an existing file of exactly `len` bytes (or any length when
+    /// `len` is `None`), shared, like a QEMU `memory-backend-file`.
+    pub fn open_file(name: &str, path: &Path, access: Access, len: Option<u64>) -> Result<Self> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(access == Access::ReadWrite)
+            .open(path)
+            .map_err(|e| Error::io(format!("opening RAM file {}", path.display()), e))?;
+        let actual = file
+            .metadata()
+            .map_err(|e| Error::io(format!("reading size of {}", path.display()), e))?
+            .len();
+        if let Some(want) = len
+            && want != actual
+        {
+            return Err(Error::Config(format!(
+                "RAM file {} is {actual} bytes but block {name:?} is {want} bytes",
+                path.display()
+            )));
+        }
+        Self::map_file(name, path, file, actual, access, false)
+    }
+
+    /// Creates (or truncates) a sparse file of `len` bytes and maps it
+    /// read-write. Used for snapshot blocks and `--ram` files that do not
+    /// exist yet.
+    pub fn create_file(name: &str, path: &Path, len: u64) -> Result<Self> {
+        check_len(name, len)?;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(path)
+            .map_err(|e| Error::io(format!("creating RAM file {}", path.display()), e))?;
+        file.set_len(len)
+            .map_err(|e| Error::io(format!("sizing RAM file {}", path.display()), e))?;
+        Self::map_file(name, path, file, len, Access::ReadWrite, true)
+    }
+
+    fn map_file(
+        name: &str,
+        path: &Path,
+        file: File,
+        len: u64,
+        access: Access,
+        starts_zeroed: bool,
+    ) -> Result<Self> {
+        let size = check_len(name, len)?;
+        let prot = match access {
+            Access::ReadOnly => libc::PROT_READ,
+            Access::ReadWrite => libc::PROT_READ | libc::PROT_WRITE,
+        };
+        let region = MmapRegion::build(
+            Some(FileOffset::new(file, 0)),
+            size,
+            prot,
+            libc::MAP_SHARED | libc::MAP_NORESERVE,
+        )
+        .map_err(|e| Error::Map {
+            name: name.to_owned(),
+            reason: e.to_string(),
+        })?;
+        Ok(Self::from_region(
+            name,
+            len,
+            region,
+            access,
+            starts_zeroed,
+            Some(path.to_owned()),
+        ))
+    }
+
+    fn from_region(
+        name: &str,
+        len: u64,
+        region: MmapRegion<()>,
+        access: Access,
+        starts_zeroed: bool,
+        path: Option<PathBuf>,
+    ) -> Self {
+        Self {
+            name: name.to_owned(),
+            len,
+            region,
+            access,
+            starts_zeroed,
+            path,
+            received: ReceivedBitmap::new(len / PAGE_SIZE_U64),
+        }
+    }
+
+    /// The block's id (QEMU's RAMBlock idstr).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Length in bytes (QEMU's used_length).
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Always false: blocks have at least one page.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    /// Number of pages.
+    pub fn pages(&self) -> u64 {
+        self.len / PAGE_SIZE_U64
+    }
+
+    /// Address of the mapping in this process (to find it in
+    /// `/proc/self/smaps`).
+    pub fn host_addr(&self) -> usize {
+        self.region.as_ptr() as usize
+    }
+
+    /// The file behind the mapping, if any.
+    pub fn path(&self) -> Option<&Path> {
+        self.path.as_deref()
+    }
+
+    /// Pages received so far by a destination (QEMU's `receivedmap`).
+    pub fn received(&self) -> &ReceivedBitmap {
+        &self.received
+    }
+
+    /// Checks that `offset` names a whole page inside the block.
+    pub fn check_page(&self, offset: u64) -> Result<()> {
+        if offset % PAGE_SIZE_U64 != 0
+            || offset
+                .checked_add(PAGE_SIZE_U64)
+                .is_none_or(|end| end > self.len)
+        {
+            return Err(Error::OffsetOutOfRange {
+                block: self.name.clone(),
+                offset,
+                len: self.len,
+            });
+        }
+        Ok(())
+    }
+
+    fn check_writable(&self) -> Result<()> {
+        if self.access == Access::ReadOnly {
+            return Err(Error::Config(format!(
+                "RAM block {:?} is mapped read-only",
+                self.name
+            )));
+        }
+        Ok(())
+    }
+
+    /// Raw pointer to the page at `offset`; the offset must have passed `check_page`.
+    fn page_ptr(&self, offset: u64) -> *mut u8 {
+        debug_assert!(self.check_page(offset).is_ok());
+        // SAFETY:
+        // - `offset + PAGE_SIZE <= len` (checked by every caller through
+        //   `check_page`), so the result stays inside the mapping;
+        // - `offset < len <= isize::MAX` (the mapping exists), so the add
+        //   cannot overflow.
+        unsafe { self.region.as_ptr().add(offset as usize) }
+    }
+
+    /// True when the page at `offset` is all zero bytes
+    /// (QEMU's `buffer_is_zero`). The guest may be writing the page
+    /// meanwhile; then the answer is one of the page's states, and the
+    /// dirty log re-sends it.
+    pub fn is_zero_page(&self, offset: u64) -> Result<bool> {
+        self.check_page(offset)?;
+        let base = self.page_ptr(offset);
+        // Check in 256-byte chunks copied out of guest memory: the copy is a
+        // plain memcpy (no reference over shared memory), the OR reduction
+        // then runs on private data and vectorises.
+        let mut chunk = [0u64; 32];
+        for i in 0..PAGE_SIZE / 256 {
+            // SAFETY:
+            // - source: `base + i*256 .. + 256` lies inside the page, which
+            //   lies inside the mapping (checked above) and is readable;
+            // - destination: `chunk` is a private, 256-byte, 8-aligned buffer;
+            // - the two cannot overlap (one is on the stack, one is mapped).
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    base.add(i * 256),
+                    chunk.as_mut_ptr().cast::<u8>(),
+                    256,
+                );
+            }
+            if chunk.iter().fold(0, |acc, w| acc | w) != 0 {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    /// Copies the page at `offset` into `out` (a private copy for a
+    /// compressor: the guest may keep writing the original).
+    pub fn read_page(&self, offset: u64, out: &mut [u8; PAGE_SIZE]) -> Result<()> {
+        self.check_page(offset)?;
+        // SAFETY:
+        // - source: one page inside the mapping (checked above), readable;
+        // - destination: `out` is exactly one page, exclusively borrowed;
+        // - no overlap: `out` is not inside guest memory (guest memory is
+        //   never exposed as a Rust reference, so `out` cannot point there).
+        unsafe {
+            std::ptr::copy_nonoverlapping(self.page_ptr(offset), out.as_mut_ptr(), PAGE_SIZE);
+        }
+        Ok(())
+    }
+
+    /// Writes one page of data at `offset`.
+    pub fn write_page(&self, offset: u64, data: &[u8]) -> Result<()> {
+        self.check_page(offset)?;
+        self.check_writable()?;
+        if data.len() != PAGE_SIZE {
+            return Err(Error::Config(format!(
+                "page write of {} bytes, expected 4096",
+                data.len()
+            )));
+        }
+        // SAFETY:
+        // - destination: one page inside a writable mapping (checked above);
+        // - source: `data` is exactly one page of initialised bytes;
+        // - no overlap, as in `read_page`.
+        unsafe {
+            std::ptr::copy_nonoverlapping(data.as_ptr(), self.page_ptr(offset), PAGE_SIZE);
+        }
+        Ok(())
+    }
+
+    /// Fills the page at `offset` with zeros.
+    pub fn zero_page(&self, offset: u64) -> Result<()> {
+        self.check_page(offset)?;
+        self.check_writable()?;
+        // SAFETY: one page inside a writable mapping (checked above).
+        unsafe { std::ptr::write_bytes(self.page_ptr(offset), 0, PAGE_SIZE) };
+        Ok(())
+    }
+
+    /// Applies a zero page received from a source, the way a QEMU
+    /// destination does: memory that may hold older data is zeroed, memory
+    /// known to be untouched is left alone (so it is never faulted in).
+    pub fn apply_zero_page(&self, offset: u64) -> Result<()> {
+        self.check_page(offset)?;
+        let seen_before = self.received.set(offset / PAGE_SIZE_U64);
+        if seen_before || !self.starts_zeroed {
+            if !self.is_zero_page(offset)? {
+                self.zero_page(offset)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// An I/O vector over the page at `offset`, for a vectored write to a
+    /// socket (the source side: the kernel reads the page).
+    pub fn page_iov(&self, offset: u64) -> Result<IoVec<'_>> {
+        self.check_page(offset)?;
+        // SAFETY: the page lies inside the mapping (checked above), which
+        // lives as long as `self`, and the IoVec borrows `self`.
+        Ok(unsafe { IoVec::from_raw(self.page_ptr(offset), PAGE_SIZE) })
+    }
+
+    /// An I/O vector over the page at `offset`, for a vectored read from a
+    /// socket straight into guest RAM (the destination side).
+    pub fn page_iov_mut(&self, offset: u64) -> Result<IoVec<'_>> {
+        self.check_writable()?;
+        self.page_iov(offset)
+    }
+
+    /// Bytes of this block resident in memory (`mincore`).
+    pub fn resident_bytes(&self) -> u64 {
+        let pages = self.len as usize / PAGE_SIZE;
+        let mut vec = vec![0u8; pages];
+        // SAFETY:
+        // - the address range is exactly our mapping (page-aligned, `len` bytes);
+        // - `vec` has one byte per page, as mincore requires.
+        let rc = unsafe {
+            libc::mincore(
+                self.region.as_ptr().cast(),
+                self.len as usize,
+                vec.as_mut_ptr(),
+            )
+        };
+        if rc != 0 {
+            return 0;
+        }
+        vec.iter().filter(|&&b| b & 1 != 0).count() as u64 * PAGE_SIZE_U64
+    }
+
+    /// Writes the whole block with zeros so every page is faulted in
+    /// (benchmarks pre-fault destination memory).
+    pub fn prefault(&self) -> Result<()> {
+        self.check_writable()?;
+        for page in 0..self.pages() {
+            self.zero_page(page * PAGE_SIZE_U64)?;
+        }
+        Ok(())
+    }
+
+    /// Copies `src`'s whole contents into this block (same length).
+    pub fn copy_from(&self, src: &RamBlock) -> Result<()> {
+        self.check_writable()?;
+        if src.len != self.len {
+            return Err(Error::Config("copy between blocks of different length".into()));
+        }
+        // SAFETY:
+        // - both ranges are whole mappings of `len` bytes, the destination writable;
+        // - they are distinct mappings, so they do not overlap.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                src.region.as_ptr(),
+                self.region.as_ptr(),
+                self.len as usize,
+            );
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn anonymous_pages_round_trip_and_bounds() {
+        let b = RamBlock::anonymous("m0", 4 * 4096).unwrap();
+        assert!(b.is_zero_page(0).unwrap());
+        let mut page = [7u8; PAGE_SIZE];
+        b.write_page(4096, &page).unwrap();
+        assert!(!b.is_zero_page(4096).unwrap());
+        page.fill(0);
+        b.read_page(4096, &mut page).unwrap();
+        assert!(page.iter().all(|&x| x == 7));
+        b.apply_zero_page(4096).unwrap();
+        assert!(b.is_zero_page(4096).unwrap());
+        assert!(matches!(
+            b.read_page(4 * 4096, &mut page),
+            Err(Error::OffsetOutOfRange { .. })
+        ));
+        assert!(b.check_page(100).is_err(), "unaligned");
+        assert!(b.check_page(u64::MAX - 4095).is_err(), "overflow");
+    }
+
+    #[test]
+    fn last_byte_of_page_counts() {
+        let b = RamBlock::anonymous("m0", 4096).unwrap();
+        let mut page = [0u8; PAGE_SIZE];
+        page[4095] = 1;
+        b.write_page(0, &page).unwrap();
+        assert!(!b.is_zero_page(0).unwrap());
+    }
+
+    #[test]
+    fn file_blocks_are_shared_and_read_only_is_enforced() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ram");
+        let b = RamBlock::create_file("m0", &path, 8192).unwrap();
+        b.write_page(4096, &[9u8; PAGE_SIZE]).unwrap();
+        drop(b);
+        let bytes = std::fs::read(&path).unwrap();
+        assert_eq!(bytes[4096], 9);
+        let ro = RamBlock::open_file("m0", &path, Access::ReadOnly, Some(8192)).unwrap();
+        assert!(ro.write_page(0, &[1u8; PAGE_SIZE]).is_err());
+        assert!(RamBlock::open_file("m0", &path, Access::ReadOnly, Some(4096)).is_err());
+    }
+}

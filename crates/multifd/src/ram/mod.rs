@@ -1,0 +1,95 @@
+//! Guest RAM: named blocks of 4 KiB pages over `mmap`.
+//!
+//! A [`RamBlock`] is what QEMU calls a RAMBlock: a named, contiguous region
+//! addressed by offsets inside it. Blocks are mapped either from a file
+//! (`MAP_SHARED`, so a QEMU `memory-backend-file` image works and the bytes
+//! land in the file) or anonymously. [`GuestRam`] is the set of blocks of one
+//! migration, looked up by name.
+//!
+//! Guest memory is shared with whoever runs the guest, so no Rust reference
+//! (`&[u8]`/`&mut [u8]`) is ever made over it. Pages are only reached through
+//! the methods here, which copy with raw pointers (as vm-memory's volatile
+//! slices do), and through [`IoVec`]s handed to the kernel. This module and
+//! `transport::sys` hold the only `unsafe` code of the crate.
+
+mod block;
+mod iov;
+mod received;
+
+pub use block::{Access, RamBlock};
+pub use iov::IoVec;
+pub use received::ReceivedBitmap;
+
+use crate::error::{Error, Result};
+use multifd_wire::stream::RamBlockInfo;
+
+/// The RAM blocks of one migration.
+#[derive(Debug, Default)]
+pub struct GuestRam {
+    blocks: Vec<RamBlock>,
+}
+
+impl GuestRam {
+    /// An empty set.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a block; names must be unique.
+    pub fn push(&mut self, block: RamBlock) -> Result<()> {
+        if self.find(block.name()).is_some() {
+            return Err(Error::Config(format!(
+                "RAM block {:?} given twice",
+                block.name()
+            )));
+        }
+        self.blocks.push(block);
+        Ok(())
+    }
+
+    /// All blocks, in the order they were added (the order of the MEM_SIZE list).
+    pub fn blocks(&self) -> &[RamBlock] {
+        &self.blocks
+    }
+
+    /// Index of the block called `name`.
+    pub fn find(&self, name: &str) -> Option<usize> {
+        self.blocks.iter().position(|b| b.name() == name)
+    }
+
+    /// The block called `name`.
+    pub fn get(&self, name: &str) -> Option<&RamBlock> {
+        self.find(name).map(|i| &self.blocks[i])
+    }
+
+    /// Block at index `idx`.
+    pub fn block(&self, idx: usize) -> &RamBlock {
+        &self.blocks[idx]
+    }
+
+    /// Sum of all block lengths.
+    pub fn total_len(&self) -> u64 {
+        self.blocks.iter().map(RamBlock::len).sum()
+    }
+
+    /// Total number of 4 KiB pages.
+    pub fn total_pages(&self) -> u64 {
+        self.blocks.iter().map(RamBlock::pages).sum()
+    }
+
+    /// The MEM_SIZE block list describing these blocks.
+    pub fn block_infos(&self) -> Vec<RamBlockInfo> {
+        self.blocks
+            .iter()
+            .map(|b| RamBlockInfo {
+                idstr: b.name().to_owned(),
+                used_length: b.len(),
+            })
+            .collect()
+    }
+
+    /// Pages of all blocks currently resident in memory, in bytes (mincore).
+    pub fn resident_bytes(&self) -> u64 {
+        self.blocks.iter().map(RamBlock::resident_bytes).sum()
+    }
+}

@@ -1,0 +1,105 @@
+//! One receiving channel thread (QEMU's `multifd_recv_thread()`).
+
+use multifd_wire::packet::{
+    CommonHeader, DeviceStateHeader, PacketKind, RamPacketHeader, COMMON_HEADER_SIZE,
+    DEVICE_STATE_HEADER_SIZE, RAM_PACKET_HEADER_SIZE,
+};
+
+use crate::barrier::SyncBarrier;
+use crate::config::MethodConfig;
+use crate::error::{Endpoint, Error, Result};
+use crate::method::RecvMethod;
+use crate::ram::GuestRam;
+use crate::stats::Progress;
+use crate::transport::Connection;
+
+pub(crate) struct RecvChannel<'a> {
+    pub(crate) id: u8,
+    pub(crate) conn: Connection,
+    pub(crate) method: Box<dyn RecvMethod>,
+    pub(crate) method_cfg: MethodConfig,
+    pub(crate) ram: &'a GuestRam,
+    pub(crate) barrier: &'a SyncBarrier,
+    pub(crate) progress: &'a Progress,
+}
+
+impl RecvChannel<'_> {
+    fn endpoint(&self) -> Endpoint {
+        Endpoint::Channel(self.id)
+    }
+
+    fn read(&mut self, buf: &mut [u8], when: &'static str) -> Result<bool> {
+        let ep = self.endpoint();
+        match self.conn.read_exact_or_eof(buf) {
+            Ok(v) => Ok(v),
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Err(Error::PeerClosed {
+                endpoint: ep,
+                when,
+            }),
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                Err(Error::PeerClosed {
+                    endpoint: ep,
+                    when: "(stopped sending and did not close after the main stream ended)",
+                })
+            }
+            Err(e) => Err(Error::io(format!("{ep}: reading"), e)),
+        }
+    }
+
+    /// Reads packets until a clean EOF at a packet boundary.
+    pub(crate) fn run(mut self) -> Result<()> {
+        let mut header = vec![0u8; RAM_PACKET_HEADER_SIZE];
+        loop {
+            if !self.read(&mut header[..COMMON_HEADER_SIZE], "inside a packet header")? {
+                self.barrier.channel_ended();
+                return Ok(());
+            }
+            let ep = self.endpoint();
+            let common = CommonHeader::decode(&header).map_err(|e| Error::wire(ep, e))?;
+            match common.kind() {
+                PacketKind::DeviceState => {
+                    let mut rest = [0u8; DEVICE_STATE_HEADER_SIZE];
+                    rest[..COMMON_HEADER_SIZE].copy_from_slice(&header[..COMMON_HEADER_SIZE]);
+                    if !self.read(&mut rest[COMMON_HEADER_SIZE..], "inside a device-state header")? {
+                        return Err(Error::PeerClosed { endpoint: ep, when: "inside a device-state header" });
+                    }
+                    let ds = DeviceStateHeader::decode(&rest).map_err(|e| Error::wire(ep, e))?;
+                    return Err(Error::Unsupported(format!(
+                        "{ep}: device state packet for {:?} (multifd device state transfer, used by VFIO, is not supported)",
+                        ds.idstr
+                    )));
+                }
+                PacketKind::Ram => {}
+            }
+            if !self.read(&mut header[COMMON_HEADER_SIZE..], "inside a packet header")? {
+                return Err(Error::PeerClosed { endpoint: ep, when: "inside a packet header" });
+            }
+            let hdr = RamPacketHeader::decode(&header).map_err(|e| Error::wire(ep, e))?;
+            self.progress
+                .add(&self.progress.bytes, (RAM_PACKET_HEADER_SIZE as u64) + u64::from(hdr.next_packet_size));
+            if hdr.page_count() > 0 {
+                if hdr.compression != self.method_cfg.compression {
+                    return Err(Error::Mismatch(format!(
+                        "{ep}: packet compressed with {} but {} is configured",
+                        hdr.compression, self.method_cfg.compression
+                    )));
+                }
+                let block = self.ram.get(&hdr.ramblock).ok_or_else(|| Error::UnknownBlock {
+                    endpoint: ep,
+                    name: hdr.ramblock.clone(),
+                })?;
+                hdr.check_offsets(block.len())
+                    .map_err(|e| Error::wire(ep, e))?;
+                for &off in hdr.zero() {
+                    block.apply_zero_page(off)?;
+                }
+                self.method.load(&hdr, block, &mut self.conn)?;
+                self.progress.add(&self.progress.normal_pages, u64::from(hdr.normal_pages));
+                self.progress.add(&self.progress.zero_pages, u64::from(hdr.zero_pages));
+            }
+            if hdr.is_sync() {
+                self.barrier.arrive_and_wait()?;
+            }
+        }
+    }
+}

@@ -1,0 +1,307 @@
+//! The receiving engine: accept and classify connections, run one thread per
+//! multifd channel, parse the main stream, hold the sync barrier.
+//!
+//! Order of work (QEMU's destination does the same, minus the timeouts):
+//! 1. accept the main channel and N multifd channels, in any order;
+//! 2. read the main stream up to the `ram` block list and get RAM for it;
+//! 3. start the channel threads (packets that arrived meanwhile wait in
+//!    the sockets); the first packet of each is a SYNC, so no page is
+//!    applied before the main stream's first FLUSH;
+//! 4. follow the main stream: at each FLUSH (per-round mode) or EOS
+//!    (per-section mode) wait for every channel's SYNC, then release them;
+//! 5. after the `ram` END section, keep the rest (device state, EOF,
+//!    vmdesc) verbatim until the source closes the main channel;
+//! 6. let the channels drain to EOF and join them.
+//!
+//! Any error stops everything through the abort path: the first error is
+//! kept, every socket is shut down, the barrier wakes its waiters, every
+//! thread is joined, and the error is returned.
+
+mod accept;
+mod channel;
+mod stream_reader;
+
+use std::time::{Duration, Instant};
+
+use multifd_wire::stream::{Command, Configuration, RamBlockInfo};
+use multifd_wire::PAGE_SIZE_U64;
+
+use crate::abort::Abort;
+use crate::barrier::SyncBarrier;
+use crate::config::{FlushMode, MigrationConfig};
+use crate::error::{Endpoint, Error, Result};
+use crate::method;
+use crate::ram::GuestRam;
+use crate::stats::{Progress, Stats};
+use crate::transport::Listener;
+use channel::RecvChannel;
+use stream_reader::{OwnedEvent, StreamReader};
+
+/// Supplies the RAM blocks a source announces (`--ram` files, snapshot
+/// files, or the embedding VMM's memory).
+pub trait RamProvider {
+    /// Returns RAM with exactly these blocks (names and lengths).
+    fn provide(&mut self, blocks: &[RamBlockInfo]) -> Result<GuestRam>;
+}
+
+/// Options of a receiver.
+#[derive(Debug, Clone)]
+pub struct ReceiveOptions {
+    /// Parameters both sides share.
+    pub config: MigrationConfig,
+    /// How long to wait for the first connection (forever when `None`).
+    pub accept_timeout: Option<Duration>,
+    /// Longest opaque tail (device state + vmdesc) accepted.
+    pub max_tail: usize,
+}
+
+impl Default for ReceiveOptions {
+    fn default() -> Self {
+        Self {
+            config: MigrationConfig::default(),
+            accept_timeout: None,
+            max_tail: 256 << 20,
+        }
+    }
+}
+
+/// What a completed incoming migration delivered.
+#[derive(Debug)]
+pub struct Incoming {
+    /// The RAM, filled.
+    pub ram: GuestRam,
+    /// The configuration section (machine type, ...).
+    pub configuration: Configuration,
+    /// Main-stream bytes before the `ram` START section, verbatim.
+    pub prefix: Vec<u8>,
+    /// Main-stream bytes after the `ram` END section, verbatim.
+    pub tail: Vec<u8>,
+    /// Section id of `ram`.
+    pub ram_section_id: u32,
+    /// Whether SWITCHOVER_START was sent.
+    pub switchover_start: bool,
+    /// Sync points seen.
+    pub flushes: u64,
+    /// Figures.
+    pub stats: Stats,
+}
+
+/// Receives one migration on `listener`.
+pub fn receive(
+    listener: &Listener,
+    opts: &ReceiveOptions,
+    provider: &mut dyn RamProvider,
+    progress: &Progress,
+) -> Result<Incoming> {
+    opts.config.validate()?;
+    let cfg = &opts.config;
+    let barrier = SyncBarrier::new(cfg.channels.into());
+    let abort = Abort::new();
+    abort.register_waker(&barrier);
+
+    let accepted = accept::accept_all(listener, cfg, opts.accept_timeout, &abort)?;
+    let started = Instant::now();
+    tracing::info!(channels = cfg.channels, "all channels connected");
+    let mut reader = StreamReader::new(accepted.main, accepted.main_head);
+
+    // The main stream up to the block list.
+    let (configuration, ram_section_id, blocks) = reader.read_setup()?;
+    let ram = provider.provide(&blocks)?;
+    for info in &blocks {
+        match ram.get(&info.idstr) {
+            Some(b) if b.len() == info.used_length => {}
+            _ => {
+                return Err(Error::Config(format!(
+                    "RAM provider did not supply block {:?} of {} bytes",
+                    info.idstr, info.used_length
+                )));
+            }
+        }
+    }
+
+    let mut outcome = None;
+    let channel_conns = accepted.channels;
+    let mut drain_handles = Vec::new();
+    for c in &channel_conns {
+        drain_handles.push(
+            c.try_clone()
+                .map_err(|e| Error::io("duplicating a socket handle", e))?,
+        );
+    }
+    std::thread::scope(|s| {
+        let mut handles = Vec::new();
+        for (id, conn) in channel_conns.into_iter().enumerate() {
+            let id = id as u8;
+            let Some(method) = abort.guard(|| method::new_recv(&cfg.method, id)) else {
+                break;
+            };
+            let ch = RecvChannel {
+                id,
+                conn,
+                method,
+                method_cfg: cfg.method,
+                ram: &ram,
+                barrier: &barrier,
+                progress,
+            };
+            let abort = &abort;
+            match std::thread::Builder::new()
+                .name(format!("multifd-recv-{id}"))
+                .spawn_scoped(s, move || abort.guard(|| ch.run()))
+            {
+                Ok(h) => handles.push(h),
+                Err(e) => {
+                    abort.fail(Error::io("spawning a channel thread", e));
+                    break;
+                }
+            }
+        }
+        if !abort.is_aborted() {
+            outcome = abort.guard(|| {
+                let mut main = MainLoop {
+                    reader: &mut reader,
+                    ram: &ram,
+                    barrier: &barrier,
+                    cfg,
+                    flushes: 0,
+                    switchover_start: false,
+                    progress,
+                };
+                let result = main.run(opts.max_tail)?;
+                // The source closes the channels right after the main
+                // stream; give them a bounded time to reach EOF.
+                for c in &drain_handles {
+                    let _ = c.set_read_timeout(Some(cfg.handshake_timeout));
+                }
+                Ok((result, main.flushes, main.switchover_start))
+            });
+        }
+        for h in handles {
+            if h.join().is_err() {
+                abort.fail(Error::Panicked("multifd-recv".into()));
+            }
+        }
+    });
+    abort.close_sockets();
+    if let Some(e) = abort.take_error() {
+        return Err(e);
+    }
+    let (tail, flushes, switchover_start) = outcome.ok_or(Error::Aborted)?;
+    if barrier.waiting() != 0 {
+        return Err(Error::Mismatch(
+            "multifd channels sent more SYNC packets than the main stream has flush points \
+             (flush mode mismatch: multifd-flush-after-each-section?)"
+                .into(),
+        ));
+    }
+    Ok(Incoming {
+        ram,
+        configuration,
+        prefix: reader.take_prefix(),
+        tail,
+        ram_section_id,
+        switchover_start,
+        flushes,
+        stats: progress.stats(started.elapsed()),
+    })
+}
+
+struct MainLoop<'a, 'b> {
+    reader: &'b mut StreamReader,
+    ram: &'a GuestRam,
+    barrier: &'a SyncBarrier,
+    cfg: &'a MigrationConfig,
+    flushes: u64,
+    switchover_start: bool,
+    progress: &'a Progress,
+}
+
+impl MainLoop<'_, '_> {
+    fn sync_point(&mut self) -> Result<()> {
+        self.barrier.wait_all_and_release()?;
+        self.flushes += 1;
+        self.progress.add(&self.progress.rounds, 1);
+        Ok(())
+    }
+
+    fn block(&self, name: &str) -> Result<&crate::ram::RamBlock> {
+        self.ram.get(name).ok_or_else(|| Error::UnknownBlock {
+            endpoint: Endpoint::Main,
+            name: name.to_owned(),
+        })
+    }
+
+    /// Follows the main stream from after the setup section's block list to
+    /// the end; returns the opaque tail.
+    fn run(&mut self, max_tail: usize) -> Result<Vec<u8>> {
+        let per_round = self.cfg.flush_mode == FlushMode::PerRound;
+        // The rest of the START section: FLUSH (per-round) then EOS.
+        let mut in_setup = true;
+        let mut setup_flushed = false;
+        let mut ended = false;
+        loop {
+            match self.reader.next()? {
+                OwnedEvent::Flush => {
+                    if !per_round {
+                        return Err(Error::Mismatch(
+                            "source sends MULTIFD_FLUSH records but per-section flushing \
+                             (multifd-flush-after-each-section=on) is configured"
+                                .into(),
+                        ));
+                    }
+                    if in_setup {
+                        setup_flushed = true;
+                    }
+                    self.sync_point()?;
+                }
+                OwnedEvent::Eos => {
+                    if in_setup && per_round && !setup_flushed {
+                        return Err(Error::Mismatch(
+                            "the setup section has no MULTIFD_FLUSH: the source flushes after \
+                             each section (multifd-flush-after-each-section=on) but per-round \
+                             flushing is configured"
+                                .into(),
+                        ));
+                    }
+                    in_setup = false;
+                    if !per_round {
+                        self.sync_point()?;
+                    }
+                }
+                OwnedEvent::Footer => {
+                    if ended {
+                        return self.reader.read_tail(max_tail);
+                    }
+                }
+                OwnedEvent::RamPart => {}
+                OwnedEvent::RamEnd => ended = true,
+                OwnedEvent::Zero { block, offset } => {
+                    let b = self.block(&block)?;
+                    b.check_page(offset)?;
+                    b.apply_zero_page(offset)?;
+                    self.progress.add(&self.progress.zero_pages, 1);
+                }
+                OwnedEvent::Page { block, offset, data } => {
+                    let b = self.block(&block)?;
+                    b.write_page(offset, &data)?;
+                    b.received().set(offset / PAGE_SIZE_U64);
+                    self.progress.add(&self.progress.normal_pages, 1);
+                }
+                OwnedEvent::Command(Command::SwitchoverStart) => self.switchover_start = true,
+                OwnedEvent::Command(other) => {
+                    return Err(Error::Unsupported(format!(
+                        "command {other:?} on the main stream (return-path is not supported)"
+                    )));
+                }
+                OwnedEvent::DeviceTail | OwnedEvent::Eof => {
+                    return Err(Error::Unsupported(
+                        "device state before the end of the ram section".into(),
+                    ));
+                }
+                OwnedEvent::Other(what) => {
+                    return Err(Error::Unsupported(format!("{what} in the main stream")));
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,186 @@
+//! One connected byte stream.
+
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, TcpStream, ToSocketAddrs};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
+
+use super::sys;
+use super::uri::Uri;
+use crate::error::{Error, Result};
+use crate::ram::IoVec;
+
+#[derive(Debug)]
+enum Stream {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+/// A TCP or Unix stream socket carrying one migration channel.
+#[derive(Debug)]
+pub struct Connection {
+    stream: Stream,
+}
+
+/// How long to wait between connection attempts while the listener is not up.
+const CONNECT_RETRY: Duration = Duration::from_millis(20);
+
+impl Connection {
+    /// Connects to `uri`, retrying refused connections until `timeout` has
+    /// passed (a receiver started a moment later still gets the migration).
+    pub fn connect(uri: &Uri, timeout: Duration) -> Result<Self> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let attempt = match uri {
+                Uri::Tcp { host, port } => connect_tcp(host, *port),
+                Uri::Unix(path) => UnixStream::connect(path).map(|s| Self {
+                    stream: Stream::Unix(s),
+                }),
+            };
+            match attempt {
+                Ok(c) => return Ok(c),
+                Err(e)
+                    if Instant::now() < deadline
+                        && matches!(
+                            e.kind(),
+                            io::ErrorKind::ConnectionRefused | io::ErrorKind::NotFound
+                        ) =>
+                {
+                    std::thread::sleep(CONNECT_RETRY);
+                }
+                Err(e) => return Err(Error::io(format!("connecting to {uri}"), e)),
+            }
+        }
+    }
+
+    pub(super) fn from_tcp(s: TcpStream) -> io::Result<Self> {
+        s.set_nodelay(true)?;
+        Ok(Self {
+            stream: Stream::Tcp(s),
+        })
+    }
+
+    pub(super) fn from_unix(s: UnixStream) -> Self {
+        Self {
+            stream: Stream::Unix(s),
+        }
+    }
+
+    /// A second handle to the same socket (to shut it down from another thread).
+    pub fn try_clone(&self) -> io::Result<Self> {
+        Ok(Self {
+            stream: match &self.stream {
+                Stream::Tcp(s) => Stream::Tcp(s.try_clone()?),
+                Stream::Unix(s) => Stream::Unix(s.try_clone()?),
+            },
+        })
+    }
+
+    /// Shuts both directions down: blocked reads and writes on any handle
+    /// of this socket return at once. Errors (already closed) are ignored.
+    pub fn shutdown(&self) {
+        let _ = match &self.stream {
+            Stream::Tcp(s) => s.shutdown(Shutdown::Both),
+            Stream::Unix(s) => s.shutdown(Shutdown::Both),
+        };
+    }
+
+    /// Ends our sending direction (the peer reads EOF after our last byte).
+    pub fn shutdown_write(&self) {
+        let _ = match &self.stream {
+            Stream::Tcp(s) => s.shutdown(Shutdown::Write),
+            Stream::Unix(s) => s.shutdown(Shutdown::Write),
+        };
+    }
+
+    /// Sets (or clears) the timeout of blocking reads.
+    pub fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        match &self.stream {
+            Stream::Tcp(s) => s.set_read_timeout(t),
+            Stream::Unix(s) => s.set_read_timeout(t),
+        }
+    }
+
+    /// Sets (or clears) the timeout of blocking writes.
+    pub fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        match &self.stream {
+            Stream::Tcp(s) => s.set_write_timeout(t),
+            Stream::Unix(s) => s.set_write_timeout(t),
+        }
+    }
+
+    /// Writes all bytes of `iovs` with as few system calls as possible.
+    pub fn writev_all(&mut self, iovs: &mut [IoVec<'_>]) -> io::Result<()> {
+        sys::writev_all(self.as_raw_fd(), iovs)
+    }
+
+    /// Fills all of `iovs`. `Ok(false)`: the peer closed the connection
+    /// cleanly before the first byte.
+    pub fn readv_exact(&mut self, iovs: &mut [IoVec<'_>]) -> io::Result<bool> {
+        sys::readv_exact(self.as_raw_fd(), iovs)
+    }
+
+    /// Fills `buf`. `Ok(false)`: clean EOF before the first byte.
+    pub fn read_exact_or_eof(&mut self, buf: &mut [u8]) -> io::Result<bool> {
+        let mut iov = [IoVec::from_mut_slice(buf)];
+        self.readv_exact(&mut iov)
+    }
+}
+
+fn connect_tcp(host: &str, port: u16) -> io::Result<Connection> {
+    let mut last = io::Error::new(io::ErrorKind::NotFound, "host has no address");
+    for addr in (host, port).to_socket_addrs()? {
+        match TcpStream::connect(addr) {
+            Ok(s) => return Connection::from_tcp(s),
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
+}
+
+impl AsRawFd for Connection {
+    fn as_raw_fd(&self) -> RawFd {
+        match &self.stream {
+            Stream::Tcp(s) => s.as_raw_fd(),
+            Stream::Unix(s) => s.as_raw_fd(),
+        }
+    }
+}
+
+impl Read for Connection {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match &mut self.stream {
+            Stream::Tcp(s) => s.read(buf),
+            Stream::Unix(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Connection {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match &mut self.stream {
+            Stream::Tcp(s) => s.write(buf),
+            Stream::Unix(s) => s.write(buf),
+        }
+    }
+
+    fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        match &mut self.stream {
+            Stream::Tcp(s) => s.write_vectored(bufs),
+            Stream::Unix(s) => s.write_vectored(bufs),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+impl Connection {
+    /// Wraps one end of a socket pair (tests).
+    pub(crate) fn from_unix_for_tests(s: UnixStream) -> Self {
+        Self::from_unix(s)
+    }
+}

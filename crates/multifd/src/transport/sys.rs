@@ -1,0 +1,109 @@
+//! The raw system calls behind vectored socket I/O and accept-with-timeout.
+#![allow(unsafe_code)]
+
+use std::io;
+use std::os::fd::RawFd;
+use std::time::Duration;
+
+use crate::ram::IoVec;
+
+/// Most iovecs one `writev`/`readv` takes (Linux `UIO_MAXIOV`).
+const IOV_MAX: usize = 1024;
+
+fn drop_done(iovs: &mut [IoVec<'_>], mut n: usize) -> usize {
+    let mut first = 0;
+    while first < iovs.len() && n >= iovs[first].len() {
+        n -= iovs[first].len();
+        first += 1;
+    }
+    if first < iovs.len() {
+        iovs[first].advance(n);
+    }
+    first
+}
+
+/// Writes every byte of `iovs` to `fd`, retrying on partial writes and EINTR.
+pub(super) fn writev_all(fd: RawFd, mut iovs: &mut [IoVec<'_>]) -> io::Result<()> {
+    let mut raw: Vec<libc::iovec> = Vec::with_capacity(iovs.len().min(IOV_MAX));
+    while !iovs.is_empty() {
+        raw.clear();
+        raw.extend(iovs.iter().take(IOV_MAX).map(IoVec::raw));
+        // SAFETY:
+        // - `raw` holds `raw.len()` valid iovecs; each points at memory that
+        //   its IoVec keeps valid for at least this call;
+        // - writev only reads through them.
+        let n = unsafe { libc::writev(fd, raw.as_ptr(), raw.len() as libc::c_int) };
+        if n < 0 {
+            let err = io::Error::last_os_error();
+            if err.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(err);
+        }
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        let first = drop_done(iovs, n as usize);
+        iovs = &mut iovs[first..];
+    }
+    Ok(())
+}
+
+/// Fills every byte of `iovs` from `fd`. Returns `Ok(false)` when the peer
+/// closed the connection before the first byte (a clean end), and an
+/// `UnexpectedEof` error when it closed in the middle.
+pub(super) fn readv_exact(fd: RawFd, mut iovs: &mut [IoVec<'_>]) -> io::Result<bool> {
+    let mut raw: Vec<libc::iovec> = Vec::with_capacity(iovs.len().min(IOV_MAX));
+    let mut got_any = false;
+    while !iovs.is_empty() {
+        raw.clear();
+        raw.extend(iovs.iter().take(IOV_MAX).map(IoVec::raw));
+        // SAFETY:
+        // - `raw` holds valid iovecs over memory that each IoVec keeps valid
+        //   and writable for at least this call (guest pages of a writable
+        //   mapping, or exclusively borrowed buffers);
+        // - readv writes at most `iov_len` bytes into each.
+        let n = unsafe { libc::readv(fd, raw.as_ptr(), raw.len() as libc::c_int) };
+        if n < 0 {
+            let err = io::Error::last_os_error();
+            if err.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(err);
+        }
+        if n == 0 {
+            return if got_any {
+                Err(io::ErrorKind::UnexpectedEof.into())
+            } else {
+                Ok(false)
+            };
+        }
+        got_any = true;
+        let first = drop_done(iovs, n as usize);
+        iovs = &mut iovs[first..];
+    }
+    Ok(true)
+}
+
+/// Waits until `fd` is readable (or has a pending connection), at most
+/// `timeout` (forever when `None`). Returns false on timeout.
+pub(super) fn poll_readable(fd: RawFd, timeout: Option<Duration>) -> io::Result<bool> {
+    let ms = timeout.map_or(-1, |t| t.as_millis().min(i32::MAX as u128) as libc::c_int);
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    loop {
+        // SAFETY: `pfd` is one valid pollfd, and we pass a count of 1.
+        let rc = unsafe { libc::poll(&mut pfd, 1, ms) };
+        if rc < 0 {
+            let err = io::Error::last_os_error();
+            if err.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(err);
+        }
+        return Ok(rc > 0);
+    }
+}
