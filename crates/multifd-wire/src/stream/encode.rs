@@ -173,7 +173,7 @@ pub fn section_footer(out: &mut Vec<u8>, section_id: u32) {
 /// The `MEM_SIZE` record: the total of the lengths, then each block.
 ///
 /// Lengths must be non-zero and page-aligned, names distinct, at most
-/// [`MAX_RAM_BLOCKS`](super::MAX_RAM_BLOCKS) blocks.
+/// [`MAX_RAM_BLOCKS`] blocks.
 pub fn mem_size(out: &mut Vec<u8>, blocks: &[RamBlockInfo]) -> Result<(), WireError> {
     if blocks.len() > MAX_RAM_BLOCKS {
         return Err(WireError::InvalidField {

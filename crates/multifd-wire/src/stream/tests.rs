@@ -175,11 +175,12 @@ fn minimal_stream_is_encoded_byte_for_byte() {
 }
 
 /// Device sections of a captured `-M none` migration (timer, globalstate).
-const NONE_DEVICES: &str = "04000000000574696d657200000000000000020000000000000000000000000000000000000000000000007e\
-    0000000004000000030b676c6f62616c737461746500000000000000010000000a7072656c61756e63680000\
-    0000000000000000000000000000000000000000000100000000000000000000000000000000000000000000\
-    0000000000000000000000000000000000000000000000000000000000000000000000000000000000000000\
-    007e00000003";
+const NONE_DEVICES: &str = "\
+    04000000000574696d65720000000000000002000000000000000000000000000000000000000000\
+    0000007e0000000004000000030b676c6f62616c737461746500000000000000010000000a707265\
+    6c61756e636800000000000000000000000000000000000000000000000100000000000000000000\
+    00000000000000000000000000000000000000000000000000000000000000000000000000000000\
+    00000000000000000000000000000000007e00000003";
 
 /// The vmdesc of the same capture.
 const NONE_VMDESC: &str = r#"{"configuration": {"vmsd_name": "configuration", "version": 1, "fields": [{"name": "len", "type": "uint32", "size": 4}, {"name": "name", "type": "buffer", "size": 4}]}, "page_size": 4096, "devices": [{"name": "timer", "instance_id": 0, "vmsd_name": "timer", "version": 2, "fields": [{"name": "cpu_ticks_offset", "type": "int64", "size": 8}, {"name": "unused", "type": "unused_buffer", "size": 8}, {"name": "cpu_clock_offset", "type": "int64", "size": 8}]}, {"name": "globalstate", "instance_id": 0, "vmsd_name": "globalstate", "version": 1, "fields": [{"name": "size", "type": "uint32", "size": 4}, {"name": "runstate", "type": "buffer", "size": 32}, {"name": "has_vm_was_suspended", "type": "uint8", "size": 1}, {"name": "vm_was_suspended", "type": "uint8", "size": 1}, {"name": "unused", "type": "buffer", "size": 66}]}]}"#;

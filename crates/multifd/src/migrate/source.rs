@@ -300,6 +300,10 @@ impl Driver<'_> {
                 let devices = vm.device_state()?;
                 self.main.buf().extend_from_slice(&devices);
                 encode::eof(self.main.buf());
+                // QEMU reads (and discards) a vmdesc after EOF and warns when
+                // it is missing; describe the sections we sent: none.
+                encode::vmdesc(self.main.buf(), br#"{"page_size": 4096, "devices": []}"#)
+                    .map_err(Self::wire)?;
             }
         }
         self.main.flush()

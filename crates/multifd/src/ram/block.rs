@@ -96,7 +96,7 @@ impl RamBlock {
                 path.display()
             )));
         }
-        Self::map_file(name, path, file, actual, access, false)
+        Self::map_file(name, path, file, actual, access, false, true)
     }
 
     /// Creates (or truncates) a sparse file of `len` bytes and maps it
@@ -113,7 +113,7 @@ impl RamBlock {
             .map_err(|e| Error::io(format!("creating RAM file {}", path.display()), e))?;
         file.set_len(len)
             .map_err(|e| Error::io(format!("sizing RAM file {}", path.display()), e))?;
-        Self::map_file(name, path, file, len, Access::ReadWrite, true)
+        Self::map_file(name, path, file, len, Access::ReadWrite, true, false)
     }
 
     fn map_file(
@@ -123,8 +123,15 @@ impl RamBlock {
         len: u64,
         access: Access,
         starts_zeroed: bool,
+        populate: bool,
     ) -> Result<Self> {
         let size = check_len(name, len)?;
+        // An existing image is mapped with MAP_POPULATE: one kernel pass sets
+        // up every page-table entry, instead of one fault per page later on
+        // the channel threads (first-touch faults dominate a loopback
+        // migration here). A fresh sparse file is not populated: that would
+        // allocate it whole.
+        let populate = if populate { libc::MAP_POPULATE } else { 0 };
         let prot = match access {
             Access::ReadOnly => libc::PROT_READ,
             Access::ReadWrite => libc::PROT_READ | libc::PROT_WRITE,
@@ -133,7 +140,7 @@ impl RamBlock {
             Some(FileOffset::new(file, 0)),
             size,
             prot,
-            libc::MAP_SHARED | libc::MAP_NORESERVE,
+            libc::MAP_SHARED | libc::MAP_NORESERVE | populate,
         )
         .map_err(|e| Error::Map {
             name: name.to_owned(),

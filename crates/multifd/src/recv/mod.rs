@@ -100,6 +100,7 @@ pub fn receive(
     abort.register_waker(&barrier);
 
     let accepted = accept::accept_all(listener, cfg, opts.accept_timeout, &abort)?;
+    accept::reject_extra_channels(listener, cfg)?;
     let started = Instant::now();
     tracing::info!(channels = cfg.channels, "all channels connected");
     let mut reader = StreamReader::new(accepted.main, accepted.main_head);
@@ -187,6 +188,8 @@ pub fn receive(
         return Err(e);
     }
     let (tail, flushes, switchover_start) = outcome.ok_or(Error::Aborted)?;
+    // Pages on channels we never read would be lost: refuse to call it done.
+    accept::reject_extra_channels(listener, cfg)?;
     if barrier.waiting() != 0 {
         return Err(Error::Mismatch(
             "multifd channels sent more SYNC packets than the main stream has flush points \
