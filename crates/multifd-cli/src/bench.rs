@@ -172,13 +172,33 @@ fn migrate_once(args: &BenchArgs, uri: &Uri, src: &PathBuf, dst: &PathBuf) -> Re
             .stderr(Stdio::piped());
     };
     let mut recv = Command::new(&exe);
-    recv.args(["receive", "--listen", &uri.to_string(), "--accept-timeout", "30"])
+    recv.args(["receive", "--listen", &uri.to_string(), "--accept-timeout", "30", "--prefault"])
         .arg("--ram")
         .arg(format!("m0={}", dst.display()));
     common(&mut recv);
-    let recv = recv.spawn().context("starting the receiver")?;
-    // Let it bind before timing (the sender would retry anyway).
-    std::thread::sleep(Duration::from_millis(200));
+    let mut recv = recv.spawn().context("starting the receiver")?;
+    // Its destination RAM is mapped and pre-faulted before it listens; it
+    // says so on stderr. Time starts after that, as a QEMU destination's
+    // RAM exists before `migrate`.
+    let stderr = recv.stderr.take().context("receiver stderr")?;
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let stderr_reader = std::thread::spawn(move || {
+        let mut rest = String::new();
+        for line in std::io::BufRead::lines(std::io::BufReader::new(stderr)).map_while(Result::ok) {
+            if line.contains("listening on") {
+                let _ = ready_tx.send(());
+            } else {
+                rest.push_str(&line);
+                rest.push('\n');
+            }
+        }
+        rest
+    });
+    if ready_rx.recv_timeout(Duration::from_secs(60)).is_err() {
+        let _ = recv.kill();
+        let _ = recv.wait();
+        bail!("receiver did not start: {}", stderr_reader.join().unwrap_or_default());
+    }
     let start = Instant::now();
     let mut send = Command::new(&exe);
     send.args(["send", "--to", &uri.to_string()])
@@ -189,13 +209,12 @@ fn migrate_once(args: &BenchArgs, uri: &Uri, src: &PathBuf, dst: &PathBuf) -> Re
     let send_out = send.wait_with_output()?;
     let recv_out = recv.wait_with_output()?;
     let seconds = start.elapsed().as_secs_f64();
-    for (who, out) in [("sender", &send_out), ("receiver", &recv_out)] {
-        if !out.status.success() {
-            bail!(
-                "{who} failed: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
+    let recv_err = stderr_reader.join().unwrap_or_default();
+    if !send_out.status.success() {
+        bail!("sender failed: {}", String::from_utf8_lossy(&send_out.stderr).trim());
+    }
+    if !recv_out.status.success() {
+        bail!("receiver failed: {}", recv_err.trim());
     }
     let rss = |out: &std::process::Output| -> f64 {
         serde_json::from_slice::<serde_json::Value>(&out.stdout)
@@ -256,7 +275,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         // Raw blast into a pre-faulted destination.
         image::zero_file(&dst_path, src.len())?;
         {
-            let dst = RamBlock::open_file("m0", &dst_path, Access::ReadWrite, Some(src.len()))?;
+            let mut dst = RamBlock::open_file("m0", &dst_path, Access::ReadWrite, Some(src.len()))?;
             dst.prefault()?;
             let uri = free_uri(&args.transport, &args.dir, 2 * run)?;
             let t = raw_blast(&uri, &src, &dst, &pages, args.channels.into())?;

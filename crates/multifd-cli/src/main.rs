@@ -11,7 +11,6 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Mutex;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
@@ -184,7 +183,8 @@ struct ReceiveArgs {
     /// Seconds to wait for the first connection (default: forever).
     #[arg(long)]
     accept_timeout: Option<f64>,
-    /// Touch every page of the destination RAM before loading (benchmarks).
+    /// Zero and fault in existing --ram files before listening, so zero
+    /// pages need no work during the migration (QEMU assumes fresh RAM is zero).
     #[arg(long)]
     prefault: bool,
     #[command(flatten)]
@@ -211,16 +211,15 @@ fn parse_ram_args(args: &[String]) -> Result<BTreeMap<String, PathBuf>> {
 fn with_progress<T>(
     quiet: bool,
     total: u64,
-    f: impl FnOnce(&Progress, &AtomicU64, &Mutex<Vec<usize>>) -> T,
+    f: impl FnOnce(&Progress, &AtomicU64) -> T,
 ) -> (T, f64) {
     let progress = Progress::default();
     let done = AtomicBool::new(false);
     let total = AtomicU64::new(total);
     let rss = rss::RssMeter::default();
-    let addrs = Mutex::new(Vec::new());
     let out = std::thread::scope(|s| {
-        s.spawn(|| progress::watch(&progress, &done, &total, &rss, &addrs, quiet));
-        let out = f(&progress, &total, &addrs);
+        s.spawn(|| progress::watch(&progress, &done, &total, &rss, quiet));
+        let out = f(&progress, &total);
         done.store(true, Ordering::Release);
         out
     });
@@ -282,9 +281,7 @@ fn run_send(a: SendArgs) -> Result<()> {
         plan,
         ..SourceOptions::default()
     };
-    let (result, rss_mib) = with_progress(a.common.quiet || a.common.json, ram.total_len(), |p, _, addrs| {
-        *addrs.lock().unwrap_or_else(|e| e.into_inner()) =
-            ram.blocks().iter().map(RamBlock::host_addr).collect();
+    let (result, rss_mib) = with_progress(a.common.quiet || a.common.json, ram.total_len(), |p, _| {
         source::migrate(&uri, &ram, &mut StaticRam, &opts, p, None)
     });
     let stats = result.with_context(|| format!("migrating to {uri}"))?;
@@ -299,26 +296,25 @@ fn run_send(a: SendArgs) -> Result<()> {
 fn run_receive(a: ReceiveArgs) -> Result<()> {
     let uri: Uri = a.listen.parse()?;
     let config = a.common.config()?;
-    let listener = Listener::bind(&uri)?;
-    tracing::info!("listening on {}", listener.local_uri()?);
-    let mut provider = FileRamProvider {
-        named: parse_ram_args(&a.ram)?,
-        snapshot_dir: a.snapshot.clone(),
-        prefault: a.prefault,
-    };
-    if provider.named.is_empty() && provider.snapshot_dir.is_none() {
+    let named = parse_ram_args(&a.ram)?;
+    if named.is_empty() && a.snapshot.is_none() {
         bail!("give --ram IDSTR=FILE and/or --snapshot DIR: where should the RAM go?");
     }
+    // RAM that exists is mapped (and pre-faulted) before we listen.
+    let mut provider = FileRamProvider::new(named, a.snapshot.clone(), a.prefault)
+        .context("preparing destination RAM")?;
+    let listener = Listener::bind(&uri)?;
+    // Scripts wait for this line before starting a source.
+    eprintln!("multifd: listening on {}", listener.local_uri()?);
     let opts = ReceiveOptions {
         config: config.clone(),
         accept_timeout: a.accept_timeout.map(Duration::from_secs_f64),
         ..ReceiveOptions::default()
     };
-    let (result, rss_mib) = with_progress(a.common.quiet || a.common.json, 0, |p, total, addrs| {
+    let (result, rss_mib) = with_progress(a.common.quiet || a.common.json, 0, |p, total| {
         struct Tracking<'a> {
             inner: &'a mut FileRamProvider,
             total: &'a AtomicU64,
-            addrs: &'a Mutex<Vec<usize>>,
         }
         impl recv::RamProvider for Tracking<'_> {
             fn provide(
@@ -327,15 +323,12 @@ fn run_receive(a: ReceiveArgs) -> Result<()> {
             ) -> multifd::Result<GuestRam> {
                 let ram = self.inner.provide(blocks)?;
                 self.total.store(ram.total_len(), Ordering::Relaxed);
-                *self.addrs.lock().unwrap_or_else(|e| e.into_inner()) =
-                    ram.blocks().iter().map(RamBlock::host_addr).collect();
                 Ok(ram)
             }
         }
         let mut tracking = Tracking {
             inner: &mut provider,
             total,
-            addrs,
         };
         recv::receive(&listener, &opts, &mut tracking, p)
     });
@@ -365,6 +358,7 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 fn main() -> ExitCode {
+    rss::record_baseline();
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cli.log));

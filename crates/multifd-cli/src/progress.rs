@@ -15,7 +15,6 @@ pub fn watch(
     done: &AtomicBool,
     total_bytes: &std::sync::atomic::AtomicU64,
     rss: &RssMeter,
-    ram_addrs: &std::sync::Mutex<Vec<usize>>,
     quiet: bool,
 ) {
     let start = Instant::now();
@@ -30,7 +29,7 @@ pub fn watch(
     let mut shown = false;
     while !done.load(Ordering::Acquire) {
         std::thread::sleep(Duration::from_millis(50));
-        rss.sample(&ram_addrs.lock().unwrap_or_else(|p| p.into_inner()));
+        rss.sample();
         if quiet {
             continue;
         }
@@ -50,6 +49,6 @@ pub fn watch(
             bytesize::ByteSize(progress.bytes.load(Ordering::Relaxed))
         ));
     }
-    rss.sample(&ram_addrs.lock().unwrap_or_else(|p| p.into_inner()));
+    rss.sample();
     bar.finish_and_clear();
 }

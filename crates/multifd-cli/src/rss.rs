@@ -1,8 +1,20 @@
 //! Resident memory of this process beyond the mapped guest RAM.
 
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-/// Peak of `VmRSS - resident pages of the RAM mappings`, sampled.
+/// File and shmem pages resident before any guest RAM was mapped: the
+/// binary and its libraries.
+static BASELINE_KIB: OnceLock<u64> = OnceLock::new();
+
+/// Records the baseline; call first thing in `main`.
+pub fn record_baseline() {
+    BASELINE_KIB.get_or_init(|| {
+        status_kib("RssFile:").unwrap_or(0) + status_kib("RssShmem:").unwrap_or(0)
+    });
+}
+
+/// Peak resident memory beyond guest RAM, sampled while a migration runs.
 #[derive(Debug, Default)]
 pub struct RssMeter {
     peak_overhead_kib: AtomicU64,
@@ -15,43 +27,21 @@ fn status_kib(field: &str) -> Option<u64> {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
-/// Sum of `Rss:` of the mappings starting at `addrs`.
-fn mappings_rss_kib(addrs: &[usize]) -> u64 {
-    let Ok(smaps) = std::fs::read_to_string("/proc/self/smaps") else {
-        return 0;
-    };
-    let mut total = 0;
-    let mut inside = false;
-    for line in smaps.lines() {
-        if let Some((range, _)) = line.split_once(' ')
-            && let Some((start, _)) = range.split_once('-')
-            && let Ok(start) = usize::from_str_radix(start, 16)
-            && range.contains('-')
-            && !line.starts_with(|c: char| c.is_ascii_uppercase())
-        {
-            inside = addrs.contains(&start);
-            continue;
-        }
-        if inside && let Some(v) = line.strip_prefix("Rss:") {
-            total += v.trim().trim_end_matches("kB").trim().parse::<u64>().unwrap_or(0);
-        }
-    }
-    total
-}
-
 impl RssMeter {
-    /// Takes one sample with the RAM mappings at `addrs`.
-    pub fn sample(&self, addrs: &[usize]) {
-        let (Some(rss), ram) = (status_kib("VmRSS:"), mappings_rss_kib(addrs)) else {
-            return;
-        };
-        self.peak_overhead_kib
-            .fetch_max(rss.saturating_sub(ram), Ordering::Relaxed);
+    /// Takes one cheap sample: anonymous memory (heap, stacks, buffers),
+    /// which never includes guest RAM mapped from a file.
+    pub fn sample(&self) {
+        if let Some(anon) = status_kib("RssAnon:") {
+            self.peak_overhead_kib.fetch_max(anon, Ordering::Relaxed);
+        }
     }
 
-    /// Peak overhead in MiB.
+    /// Peak overhead in MiB: the anonymous peak plus the file and shmem
+    /// pages that were resident before guest RAM was mapped.
     pub fn peak_mib(&self) -> f64 {
-        self.peak_overhead_kib.load(Ordering::Relaxed) as f64 / 1024.0
+        self.sample();
+        let base = BASELINE_KIB.get().copied().unwrap_or(0);
+        (self.peak_overhead_kib.load(Ordering::Relaxed) + base) as f64 / 1024.0
     }
 }
 

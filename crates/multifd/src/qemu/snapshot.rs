@@ -65,14 +65,48 @@ fn file_name_for(idstr: &str) -> String {
 
 /// Supplies blocks for an incoming migration: named blocks from given
 /// files, the rest as sparse files in a snapshot directory.
+///
+/// Named files that already exist are mapped by [`FileRamProvider::new`],
+/// before any connection arrives, the way a QEMU destination's RAM exists
+/// before `migrate-incoming`; with `prefault` they are also zeroed then, so
+/// that zero pages need no work during the migration.
 #[derive(Debug, Default)]
 pub struct FileRamProvider {
-    /// `--ram IDSTR=FILE` pairs.
-    pub named: BTreeMap<String, PathBuf>,
-    /// `--snapshot DIR`.
-    pub snapshot_dir: Option<PathBuf>,
-    /// Pre-fault every block after mapping it (benchmarks).
-    pub prefault: bool,
+    named: BTreeMap<String, PathBuf>,
+    snapshot_dir: Option<PathBuf>,
+    ready: BTreeMap<String, RamBlock>,
+}
+
+impl FileRamProvider {
+    /// Blocks named in `named` go to those files, others to sparse files
+    /// in `snapshot_dir` (an error when it is `None`).
+    pub fn new(
+        named: BTreeMap<String, PathBuf>,
+        snapshot_dir: Option<PathBuf>,
+        prefault: bool,
+    ) -> Result<Self> {
+        let mut ready = BTreeMap::new();
+        for (id, path) in &named {
+            let exists = std::fs::metadata(path).is_ok_and(|m| m.len() > 0);
+            if exists {
+                let mut block = RamBlock::open_file(id, path, Access::ReadWrite, None)?;
+                if prefault {
+                    block.prefault()?;
+                }
+                ready.insert(id.clone(), block);
+            }
+        }
+        Ok(Self {
+            named,
+            snapshot_dir,
+            ready,
+        })
+    }
+
+    /// Whether any block has a destination at all.
+    pub fn is_empty(&self) -> bool {
+        self.named.is_empty() && self.snapshot_dir.is_none()
+    }
 }
 
 impl RamProvider for FileRamProvider {
@@ -87,12 +121,18 @@ impl RamProvider for FileRamProvider {
         }
         let mut ram = GuestRam::new();
         for info in blocks {
-            let block = if let Some(path) = self.named.get(&info.idstr) {
-                if path.exists() {
-                    RamBlock::open_file(&info.idstr, path, Access::ReadWrite, Some(info.used_length))?
-                } else {
-                    RamBlock::create_file(&info.idstr, path, info.used_length)?
+            let block = if let Some(block) = self.ready.remove(&info.idstr) {
+                if block.len() != info.used_length {
+                    return Err(Error::Mismatch(format!(
+                        "RAM block {:?} is {} bytes at the source but its file is {} bytes",
+                        info.idstr,
+                        info.used_length,
+                        block.len()
+                    )));
                 }
+                block
+            } else if let Some(path) = self.named.get(&info.idstr) {
+                RamBlock::create_file(&info.idstr, path, info.used_length)?
             } else if let Some(dir) = &self.snapshot_dir {
                 let rel = Path::new("ram").join(file_name_for(&info.idstr));
                 std::fs::create_dir_all(dir.join("ram"))
@@ -107,9 +147,6 @@ impl RamProvider for FileRamProvider {
                     ),
                 });
             };
-            if self.prefault {
-                block.prefault()?;
-            }
             ram.push(block)?;
         }
         Ok(ram)

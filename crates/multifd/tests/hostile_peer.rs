@@ -1,0 +1,1254 @@
+//! Hostile peers against the real engine over loopback sockets.
+//!
+//! Receiver side: a test thread connects to `multifd::recv::receive` and
+//! writes hand-made bytes (built with the `multifd_wire` encoders, then
+//! corrupted, truncated, or never finished). Sender side: a fake receiver
+//! accepts `multifd::migrate::source::migrate`'s connections and
+//! misbehaves, or a proxy / a SIGKILL breaks a real migration mid-stream.
+//!
+//! Every case must end in a *typed* error within 5 s, with every engine
+//! thread joined and every socket closed (thread and fd counts of the
+//! process back at their baseline; the tests of this binary are serialised
+//! so those counts are meaningful), and without any write to guest RAM
+//! outside the pages a valid packet addressed.
+
+mod util;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+use multifd::error::Endpoint;
+use multifd::migrate::source::{migrate, SourceOptions, StaticRam};
+use multifd::ram::GuestRam;
+use multifd::recv::RamProvider;
+use multifd::transport::{Connection, Listener, Uri};
+use multifd::{Compression, Error, MethodConfig, MigrationConfig, Progress};
+use multifd_wire::packet::{flags, DeviceStateHeader, MULTIFD_MAGIC};
+use multifd_wire::WireError;
+use proptest::prelude::*;
+use util::*;
+
+const HS: Duration = Duration::from_millis(300);
+const BLOCK: &str = "pc.ram";
+const PAGES: u64 = 64;
+const LEN: u64 = PAGES * 4096;
+const UUID: [u8; 16] = [0; 16];
+
+// ---------------------------------------------------------------------------
+// Harness
+
+struct Outcome {
+    err: Error,
+    took: Duration,
+}
+
+/// Runs `receive` against a scripted peer; returns the receiver's error.
+/// Asserts: it fails (no hang, no success) within 5 s, it closes every
+/// connection the peer held, and no thread or fd is left behind.
+fn hostile(t: Transport, opts: multifd::recv::ReceiveOptions, provider: Box<dyn RamProvider + Send>, conns: Vec<Conn>) -> Outcome {
+    let base = Baseline::take();
+    let Bound { listener, uri, dir } = bind(t);
+    let receiving = start_receiver(listener, opts, provider);
+    let peer = scripted_peer(uri, conns);
+    let Some((res, took)) = receiving.wait(FAST) else {
+        // The peer gives up holding its connections after 10 s; then the
+        // receiver sees EOF and ends, so the process stays usable.
+        let _ = peer.join();
+        let late = receiving.wait(Duration::from_secs(30));
+        let _ = receiving.handle.join();
+        panic!(
+            "{t:?}: receiver did not return within {FAST:?} (hang); after the peer \
+             closed its sockets it returned {:?}",
+            late.map(|(r, d)| (r.map(|_| ()), d))
+        );
+    };
+    let report = peer.join().expect("peer thread");
+    receiving.handle.join().expect("receiver thread");
+    drop(dir);
+    let err = match res {
+        Ok(_) => panic!("{t:?}: migration from a hostile peer succeeded"),
+        Err(e) => e,
+    };
+    assert!(took < FAST, "{t:?}: error after {took:?}: {err}");
+    assert!(
+        report.all_closed_by_receiver,
+        "{t:?}: the receiver failed ({err}) but left a peer connection open"
+    );
+    assert!(!err.to_string().is_empty());
+    base.check(&format!("{t:?}: {err}"));
+    Outcome { err, took }
+}
+
+fn main_conn() -> Conn {
+    Conn::new(main_setup(&[(BLOCK, LEN)]), vec![], End::Hold)
+}
+
+fn chan(id: u8, body: Vec<u8>, end: End) -> Conn {
+    Conn::new(init_packet(UUID, id), body, end)
+}
+
+fn silent_chan(id: u8) -> Conn {
+    chan(id, vec![], End::Hold)
+}
+
+fn file_ram(dir: &tempfile::TempDir) -> Box<FileRam> {
+    Box::new(FileRam {
+        dir: dir.path().to_owned(),
+    })
+}
+
+fn read_block(dir: &tempfile::TempDir) -> Vec<u8> {
+    std::fs::read(dir.path().join(format!("{BLOCK}.ram"))).expect("block file exists")
+}
+
+/// A receiver of `channels` channels with method `comp`, fed a proper main
+/// stream setup; channel 0 sends `body` then ends as told, the other
+/// channels stay silent. Returns the error and the RAM block's contents
+/// after the failure.
+fn packet_case_with(t: Transport, channels: u8, comp: Compression, body: Vec<u8>, end: End) -> (Outcome, Vec<u8>) {
+    let dir = tempdir();
+    let mut opts = recv_opts(channels, HS);
+    opts.config.method = MethodConfig {
+        compression: comp,
+        ..MethodConfig::default()
+    };
+    let mut conns = vec![main_conn(), chan(0, body, end)];
+    conns.extend((1..channels).map(silent_chan));
+    let o = hostile(t, opts, file_ram(&dir), conns);
+    let ram = read_block(&dir);
+    assert_eq!(ram.len() as u64, LEN);
+    (o, ram)
+}
+
+fn packet_case(t: Transport, body: Vec<u8>, end: End) -> (Outcome, Vec<u8>) {
+    packet_case_with(t, 2, Compression::None, body, end)
+}
+
+fn assert_all_zero(ram: &[u8], what: &str) {
+    if let Some(i) = ram.iter().position(|&b| b != 0) {
+        panic!("{what}: guest RAM was written at byte {i:#x} although the packet was rejected");
+    }
+}
+
+fn is_wire(e: &Error, ep: Endpoint, f: impl Fn(&WireError) -> bool) -> bool {
+    matches!(e, Error::Wire { endpoint, source } if *endpoint == ep && f(source))
+}
+
+fn invalid_field(e: &Error, name: &str) -> bool {
+    is_wire(e, Endpoint::Channel(0), |w| matches!(w, WireError::InvalidField { field, .. } if *field == name))
+}
+
+// ---------------------------------------------------------------------------
+// Handshake: classifying connections
+
+#[test]
+fn silent_connection_times_out() {
+    let _g = serial();
+    for t in TRANSPORTS {
+        let o = hostile(t, recv_opts(1, HS), Box::new(AnonRam), vec![Conn::new(vec![], vec![], End::Hold)]);
+        assert!(
+            matches!(o.err, Error::HandshakeTimeout { endpoint: Endpoint::Unclassified, timeout_ms: 300 }),
+            "{t:?}: {:?}",
+            o.err
+        );
+        assert!(o.took >= Duration::from_millis(250), "{t:?}: timed out early: {:?}", o.took);
+    }
+}
+
+#[test]
+fn no_connection_at_all_times_out() {
+    let _g = serial();
+    for t in TRANSPORTS {
+        let mut opts = recv_opts(1, HS);
+        opts.accept_timeout = Some(HS);
+        let o = hostile(t, opts, Box::new(AnonRam), vec![]);
+        assert!(
+            matches!(o.err, Error::HandshakeTimeout { endpoint: Endpoint::Main, .. }),
+            "{t:?}: {:?}",
+            o.err
+        );
+    }
+}
+
+#[test]
+fn two_bytes_then_silence_times_out() {
+    let _g = serial();
+    for t in TRANSPORTS {
+        let o = hostile(t, recv_opts(1, HS), Box::new(AnonRam), vec![Conn::new(vec![0x11, 0x22], vec![], End::Hold)]);
+        assert!(
+            matches!(o.err, Error::HandshakeTimeout { endpoint: Endpoint::Unclassified, .. }),
+            "{t:?}: {:?}",
+            o.err
+        );
+    }
+}
+
+#[test]
+fn two_bytes_then_close_is_peer_closed() {
+    let _g = serial();
+    for t in TRANSPORTS {
+        let o = hostile(t, recv_opts(1, HS), Box::new(AnonRam), vec![Conn::new(vec![0x11, 0x22], vec![], End::Close)]);
+        assert!(
+            matches!(o.err, Error::PeerClosed { endpoint: Endpoint::Unclassified, when } if when.contains("handshake")),
+            "{t:?}: {:?}",
+            o.err
+        );
+    }
+}
+
+#[test]
+fn close_without_a_byte_is_peer_closed() {
+    let _g = serial();
+    for t in TRANSPORTS {
+        let o = hostile(t, recv_opts(1, HS), Box::new(AnonRam), vec![Conn::new(vec![], vec![], End::Close)]);
+        assert!(
+            matches!(o.err, Error::PeerClosed { endpoint: Endpoint::Unclassified, when } if when.contains("identifying")),
+            "{t:?}: {:?}",
+            o.err
+        );
+    }
+}
+
+#[test]
+fn truncated_init_packet() {
+    let _g = serial();
+    for t in TRANSPORTS {
+        for cut in [4usize, 5, 24, 63] {
+            let init = init_packet(UUID, 0);
+            // Peer closes in the middle of the initial packet.
+            let o = hostile(
+                t,
+                recv_opts(1, HS),
+                Box::new(AnonRam),
+                vec![main_conn(), Conn::new(init[..cut].to_vec(), vec![], End::Close)],
+            );
+            assert!(
+                matches!(o.err, Error::PeerClosed { endpoint: Endpoint::Unclassified, when } if when.contains("handshake")),
+                "{t:?} cut at {cut}: {:?}",
+                o.err
+            );
+            // Peer stops in the middle of it and stays silent.
+            let o = hostile(
+                t,
+                recv_opts(1, HS),
+                Box::new(AnonRam),
+                vec![main_conn(), Conn::new(init[..cut].to_vec(), vec![], End::Hold)],
+            );
+            assert!(
+                matches!(o.err, Error::HandshakeTimeout { endpoint: Endpoint::Unclassified, .. }),
+                "{t:?} stalled at {cut}: {:?}",
+                o.err
+            );
+        }
+    }
+}
+
+#[test]
+fn bad_magic_on_first_bytes() {
+    let _g = serial();
+    for t in TRANSPORTS {
+        let mut init = init_packet(UUID, 0);
+        init[0] = 0x12;
+        let o = hostile(t, recv_opts(1, HS), Box::new(AnonRam), vec![main_conn(), Conn::new(init, vec![], End::Hold)]);
+        assert!(
+            is_wire(&o.err, Endpoint::Unclassified, |w| matches!(w, WireError::BadMagic { found: 0x1222_3344, .. })),
+            "{t:?}: {:?}",
+            o.err
+        );
+        assert!(o.err.to_string().contains("magic"), "{}", o.err);
+        // HTTP instead of a migration.
+        let o = hostile(
+            t,
+            recv_opts(1, HS),
+            Box::new(AnonRam),
+            vec![Conn::new(b"GET / HTTP/1.1\r\n\r\n".to_vec(), vec![], End::Hold)],
+        );
+        assert!(
+            is_wire(&o.err, Endpoint::Unclassified, |w| matches!(w, WireError::BadMagic { .. })),
+            "{t:?}: {:?}",
+            o.err
+        );
+    }
+}
+
+#[test]
+fn init_packet_bad_version() {
+    let _g = serial();
+    for t in TRANSPORTS {
+        let mut init = init_packet(UUID, 0);
+        set_u32(&mut init, 4, 2);
+        let o = hostile(t, recv_opts(1, HS), Box::new(AnonRam), vec![main_conn(), Conn::new(init, vec![], End::Hold)]);
+        assert!(
+            is_wire(&o.err, Endpoint::Unclassified, |w| matches!(w, WireError::BadVersion { found: 2, expected: 1, .. })),
+            "{t:?}: {:?}",
+            o.err
+        );
+        assert!(o.err.to_string().contains("version"), "{}", o.err);
+    }
+}
+
+#[test]
+fn wrong_uuid() {
+    let _g = serial();
+    for t in TRANSPORTS {
+        let mut opts = recv_opts(2, HS);
+        opts.config.uuid = [0x11; 16];
+        let mut theirs = [0x11; 16];
+        theirs[15] = 0x12;
+        let o = hostile(
+            t,
+            opts,
+            Box::new(AnonRam),
+            vec![main_conn(), Conn::new(init_packet(theirs, 1), vec![], End::Hold)],
+        );
+        match &o.err {
+            Error::UuidMismatch { id: 1, received, expected } => {
+                assert_eq!(received, "11111111-1111-1111-1111-111111111112");
+                assert_eq!(expected, "11111111-1111-1111-1111-111111111111");
+            }
+            other => panic!("{t:?}: {other:?}"),
+        }
+        assert!(o.err.to_string().contains("uuid"), "{}", o.err);
+    }
+}
+
+#[test]
+fn channel_id_not_below_channel_count() {
+    let _g = serial();
+    for t in TRANSPORTS {
+        for bad in [2u8, 3, 255] {
+            let o = hostile(
+                t,
+                recv_opts(2, HS),
+                Box::new(AnonRam),
+                vec![main_conn(), silent_chan(0), silent_chan(bad)],
+            );
+            assert!(
+                matches!(o.err, Error::BadChannelId { id, .. } if id == bad),
+                "{t:?} id {bad}: {:?}",
+                o.err
+            );
+            assert!(o.err.to_string().contains("channel"), "{}", o.err);
+        }
+    }
+}
+
+#[test]
+fn duplicate_channel_id() {
+    let _g = serial();
+    for t in TRANSPORTS {
+        let o = hostile(
+            t,
+            recv_opts(3, HS),
+            Box::new(AnonRam),
+            vec![silent_chan(1), main_conn(), silent_chan(1)],
+        );
+        assert!(
+            matches!(o.err, Error::BadChannelId { id: 1, reason } if reason.contains("already")),
+            "{t:?}: {:?}",
+            o.err
+        );
+    }
+}
+
+#[test]
+fn second_main_channel() {
+    let _g = serial();
+    for t in TRANSPORTS {
+        let o = hostile(t, recv_opts(2, HS), Box::new(AnonRam), vec![main_conn(), main_conn()]);
+        assert!(matches!(o.err, Error::Unsupported(_)), "{t:?}: {:?}", o.err);
+    }
+}
+
+/// The main channel and N-1 channels arrive, the last one never does.
+#[test]
+fn missing_channel_times_out() {
+    let _g = serial();
+    for t in TRANSPORTS {
+        let o = hostile(t, recv_opts(3, HS), Box::new(AnonRam), vec![main_conn(), silent_chan(0), silent_chan(2)]);
+        assert!(
+            matches!(o.err, Error::HandshakeTimeout { endpoint: Endpoint::Unclassified, .. }),
+            "{t:?}: {:?}",
+            o.err
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The main stream
+
+#[test]
+fn main_stream_garbage_after_header() {
+    let _g = serial();
+    for t in TRANSPORTS {
+        for garbage in [vec![0xFFu8; 64], vec![0x42; 3], b"\x07\xff\xff\xff\xffnone".to_vec()] {
+            let mut main = Vec::new();
+            multifd_wire::stream::encode::header(&mut main);
+            main.extend_from_slice(&garbage);
+            let o = hostile(
+                t,
+                recv_opts(1, HS),
+                Box::new(AnonRam),
+                vec![Conn::new(main, vec![], End::Hold), silent_chan(0)],
+            );
+            assert!(
+                matches!(&o.err, Error::Wire { endpoint: Endpoint::Main, .. }),
+                "{t:?} garbage {garbage:02x?}: {:?}",
+                o.err
+            );
+        }
+    }
+}
+
+#[test]
+fn main_stream_bad_version() {
+    let _g = serial();
+    for t in TRANSPORTS {
+        for version in [2u32, 4] {
+            let mut main = main_setup(&[(BLOCK, LEN)]);
+            set_u32(&mut main, 4, version);
+            let o = hostile(t, recv_opts(1, HS), Box::new(AnonRam), vec![Conn::new(main, vec![], End::Hold), silent_chan(0)]);
+            assert!(
+                matches!(&o.err, Error::Wire { endpoint: Endpoint::Main, .. }),
+                "{t:?} version {version}: {:?}",
+                o.err
+            );
+        }
+    }
+}
+
+/// The main channel identifies itself, then stops before the `ram` block
+/// list, and stays open. The receiver needs the block list before it can
+/// do anything; it must give up after the handshake timeout instead of
+/// waiting forever.
+#[test]
+fn main_stream_never_sends_block_list() {
+    let _g = serial();
+    let full = main_setup(&[(BLOCK, LEN)]);
+    let mut header_and_config = Vec::new();
+    multifd_wire::stream::encode::header(&mut header_and_config);
+    multifd_wire::stream::encode::configuration(
+        &mut header_and_config,
+        &multifd_wire::stream::Configuration {
+            machine: "none".into(),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let stops: [(&str, Vec<u8>); 4] = [
+        ("magic only", full[..4].to_vec()),
+        ("header only", full[..8].to_vec()),
+        ("header and configuration", header_and_config),
+        ("inside MEM_SIZE", full[..full.len() - 30].to_vec()),
+    ];
+    for t in TRANSPORTS {
+        for (what, main) in &stops {
+            let o = hostile(t, recv_opts(1, HS), Box::new(AnonRam), vec![Conn::new(main.clone(), vec![], End::Hold), silent_chan(0)]);
+            assert!(
+                matches!(o.err, Error::HandshakeTimeout { endpoint: Endpoint::Main, .. }),
+                "{t:?} {what}: {:?}",
+                o.err
+            );
+        }
+    }
+}
+
+#[test]
+fn main_stream_closes_before_block_list() {
+    let _g = serial();
+    let full = main_setup(&[(BLOCK, LEN)]);
+    for t in TRANSPORTS {
+        for cut in [4usize, 8, 20, full.len() - 1] {
+            let o = hostile(
+                t,
+                recv_opts(1, HS),
+                Box::new(AnonRam),
+                vec![Conn::new(full[..cut].to_vec(), vec![], End::Close), silent_chan(0)],
+            );
+            assert!(
+                matches!(o.err, Error::PeerClosed { endpoint: Endpoint::Main, .. }),
+                "{t:?} cut at {cut}: {:?}",
+                o.err
+            );
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Multifd packets
+
+#[test]
+fn truncated_packet_header() {
+    let _g = serial();
+    let pkt = nocomp_packet(BLOCK, &[0, 4096], 2, 0xAB, 0);
+    for t in TRANSPORTS {
+        for cut in [1usize, 5, 11, 12, 13, 700, 1343] {
+            let (o, ram) = packet_case(t, pkt[..cut].to_vec(), End::Close);
+            assert!(
+                matches!(o.err, Error::PeerClosed { endpoint: Endpoint::Channel(0), .. }),
+                "{t:?} cut at {cut}: {:?}",
+                o.err
+            );
+            assert_all_zero(&ram, "truncated header");
+        }
+    }
+}
+
+#[test]
+fn truncated_payload() {
+    let _g = serial();
+    let pkt = nocomp_packet(BLOCK, &[0, 4096, 8192], 3, 0xAB, 0);
+    for t in TRANSPORTS {
+        for cut in [1344usize + 1, 1344 + 4096, 1344 + 5000, pkt.len() - 1] {
+            let (o, _) = packet_case(t, pkt[..cut].to_vec(), End::Close);
+            assert!(
+                matches!(o.err, Error::PeerClosed { endpoint: Endpoint::Channel(0), .. }),
+                "{t:?} cut at {cut}: {:?}",
+                o.err
+            );
+        }
+        // Header complete, not one payload byte.
+        let (o, ram) = packet_case(t, pkt[..1344].to_vec(), End::Close);
+        assert!(
+            matches!(o.err, Error::PeerClosed { endpoint: Endpoint::Channel(0), .. }),
+            "{t:?} no payload: {:?}",
+            o.err
+        );
+        assert_all_zero(&ram, "no payload");
+    }
+}
+
+#[test]
+fn packet_bad_magic() {
+    let _g = serial();
+    for t in TRANSPORTS {
+        let mut pkt = nocomp_packet(BLOCK, &[0], 1, 0xAB, 0);
+        set_u32(&mut pkt, field::MAGIC, 0xdead_beef);
+        let (o, ram) = packet_case(t, pkt, End::Hold);
+        assert!(
+            is_wire(&o.err, Endpoint::Channel(0), |w| matches!(w, WireError::BadMagic { found: 0xdead_beef, .. })),
+            "{t:?}: {:?}",
+            o.err
+        );
+        assert!(o.err.to_string().contains("multifd channel 0"), "{}", o.err);
+        assert_all_zero(&ram, "bad magic");
+    }
+}
+
+#[test]
+fn packet_bad_version() {
+    let _g = serial();
+    for t in TRANSPORTS {
+        let mut pkt = nocomp_packet(BLOCK, &[0], 1, 0xAB, 0);
+        set_u32(&mut pkt, field::VERSION, 0);
+        let (o, ram) = packet_case(t, pkt, End::Hold);
+        assert!(
+            is_wire(&o.err, Endpoint::Channel(0), |w| matches!(w, WireError::BadVersion { found: 0, .. })),
+            "{t:?}: {:?}",
+            o.err
+        );
+        assert_all_zero(&ram, "bad version");
+    }
+}
+
+#[test]
+fn packet_unknown_flag_bits() {
+    let _g = serial();
+    for t in TRANSPORTS {
+        for extra in [0x80u32, 0x100, 0x8000_0000, 0xFFFF_FF80] {
+            let mut pkt = nocomp_packet(BLOCK, &[0], 1, 0xAB, 0);
+            set_u32(&mut pkt, field::FLAGS, extra);
+            let (o, ram) = packet_case(t, pkt, End::Hold);
+            assert!(
+                is_wire(&o.err, Endpoint::Channel(0), |w| matches!(w, WireError::BadFlags { flags, .. } if *flags == u64::from(extra))),
+                "{t:?} flags {extra:#x}: {:?}",
+                o.err
+            );
+            assert_all_zero(&ram, "unknown flags");
+        }
+    }
+}
+
+#[test]
+fn packet_two_compression_bits() {
+    let _g = serial();
+    for t in TRANSPORTS {
+        for fl in [flags::ZLIB | flags::ZSTD, flags::ZLIB | flags::QPL, flags::COMPRESSION_MASK, flags::SYNC | 0x0A] {
+            let mut pkt = nocomp_packet(BLOCK, &[0], 1, 0xAB, 0);
+            set_u32(&mut pkt, field::FLAGS, fl);
+            let (o, ram) = packet_case(t, pkt, End::Hold);
+            assert!(
+                is_wire(&o.err, Endpoint::Channel(0), |w| matches!(w, WireError::BadFlags { .. })),
+                "{t:?} flags {fl:#x}: {:?}",
+                o.err
+            );
+            assert_all_zero(&ram, "two compression bits");
+        }
+    }
+}
+
+/// Offsets past the block end are rejected before any page of the packet
+/// is written, the valid ones before them included.
+#[test]
+fn offset_past_block_end_rejected_before_any_write() {
+    let _g = serial();
+    let bad_offsets = [LEN, LEN + 4096, 1 << 40, u64::MAX & !0xFFF];
+    for t in TRANSPORTS {
+        for bad in bad_offsets {
+            // As a normal page, after two valid ones (payload present).
+            let pkt = nocomp_packet(BLOCK, &[0, 4096, bad], 3, 0xAB, 0);
+            let (o, ram) = packet_case(t, pkt, End::Hold);
+            assert!(
+                is_wire(&o.err, Endpoint::Channel(0), |w| matches!(w, WireError::InvalidField { field: "page offset", value, .. } if *value == bad)),
+                "{t:?} offset {bad:#x}: {:?}",
+                o.err
+            );
+            assert!(o.err.to_string().contains("past the end"), "{}", o.err);
+            assert_all_zero(&ram, "offset past end (normal page)");
+            // As a zero page after a valid normal page.
+            let pkt = nocomp_packet(BLOCK, &[8192, bad], 1, 0xAB, 0);
+            let (o, ram) = packet_case(t, pkt, End::Hold);
+            assert!(invalid_field(&o.err, "page offset"), "{t:?} zero offset {bad:#x}: {:?}", o.err);
+            assert_all_zero(&ram, "offset past end (zero page)");
+        }
+        // The last page is fine, one byte more is not (exact boundary).
+        let pkt = nocomp_packet(BLOCK, &[LEN - 4096, LEN], 2, 0xAB, 0);
+        let (o, ram) = packet_case(t, pkt, End::Hold);
+        assert!(invalid_field(&o.err, "page offset"), "{t:?}: {:?}", o.err);
+        assert_all_zero(&ram, "boundary");
+    }
+}
+
+#[test]
+fn unaligned_offset() {
+    let _g = serial();
+    for t in TRANSPORTS {
+        for bad in [1u64, 4095, 4097, LEN - 1] {
+            let mut pkt = nocomp_packet(BLOCK, &[0, 4096], 2, 0xAB, 0);
+            set_u64(&mut pkt, field::OFFSET + 8, bad);
+            let (o, ram) = packet_case(t, pkt, End::Hold);
+            assert!(
+                is_wire(&o.err, Endpoint::Channel(0), |w| matches!(w, WireError::InvalidField { field: "page offset", value, .. } if *value == bad)),
+                "{t:?} offset {bad:#x}: {:?}",
+                o.err
+            );
+            assert!(o.err.to_string().contains("aligned"), "{}", o.err);
+            assert_all_zero(&ram, "unaligned offset");
+        }
+    }
+}
+
+#[test]
+fn page_counts_over_128() {
+    let _g = serial();
+    let base = nocomp_packet(BLOCK, &[0], 1, 0xAB, 0);
+    let cases: [(&str, usize, u32); 6] = [
+        ("pages_alloc", field::PAGES_ALLOC, 129),
+        ("pages_alloc", field::PAGES_ALLOC, u32::MAX),
+        ("normal_pages", field::NORMAL_PAGES, 129),
+        ("normal_pages", field::NORMAL_PAGES, u32::MAX),
+        ("zero_pages", field::ZERO_PAGES, 128),
+        ("zero_pages", field::ZERO_PAGES, u32::MAX),
+    ];
+    for t in TRANSPORTS {
+        for (name, at, value) in cases {
+            let mut pkt = base.clone();
+            set_u32(&mut pkt, at, value);
+            if at == field::NORMAL_PAGES {
+                // Keep next_packet_size consistent so only the count is wrong.
+                set_u32(&mut pkt, field::NEXT_PACKET_SIZE, value.wrapping_mul(4096));
+            }
+            let (o, ram) = packet_case(t, pkt, End::Hold);
+            assert!(invalid_field(&o.err, name), "{t:?} {name}={value}: {:?}", o.err);
+            assert!(o.err.to_string().contains(name), "{}", o.err);
+            assert_all_zero(&ram, name);
+        }
+    }
+}
+
+#[test]
+fn nocomp_payload_size_mismatch() {
+    let _g = serial();
+    for t in TRANSPORTS {
+        let mut pkt = nocomp_packet(BLOCK, &[0], 1, 0xAB, 0);
+        set_u32(&mut pkt, field::NEXT_PACKET_SIZE, 4095);
+        let (o, ram) = packet_case(t, pkt, End::Hold);
+        assert!(invalid_field(&o.err, "next_packet_size"), "{t:?}: {:?}", o.err);
+        assert_all_zero(&ram, "size mismatch");
+    }
+}
+
+#[test]
+fn unknown_block_name() {
+    let _g = serial();
+    for t in TRANSPORTS {
+        let pkt = nocomp_packet("pc.ram2", &[0], 1, 0xAB, 0);
+        let (o, ram) = packet_case(t, pkt, End::Hold);
+        assert!(
+            matches!(&o.err, Error::UnknownBlock { endpoint: Endpoint::Channel(0), name } if name == "pc.ram2"),
+            "{t:?}: {:?}",
+            o.err
+        );
+        assert!(o.err.to_string().contains("pc.ram2"), "{}", o.err);
+        assert_all_zero(&ram, "unknown block");
+        // A name without its NUL terminator.
+        let mut pkt = nocomp_packet(BLOCK, &[0], 1, 0xAB, 0);
+        pkt[field::RAMBLOCK..field::RAMBLOCK + 256].fill(b'x');
+        let (o, _) = packet_case(t, pkt, End::Hold);
+        assert!(
+            is_wire(&o.err, Endpoint::Channel(0), |w| matches!(w, WireError::BadName { .. })),
+            "{t:?}: {:?}",
+            o.err
+        );
+    }
+}
+
+#[test]
+fn compression_mismatch() {
+    let _g = serial();
+    for t in TRANSPORTS {
+        let mut pkt = ram_header(Compression::Zlib, BLOCK, &[0], 1, 10, 0);
+        pkt.extend_from_slice(&[0; 10]);
+        let (o, ram) = packet_case(t, pkt, End::Hold);
+        assert!(matches!(&o.err, Error::Mismatch(m) if m.contains("zlib")), "{t:?}: {:?}", o.err);
+        assert_all_zero(&ram, "compression mismatch");
+    }
+}
+
+#[test]
+fn device_state_packet_is_unsupported() {
+    let _g = serial();
+    for t in TRANSPORTS {
+        let ds = DeviceStateHeader {
+            idstr: "0000:00:02.0/vfio".into(),
+            instance_id: 0,
+            next_packet_size: 16,
+        }
+        .encode()
+        .unwrap();
+        let mut body = ds.to_vec();
+        body.extend_from_slice(&[0; 16]);
+        let (o, _) = packet_case(t, body, End::Hold);
+        assert!(matches!(&o.err, Error::Unsupported(m) if m.contains("vfio")), "{t:?}: {:?}", o.err);
+    }
+}
+
+/// A valid packet is applied, the bad one after it is refused: exactly the
+/// pages the valid packet addressed changed, nothing else.
+#[test]
+fn only_addressed_pages_change_before_a_bad_packet() {
+    let _g = serial();
+    for t in TRANSPORTS {
+        let mut body = nocomp_packet(BLOCK, &[5 * 4096, 2 * 4096, 7 * 4096], 2, 0xCD, 0);
+        let mut bad = nocomp_packet(BLOCK, &[9 * 4096, LEN], 2, 0xEE, 1);
+        bad.truncate(1344 + 2 * 4096);
+        body.extend_from_slice(&bad);
+        let (o, ram) = packet_case(t, body, End::Hold);
+        assert!(invalid_field(&o.err, "page offset"), "{t:?}: {:?}", o.err);
+        for (p, page) in ram.chunks(4096).enumerate() {
+            let want = if p == 2 || p == 5 { 0xCD } else { 0 };
+            assert!(
+                page.iter().all(|&b| b == want),
+                "{t:?}: page {p} should be all {want:#x}"
+            );
+        }
+    }
+}
+
+// --- compressed payloads -----------------------------------------------------
+
+fn zlib_pages(pages: &[[u8; 4096]]) -> Vec<u8> {
+    use flate2::{Compress, Compression as Level, FlushCompress};
+    let mut z = Compress::new(Level::new(1), true);
+    let mut out = Vec::with_capacity(1 << 20);
+    for (i, p) in pages.iter().enumerate() {
+        let flush = if i + 1 == pages.len() { FlushCompress::Sync } else { FlushCompress::None };
+        z.compress_vec(p, &mut out, flush).unwrap();
+    }
+    out
+}
+
+fn zstd_pages(pages: &[[u8; 4096]]) -> Vec<u8> {
+    let mut enc = zstd::stream::raw::Encoder::new(1).unwrap();
+    let mut out = vec![0u8; 1 << 20];
+    let mut o = zstd::stream::raw::OutBuffer::around(&mut out[..]);
+    for p in pages {
+        let mut i = zstd::stream::raw::InBuffer::around(&p[..]);
+        while i.pos() < p.len() {
+            zstd::stream::raw::Operation::run(&mut enc, &mut i, &mut o).unwrap();
+        }
+    }
+    while zstd::stream::raw::Operation::flush(&mut enc, &mut o).unwrap() != 0 {}
+    let n = o.pos();
+    out.truncate(n);
+    out
+}
+
+fn compressed_case(t: Transport, comp: Compression, offsets: &[u64], normal: usize, payload: &[u8]) -> (Outcome, Vec<u8>) {
+    let mut pkt = ram_header(comp, BLOCK, offsets, normal, payload.len() as u32, 0);
+    pkt.extend_from_slice(payload);
+    packet_case_with(t, 1, comp, pkt, End::Hold)
+}
+
+fn is_corrupt(e: &Error, m: &str) -> bool {
+    matches!(e, Error::Corrupt { endpoint: Endpoint::Channel(0), method, .. } if *method == m)
+}
+
+#[test]
+fn compressed_garbage_is_corrupt() {
+    let _g = serial();
+    for t in TRANSPORTS {
+        for (comp, name) in [(Compression::Zlib, "zlib"), (Compression::Zstd, "zstd")] {
+            for garbage in [vec![0xFFu8; 100], vec![0u8; 1], (0..=255u8).cycle().take(5000).collect()] {
+                let (o, ram) = compressed_case(t, comp, &[0, 4096], 2, &garbage);
+                assert!(is_corrupt(&o.err, name), "{t:?} {name} {} bytes: {:?}", garbage.len(), o.err);
+                assert!(o.err.to_string().contains(name), "{}", o.err);
+                assert_all_zero(&ram, "compressed garbage");
+            }
+        }
+    }
+}
+
+#[test]
+fn compressed_stream_too_short_is_corrupt() {
+    let _g = serial();
+    let page = [0x5Au8; 4096];
+    for t in TRANSPORTS {
+        // A valid stream of one page; the header announces two.
+        for (comp, name, payload) in [
+            (Compression::Zlib, "zlib", zlib_pages(&[page])),
+            (Compression::Zstd, "zstd", zstd_pages(&[page])),
+        ] {
+            let (o, ram) = compressed_case(t, comp, &[3 * 4096, 4 * 4096], 2, &payload);
+            assert!(is_corrupt(&o.err, name), "{t:?} {name}: {:?}", o.err);
+            // Only the addressed pages may have changed.
+            for (p, pg) in ram.chunks(4096).enumerate() {
+                if p != 3 && p != 4 {
+                    assert!(pg.iter().all(|&b| b == 0), "{t:?} {name}: page {p} written");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn compressed_trailing_garbage_is_corrupt() {
+    let _g = serial();
+    let page = [0x5Au8; 4096];
+    for t in TRANSPORTS {
+        for (comp, name, mut payload) in [
+            (Compression::Zlib, "zlib", zlib_pages(&[page])),
+            (Compression::Zstd, "zstd", zstd_pages(&[page])),
+        ] {
+            payload.extend_from_slice(&[0xFF; 16]);
+            let (o, ram) = compressed_case(t, comp, &[0], 1, &payload);
+            assert!(is_corrupt(&o.err, name), "{t:?} {name}: {:?}", o.err);
+            for (p, pg) in ram.chunks(4096).enumerate().skip(1) {
+                assert!(pg.iter().all(|&b| b == 0), "{t:?} {name}: page {p} written");
+            }
+        }
+    }
+}
+
+/// Sanity check of the hand-made stream used above: unmodified, it migrates.
+#[test]
+fn handmade_stream_completes() {
+    let _g = serial();
+    for t in TRANSPORTS {
+        let base = Baseline::take();
+        let Bound { listener, uri, dir } = bind(t);
+        let receiving = start_receiver(listener, recv_opts(2, HS), Box::new(AnonRam));
+        let mut ch0 = sync_packet(0);
+        ch0.extend(nocomp_packet(BLOCK, &[4096, 0], 1, 0x77, 2));
+        ch0.extend(sync_packet(4));
+        ch0.extend(sync_packet(6));
+        let mut ch1 = sync_packet(1);
+        ch1.extend(sync_packet(3));
+        ch1.extend(sync_packet(5));
+        let mut main = main_setup(&[(BLOCK, LEN)]);
+        main.extend(main_part());
+        main.extend(main_end());
+        let peer = scripted_peer(
+            uri,
+            vec![
+                Conn::new(main, vec![], End::Close),
+                chan(1, ch1, End::Close),
+                chan(0, ch0, End::Close),
+            ],
+        );
+        let (res, took) = receiving.wait(FAST).expect("hand-made migration hangs");
+        peer.join().unwrap();
+        receiving.handle.join().unwrap();
+        drop(dir);
+        let inc = res.unwrap_or_else(|e| panic!("{t:?}: {e}"));
+        assert!(took < FAST);
+        assert_eq!(inc.flushes, 3);
+        let mut page = [0u8; 4096];
+        inc.ram.block(0).read_page(4096, &mut page).unwrap();
+        assert!(page.iter().all(|&b| b == 0x77));
+        assert!(inc.ram.block(0).received().get(0) && inc.ram.block(0).received().get(1));
+        drop(inc);
+        base.check("hand-made stream");
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 40, failure_persistence: None, ..ProptestConfig::default() })]
+
+    /// Random corruption of a data packet's header: the receiver ends with
+    /// success or a typed error, never hangs, never writes outside the
+    /// addressed pages (0 and 1) of its block.
+    #[test]
+    fn random_header_corruption_is_typed(
+        edits in proptest::collection::vec((0usize..1344, any::<u8>()), 1..6),
+        unix in any::<bool>(),
+    ) {
+        let _g = serial();
+        let t = if unix { Transport::Unix } else { Transport::Tcp };
+        let base = Baseline::take();
+        let dir = tempdir();
+        let Bound { listener, uri, dir: sdir } = bind(t);
+        let receiving = start_receiver(listener, recv_opts(1, HS), file_ram(&dir));
+        let mut pkt = nocomp_packet(BLOCK, &[0, 4096], 2, 0x33, 1);
+        for &(at, v) in &edits {
+            pkt[at] = v;
+        }
+        let mut ch0 = sync_packet(0);
+        ch0.extend(pkt);
+        ch0.extend(sync_packet(2));
+        ch0.extend(sync_packet(3));
+        let mut main = main_setup(&[(BLOCK, LEN)]);
+        main.extend(main_part());
+        main.extend(main_end());
+        let peer = scripted_peer(uri, vec![Conn::new(main, vec![], End::Close), chan(0, ch0, End::Close)]);
+        let (res, took) = receiving.wait(Duration::from_secs(15)).expect("receiver hangs on a corrupted header");
+        peer.join().unwrap();
+        receiving.handle.join().unwrap();
+        drop(sdir);
+        prop_assert!(took < FAST, "took {:?}", took);
+        match res {
+            Ok(inc) => drop(inc),
+            Err(e) => prop_assert!(
+                !matches!(e, Error::Aborted | Error::Panicked(_)),
+                "untyped error {:?}", e
+            ),
+        }
+        let ram = read_block(&dir);
+        for (p, pg) in ram.chunks(4096).enumerate().skip(2) {
+            prop_assert!(pg.iter().all(|&b| b == 0), "page {} written by a corrupted packet", p);
+        }
+        base.check("random header corruption");
+    }
+}
+
+// ---------------------------------------------------------------------------
+// A sender dying mid-transfer
+
+fn send_opts(channels: u8) -> SourceOptions {
+    SourceOptions {
+        config: MigrationConfig {
+            channels,
+            handshake_timeout: Duration::from_secs(2),
+            connect_timeout: Duration::from_secs(2),
+            ..MigrationConfig::default()
+        },
+        ..SourceOptions::default()
+    }
+}
+
+fn dense_ram(pages: u64) -> GuestRam {
+    let mut ram = GuestRam::new();
+    ram.push(dense_block(BLOCK, pages)).unwrap();
+    ram
+}
+
+/// A real sender, a real receiver, and a proxy that cuts every connection
+/// abruptly once 2 MiB went through: both sides fail fast, typed.
+#[test]
+fn sender_connections_cut_mid_stream() {
+    let _g = serial();
+    for t in TRANSPORTS {
+        let base = Baseline::take();
+        let Bound { listener, uri, dir } = bind(t);
+        let receiving = start_receiver(listener, recv_opts(3, Duration::from_secs(2)), Box::new(AnonRam));
+        let proxy = Proxy::start(t, uri, Cut::All { total: 2 << 20 });
+        let ram = dense_ram(8192);
+        let progress = Progress::default();
+        let started = Instant::now();
+        let sent = migrate(&proxy.uri, &ram, &mut StaticRam, &send_opts(3), &progress, None);
+        let send_took = started.elapsed();
+        let (recvd, recv_took) = receiving.wait(FAST).expect("receiver hangs after the cut");
+        receiving.handle.join().unwrap();
+        assert!(proxy.cut_done());
+        proxy.finish();
+        drop(dir);
+        match &sent {
+            Err(Error::Io { .. }) => {}
+            other => panic!("{t:?}: sender: {other:?}"),
+        }
+        match &recvd {
+            Err(Error::PeerClosed { .. } | Error::Io { .. }) => {}
+            other => panic!("{t:?}: receiver: {:?}", other.as_ref().map(|_| ())),
+        }
+        assert!(send_took < FAST && recv_took < FAST, "{send_took:?} {recv_took:?}");
+        drop(recvd);
+        base.check("cut mid stream");
+    }
+}
+
+const HELPER_ENV: &str = "MULTIFD_TEST_CHILD_SENDER";
+
+/// Not a test on its own: the body of the child process that
+/// `sigkill_sender_mid_transfer` kills. Migrates forever (the guest keeps
+/// dirtying pages) to the URI in `MULTIFD_TEST_CHILD_SENDER`.
+#[test]
+fn child_sender_helper() {
+    let Ok(uri) = std::env::var(HELPER_ENV) else {
+        return;
+    };
+    // Never outlive a parent that forgot us.
+    std::thread::spawn(|| {
+        std::thread::sleep(Duration::from_secs(30));
+        std::process::exit(3);
+    });
+    let uri: Uri = uri.parse().unwrap();
+    let ram = source_ram(&[(BLOCK, 2048)], 5);
+    let mut vm = Dirtier {
+        calls: 0,
+        seed: 5,
+        per_call: 512,
+        calls_limit: u64::MAX,
+    };
+    let opts = SourceOptions {
+        downtime_limit: Duration::ZERO,
+        max_rounds: u32::MAX,
+        ..send_opts(2)
+    };
+    let r = migrate(&uri, &ram, &mut vm, &opts, &Progress::default(), None);
+    eprintln!("child sender ended: {r:?}");
+    std::process::exit(2);
+}
+
+/// `kill -9` of a real sender process mid-transfer: the receiver sees the
+/// kernel close every connection and fails fast.
+#[test]
+fn sigkill_sender_mid_transfer() {
+    let _g = serial();
+    for t in TRANSPORTS {
+        let base = Baseline::take();
+        let Bound { listener, uri, dir } = bind(t);
+        let receiving = start_receiver(listener, recv_opts(2, Duration::from_secs(2)), Box::new(AnonRam));
+        let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["child_sender_helper", "--exact", "--test-threads=1", "--nocapture"])
+            .env(HELPER_ENV, uri.to_string())
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        // Kill once a few sync rounds went through.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while receiving.progress.rounds.load(Ordering::Relaxed) < 4 {
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("{t:?}: the child sender made no progress");
+            }
+            if let Ok(Some(st)) = child.try_wait() {
+                panic!("{t:?}: child sender exited by itself: {st}");
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let pages_before = receiving.progress.pages_done();
+        child.kill().unwrap();
+        let killed = Instant::now();
+        let status = child.wait().unwrap();
+        assert!(!status.success());
+        let (res, _) = receiving.wait(FAST).expect("receiver hangs after the sender was killed");
+        let took = killed.elapsed();
+        receiving.handle.join().unwrap();
+        drop(dir);
+        match &res {
+            Err(Error::PeerClosed { .. } | Error::Io { .. }) => {}
+            other => panic!("{t:?}: {:?}", other.as_ref().map(|_| ())),
+        }
+        assert!(took < FAST, "{t:?}: {took:?}");
+        assert!(pages_before > 0);
+        drop(res);
+        base.check("sigkill sender");
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Sender side: a fake receiver that misbehaves
+
+/// Accepts the main channel and `n` multifd channels and reads their
+/// identification (4 bytes, or the 64-byte initial packet).
+fn fake_accept(listener: &Listener, n: usize) -> Vec<Connection> {
+    let mut conns = Vec::new();
+    while conns.len() < n + 1 {
+        let Some(mut c) = listener.accept(Some(FAST)).unwrap() else {
+            break;
+        };
+        let mut head = [0u8; 4];
+        if !c.read_exact_or_eof(&mut head).unwrap() {
+            continue;
+        }
+        if u32::from_be_bytes(head) == MULTIFD_MAGIC {
+            let mut rest = [0u8; 60];
+            c.read_exact_or_eof(&mut rest).unwrap();
+        }
+        conns.push(c);
+    }
+    conns
+}
+
+#[test]
+fn sender_fails_fast_when_receiver_closes_after_handshake() {
+    let _g = serial();
+    let ram = dense_ram(8192);
+    for t in TRANSPORTS {
+        let base = Baseline::take();
+        let Bound { listener, uri, dir } = bind(t);
+        let fake = spawn("fake-recv", move || {
+            let conns = fake_accept(&listener, 2);
+            let n = conns.len();
+            drop(conns);
+            n
+        });
+        let started = Instant::now();
+        let r = migrate(&uri, &ram, &mut StaticRam, &send_opts(2), &Progress::default(), None);
+        let took = started.elapsed();
+        assert_eq!(fake.join().unwrap(), 3);
+        drop(dir);
+        match &r {
+            Err(Error::Io { source, context }) => {
+                assert!(
+                    matches!(source.kind(), std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset),
+                    "{t:?}: {context}: {source}"
+                );
+            }
+            other => panic!("{t:?}: {other:?}"),
+        }
+        assert!(took < FAST, "{t:?}: {took:?}");
+        base.check("receiver closes after handshake");
+    }
+}
+
+#[test]
+fn sender_connect_refused_fails_fast() {
+    let _g = serial();
+    for t in TRANSPORTS {
+        let base = Baseline::take();
+        let Bound { listener, uri, dir } = bind(t);
+        drop(listener);
+        let mut opts = send_opts(2);
+        opts.config.connect_timeout = HS;
+        let started = Instant::now();
+        let r = migrate(&uri, &dense_ram(4), &mut StaticRam, &opts, &Progress::default(), None);
+        let took = started.elapsed();
+        drop(dir);
+        assert!(matches!(&r, Err(Error::Io { .. })), "{t:?}: {r:?}");
+        assert!(took >= Duration::from_millis(250) && took < FAST, "{t:?}: {took:?}");
+        base.check("connect refused");
+    }
+}
+
+#[test]
+fn cancel_set_before_start() {
+    let _g = serial();
+    for t in TRANSPORTS {
+        let base = Baseline::take();
+        let Bound { listener, uri, dir } = bind(t);
+        let receiving = start_receiver(listener, recv_opts(2, Duration::from_secs(2)), Box::new(AnonRam));
+        let cancel = AtomicBool::new(true);
+        let started = Instant::now();
+        let r = migrate(&uri, &dense_ram(1024), &mut StaticRam, &send_opts(2), &Progress::default(), Some(&cancel));
+        assert!(matches!(r, Err(Error::Cancelled)), "{t:?}: {r:?}");
+        assert!(started.elapsed() < FAST);
+        let (res, _) = receiving.wait(FAST).expect("receiver hangs after a cancelled sender");
+        receiving.handle.join().unwrap();
+        drop(dir);
+        assert!(
+            matches!(&res, Err(Error::PeerClosed { .. })),
+            "{t:?}: receiver: {:?}",
+            res.as_ref().map(|_| ())
+        );
+        drop(res);
+        base.check("cancel before start");
+    }
+}
+
+/// The receiver accepts, reads the handshakes, then stops reading: the
+/// sender's channel threads block in `writev`, its driver in the queue or
+/// in a main-channel write. Setting `cancel` must still end the migration
+/// with `Error::Cancelled` within 5 s.
+#[test]
+fn sender_cancel_while_blocked_in_write() {
+    let _g = serial();
+    let ram = Arc::new(dense_ram(16384));
+    for t in TRANSPORTS {
+        let base = Baseline::take();
+        let Bound { listener, uri, dir } = bind(t);
+        let (release_tx, release_rx) = mpsc::channel::<()>();
+        let fake = spawn("fake-recv", move || {
+            let conns = fake_accept(&listener, 2);
+            // Hold everything unread until released.
+            let _ = release_rx.recv_timeout(Duration::from_secs(60));
+            drop(conns);
+        });
+        let cancel = Arc::new(AtomicBool::new(false));
+        let progress = Arc::new(Progress::default());
+        let (tx, rx) = mpsc::channel();
+        let sender = {
+            let (ram, cancel, progress) = (ram.clone(), cancel.clone(), progress.clone());
+            spawn("send", move || {
+                let r = migrate(&uri, &ram, &mut StaticRam, &send_opts(2), &progress, Some(&cancel));
+                let _ = tx.send((r, Instant::now()));
+            })
+        };
+        // Wait until the sender is stuck: no progress for 300 ms.
+        let mut last = u64::MAX;
+        let mut still_since = Instant::now();
+        let give_up = Instant::now() + Duration::from_secs(20);
+        loop {
+            let now = progress.bytes.load(Ordering::Relaxed);
+            if now != last {
+                last = now;
+                still_since = Instant::now();
+            } else if still_since.elapsed() > Duration::from_millis(300) {
+                break;
+            }
+            assert!(Instant::now() < give_up, "{t:?}: sender never blocked");
+            assert!(rx.try_recv().is_err(), "{t:?}: sender ended before it blocked");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let cancelled_at = Instant::now();
+        cancel.store(true, Ordering::Relaxed);
+        let outcome = rx.recv_timeout(FAST);
+        // Whatever happened, release the fake receiver so every thread ends.
+        let _ = release_tx.send(());
+        let (r, ended) = match outcome {
+            Ok(v) => v,
+            Err(_) => {
+                let late = rx.recv_timeout(Duration::from_secs(10));
+                let _ = sender.join();
+                let _ = fake.join();
+                panic!(
+                    "{t:?}: ENGINE BUG: cancel did not stop a sender blocked in a socket write \
+                     within {FAST:?} ({} bytes sent); it only returned after the receiver closed \
+                     the connections: {:?}",
+                    last,
+                    late.map(|(r, _)| r)
+                );
+            }
+        };
+        sender.join().unwrap();
+        fake.join().unwrap();
+        drop(dir);
+        assert!(matches!(r, Err(Error::Cancelled)), "{t:?}: {r:?}");
+        assert!(ended - cancelled_at < FAST);
+        base.check("cancel while blocked");
+    }
+}
