@@ -33,9 +33,12 @@ pub const MIB: u64 = 1 << 20;
 /// Guest page size.
 pub const PAGE: u64 = 4096;
 
-/// Our CLI binary, built by cargo for the integration tests.
-pub fn multifd_bin() -> &'static Path {
-    Path::new(env!("CARGO_BIN_EXE_multifd"))
+/// Our CLI binary: the one cargo built for these tests, or `MULTIFD_BIN`
+/// (e.g. a release build, for timing-sensitive runs of a debug test binary).
+pub fn multifd_bin() -> PathBuf {
+    std::env::var_os("MULTIFD_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_multifd")))
 }
 
 /// The repository root (two levels above this crate's manifest).

@@ -5,7 +5,7 @@
 
 use flate2::{Compress, Compression as Level, Decompress, FlushCompress, FlushDecompress, Status};
 use multifd_wire::packet::{Compression, RamPacketHeader, MAX_COMPRESSED_PAYLOAD};
-use multifd_wire::{PAGE_SIZE, PAGE_SIZE_U64};
+use multifd_wire::PAGE_SIZE;
 
 use super::{read_payload, RecvMethod, SendMethod};
 use crate::error::{Endpoint, Error, Result};
@@ -136,7 +136,6 @@ impl RecvMethod for ZlibRecv {
                 }
             }
             block.write_page(off, &self.page[..])?;
-            block.received().set(off / PAGE_SIZE_U64);
         }
         // The sync flush's empty stored block may still be unread: drain it.
         let mut scratch = [0u8; 64];

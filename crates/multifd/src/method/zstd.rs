@@ -3,7 +3,7 @@
 //! flush, so a packet decodes given the packets before it.
 
 use multifd_wire::packet::{Compression, RamPacketHeader, MAX_COMPRESSED_PAYLOAD};
-use multifd_wire::{PAGE_SIZE, PAGE_SIZE_U64};
+use multifd_wire::PAGE_SIZE;
 use zstd::stream::raw::{Decoder, Encoder, InBuffer, Operation, OutBuffer};
 
 use super::{read_payload, RecvMethod, SendMethod};
@@ -125,7 +125,6 @@ impl RecvMethod for ZstdRecv {
                 }
             }
             block.write_page(off, &self.page[..])?;
-            block.received().set(off / PAGE_SIZE_U64);
         }
         // A flush may leave block framing after the last page's bytes.
         let mut scratch = [0u8; 64];

@@ -275,7 +275,8 @@ impl RamBlock {
         Ok(())
     }
 
-    /// Writes one page of data at `offset`.
+    /// Writes one page of data at `offset` and marks it received, so a
+    /// later zero page for it is applied.
     pub fn write_page(&self, offset: u64, data: &[u8]) -> Result<()> {
         self.check_page(offset)?;
         self.check_writable()?;
@@ -292,6 +293,7 @@ impl RamBlock {
         unsafe {
             std::ptr::copy_nonoverlapping(data.as_ptr(), self.page_ptr(offset), PAGE_SIZE);
         }
+        self.received.set(offset / PAGE_SIZE_U64);
         Ok(())
     }
 

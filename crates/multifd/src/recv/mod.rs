@@ -24,7 +24,6 @@ mod stream_reader;
 use std::time::{Duration, Instant};
 
 use multifd_wire::stream::{Command, Configuration, RamBlockInfo};
-use multifd_wire::PAGE_SIZE_U64;
 
 use crate::abort::Abort;
 use crate::barrier::SyncBarrier;
@@ -287,7 +286,6 @@ impl MainLoop<'_, '_> {
                 OwnedEvent::Page { block, offset, data } => {
                     let b = self.block(&block)?;
                     b.write_page(offset, &data)?;
-                    b.received().set(offset / PAGE_SIZE_U64);
                     self.progress.add(&self.progress.normal_pages, 1);
                 }
                 OwnedEvent::Command(Command::SwitchoverStart) => self.switchover_start = true,
