@@ -2,6 +2,7 @@
 //! migrations.
 
 mod bench;
+mod demo;
 mod image;
 mod inspect;
 mod progress;
@@ -40,6 +41,8 @@ enum Cmd {
     Send(SendArgs),
     /// Receive one migration (from our sender or a QEMU source).
     Receive(ReceiveArgs),
+    /// The built-in default job: generate an image, migrate it over loopback, verify it.
+    Demo(demo::DemoArgs),
     /// Benchmark a loopback migration of a generated image against a raw TCP blast.
     Bench(bench::BenchArgs),
     /// Decode a snapshot directory or a captured stream into a summary.
@@ -208,7 +211,7 @@ fn parse_ram_args(args: &[String]) -> Result<BTreeMap<String, PathBuf>> {
 }
 
 /// Runs `work` while a thread draws progress and samples memory.
-fn with_progress<T>(
+pub(crate) fn with_progress<T>(
     quiet: bool,
     total: u64,
     f: impl FnOnce(&Progress, &AtomicU64) -> T,
@@ -237,7 +240,7 @@ fn print_json(role: &str, stats: &multifd::Stats, cfg: &MigrationConfig, rss_mib
     println!("{v}");
 }
 
-fn summary(role: &str, stats: &multifd::Stats, rss_mib: f64) {
+pub(crate) fn summary(role: &str, stats: &multifd::Stats, rss_mib: f64) {
     eprintln!(
         "{role}: {} in {:.3} s ({:.0} MiB/s), {} data pages, {} zero pages, {} sync rounds, memory beyond guest RAM {:.1} MiB",
         bytesize::ByteSize(stats.bytes),
@@ -350,6 +353,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Send(a) => run_send(a),
         Cmd::Receive(a) => run_receive(a),
         Cmd::Bench(a) => bench::run(a),
+        Cmd::Demo(a) => demo::run(a),
         Cmd::Inspect { path } => inspect::run(&path),
         Cmd::GenImage { path, size, seed } => {
             image::generate(&path, size.as_u64(), image::Mix::default(), seed)
