@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result, bail};
 use clap::Args;
 use multifd::ram::{Access, IoVec, RamBlock};
 use multifd::transport::{Connection, Listener, Uri};
@@ -92,7 +92,13 @@ fn nonzero_pages(block: &RamBlock) -> Result<Vec<u64>> {
 
 /// Sends `pages` of `src` into the same offsets of `dst` over `n`
 /// connections with plain vectored I/O; returns the elapsed time.
-fn raw_blast(uri: &Uri, src: &RamBlock, dst: &RamBlock, pages: &[u64], n: usize) -> Result<Duration> {
+fn raw_blast(
+    uri: &Uri,
+    src: &RamBlock,
+    dst: &RamBlock,
+    pages: &[u64],
+    n: usize,
+) -> Result<Duration> {
     let listener = Listener::bind(uri)?;
     let uri = listener.local_uri()?;
     let share = pages.len().div_ceil(n);
@@ -106,8 +112,10 @@ fn raw_blast(uri: &Uri, src: &RamBlock, dst: &RamBlock, pages: &[u64], n: usize)
             writers.push(s.spawn(move || -> Result<()> {
                 let mut c = Connection::connect(uri, Duration::from_secs(5))?;
                 for batch in chunk.chunks(256) {
-                    let mut iovs: Vec<IoVec<'_>> =
-                        batch.iter().map(|&o| src.page_iov(o)).collect::<multifd::Result<_>>()?;
+                    let mut iovs: Vec<IoVec<'_>> = batch
+                        .iter()
+                        .map(|&o| src.page_iov(o))
+                        .collect::<multifd::Result<_>>()?;
                     c.writev_all(&mut iovs)?;
                 }
                 Ok(())
@@ -139,8 +147,10 @@ fn raw_blast(uri: &Uri, src: &RamBlock, dst: &RamBlock, pages: &[u64], n: usize)
                     .context("raw blast: unknown first page")?;
                 dst.write_page(chunks[idx][0], &first)?;
                 for batch in chunks[idx][1..].chunks(256) {
-                    let mut iovs: Vec<IoVec<'_>> =
-                        batch.iter().map(|&o| dst.page_iov_mut(o)).collect::<multifd::Result<_>>()?;
+                    let mut iovs: Vec<IoVec<'_>> = batch
+                        .iter()
+                        .map(|&o| dst.page_iov_mut(o))
+                        .collect::<multifd::Result<_>>()?;
                     if !c.readv_exact(&mut iovs)? {
                         bail!("raw blast: connection closed early");
                     }
@@ -149,7 +159,8 @@ fn raw_blast(uri: &Uri, src: &RamBlock, dst: &RamBlock, pages: &[u64], n: usize)
             }));
         }
         for h in writers.into_iter().chain(handles) {
-            h.join().map_err(|_| anyhow::anyhow!("raw blast thread panicked"))??;
+            h.join()
+                .map_err(|_| anyhow::anyhow!("raw blast thread panicked"))??;
         }
         Ok(())
     })?;
@@ -162,7 +173,7 @@ struct MigrationRun {
     recv_rss_mib: f64,
 }
 
-fn migrate_once(args: &BenchArgs, uri: &Uri, src: &PathBuf, dst: &PathBuf) -> Result<MigrationRun> {
+fn migrate_once(args: &BenchArgs, uri: &Uri, src: &std::path::Path, dst: &std::path::Path) -> Result<MigrationRun> {
     let exe = std::env::current_exe().context("finding this binary")?;
     let common = |cmd: &mut Command| {
         cmd.args(["--channels", &args.channels.to_string()])
@@ -172,9 +183,16 @@ fn migrate_once(args: &BenchArgs, uri: &Uri, src: &PathBuf, dst: &PathBuf) -> Re
             .stderr(Stdio::piped());
     };
     let mut recv = Command::new(&exe);
-    recv.args(["receive", "--listen", &uri.to_string(), "--accept-timeout", "30", "--prefault"])
-        .arg("--ram")
-        .arg(format!("m0={}", dst.display()));
+    recv.args([
+        "receive",
+        "--listen",
+        &uri.to_string(),
+        "--accept-timeout",
+        "30",
+        "--prefault",
+    ])
+    .arg("--ram")
+    .arg(format!("m0={}", dst.display()));
     common(&mut recv);
     let mut recv = recv.spawn().context("starting the receiver")?;
     // Its destination RAM is mapped and pre-faulted before it listens; it
@@ -197,7 +215,10 @@ fn migrate_once(args: &BenchArgs, uri: &Uri, src: &PathBuf, dst: &PathBuf) -> Re
     if ready_rx.recv_timeout(Duration::from_secs(60)).is_err() {
         let _ = recv.kill();
         let _ = recv.wait();
-        bail!("receiver did not start: {}", stderr_reader.join().unwrap_or_default());
+        bail!(
+            "receiver did not start: {}",
+            stderr_reader.join().unwrap_or_default()
+        );
     }
     let start = Instant::now();
     let mut send = Command::new(&exe);
@@ -211,7 +232,10 @@ fn migrate_once(args: &BenchArgs, uri: &Uri, src: &PathBuf, dst: &PathBuf) -> Re
     let seconds = start.elapsed().as_secs_f64();
     let recv_err = stderr_reader.join().unwrap_or_default();
     if !send_out.status.success() {
-        bail!("sender failed: {}", String::from_utf8_lossy(&send_out.stderr).trim());
+        bail!(
+            "sender failed: {}",
+            String::from_utf8_lossy(&send_out.stderr).trim()
+        );
     }
     if !recv_out.status.success() {
         bail!("receiver failed: {}", recv_err.trim());
@@ -322,7 +346,12 @@ pub fn run(args: BenchArgs) -> Result<()> {
         );
     }
     eprintln!("                     median s   GiB/s of data");
-    eprintln!("raw {} blast      {:>8.3}   {:>6.2}", args.transport, raw_m, gib(raw_m));
+    eprintln!(
+        "raw {} blast      {:>8.3}   {:>6.2}",
+        args.transport,
+        raw_m,
+        gib(raw_m)
+    );
     eprintln!("multifd migration    {:>8.3}   {:>6.2}", mig_m, gib(mig_m));
     eprintln!("migration throughput = {:.1}% of raw", ratio * 100.0);
     eprintln!("memory beyond guest RAM (peak): sender {s_m:.1} MiB, receiver {r_m:.1} MiB");

@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result, bail};
 use clap::Args;
 use multifd::migrate::source::{self, SourceOptions, StaticRam};
 use multifd::qemu::snapshot::FileRamProvider;
@@ -46,11 +46,19 @@ pub fn run(a: DemoArgs) -> Result<()> {
     let src_path = a.dir.join(format!("multifd-demo-{tag}-src.img"));
     let dst_path = a.dir.join(format!("multifd-demo-{tag}-dst.img"));
     let _cleanup = Cleanup(vec![src_path.clone(), dst_path.clone()]);
-    eprintln!("generating a {} guest RAM image: 40% zero, 40% compressible, 20% random pages", a.size);
+    eprintln!(
+        "generating a {} guest RAM image: 40% zero, 40% compressible, 20% random pages",
+        a.size
+    );
     image::generate(&src_path, a.size.as_u64(), image::Mix::default(), 42)?;
 
     let mut src = GuestRam::new();
-    src.push(RamBlock::open_file("m0", &src_path, Access::ReadOnly, None)?)?;
+    src.push(RamBlock::open_file(
+        "m0",
+        &src_path,
+        Access::ReadOnly,
+        None,
+    )?)?;
     let config = MigrationConfig {
         channels: a.channels,
         ..MigrationConfig::default()
@@ -75,7 +83,8 @@ pub fn run(a: DemoArgs) -> Result<()> {
     };
     let ((sent, received), rss) = crate::with_progress(false, src.total_len(), |p, _| {
         std::thread::scope(|s| {
-            let receiver = s.spawn(|| recv::receive(&listener, &ropts, &mut provider, &recv_progress));
+            let receiver =
+                s.spawn(|| recv::receive(&listener, &ropts, &mut provider, &recv_progress));
             let sent = source::migrate(&uri, &src, &mut StaticRam, &sopts, p, None);
             let received = receiver.join().expect("receiver thread");
             (sent, received)

@@ -71,7 +71,8 @@ fn corpus() -> Vec<u8> {
     for f in files {
         if let Ok(mut file) = std::fs::File::open(&f) {
             let mut buf = Vec::new();
-            let _ = std::io::Read::read_to_end(&mut std::io::Read::take(&mut file, 1 << 20), &mut buf);
+            let _ =
+                std::io::Read::read_to_end(&mut std::io::Read::take(&mut file, 1 << 20), &mut buf);
             out.extend_from_slice(&buf);
         }
         if out.len() > 64 << 20 {
@@ -79,7 +80,16 @@ fn corpus() -> Vec<u8> {
         }
     }
     if out.len() < 1 << 20 {
-        let words = ["migration ", "page ", "channel ", "qemu ", "guest ", "memory ", "sync ", "zero "];
+        let words = [
+            "migration ",
+            "page ",
+            "channel ",
+            "qemu ",
+            "guest ",
+            "memory ",
+            "sync ",
+            "zero ",
+        ];
         let mut rng = Rng::new(7);
         while out.len() < 8 << 20 {
             out.extend_from_slice(words[rng.below(words.len())].as_bytes());
@@ -90,14 +100,18 @@ fn corpus() -> Vec<u8> {
 
 /// Writes `size` bytes (a multiple of 4096) of image to `path`.
 pub fn generate(path: &Path, size: u64, mix: Mix, seed: u64) -> Result<()> {
-    anyhow::ensure!(size > 0 && size % PAGE as u64 == 0, "size must be a multiple of 4096");
+    anyhow::ensure!(
+        size > 0 && size % PAGE as u64 == 0,
+        "size must be a multiple of 4096"
+    );
     let corpus = corpus();
     let mut rng = Rng::new(seed);
     let mut random = vec![0u8; 64 << 20];
     for chunk in random.chunks_exact_mut(8) {
         chunk.copy_from_slice(&rng.next_u64().to_le_bytes());
     }
-    let file = std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
+    let file =
+        std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
     let mut out = BufWriter::with_capacity(4 << 20, file);
     let zero = [0u8; PAGE];
     for _ in 0..size / PAGE as u64 {
@@ -120,7 +134,8 @@ pub fn generate(path: &Path, size: u64, mix: Mix, seed: u64) -> Result<()> {
 
 /// Fills `size` bytes of `path` with zeros (pre-faults a destination file).
 pub fn zero_file(path: &Path, size: u64) -> Result<()> {
-    let file = std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
+    let file =
+        std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
     let mut out = BufWriter::with_capacity(16 << 20, file);
     let chunk = vec![0u8; 16 << 20];
     let mut left = size;

@@ -3,12 +3,13 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result, bail};
 use multifd_wire::packet::{
-    CommonHeader, DeviceStateHeader, InitPacket, PacketKind, RamPacketHeader, COMMON_HEADER_SIZE,
-    DEVICE_STATE_HEADER_SIZE, INIT_PACKET_SIZE, MULTIFD_MAGIC, RAM_PACKET_HEADER_SIZE,
+    COMMON_HEADER_SIZE, CommonHeader, DEVICE_STATE_HEADER_SIZE, DeviceStateHeader,
+    INIT_PACKET_SIZE, InitPacket, MULTIFD_MAGIC, PacketKind, RAM_PACKET_HEADER_SIZE,
+    RamPacketHeader,
 };
-use multifd_wire::stream::{check_tail, Decoded, Decoder, Event, QEVM_MAGIC};
+use multifd_wire::stream::{Decoded, Decoder, Event, QEVM_MAGIC, check_tail};
 
 /// Prints a summary of `path`.
 pub fn run(path: &Path) -> Result<()> {
@@ -30,7 +31,10 @@ fn snapshot(dir: &Path) -> Result<()> {
     let m = multifd::qemu::snapshot::load_manifest(dir)?;
     println!("snapshot {} (format {})", dir.display(), m.format);
     println!("  machine: {}", m.machine);
-    println!("  ram section id: {}, switchover-start: {}", m.ram_section_id, m.switchover_start);
+    println!(
+        "  ram section id: {}, switchover-start: {}",
+        m.ram_section_id, m.switchover_start
+    );
     for b in &m.ram_blocks {
         let path = dir.join(&b.file);
         let allocated = std::fs::metadata(&path)
@@ -46,7 +50,11 @@ fn snapshot(dir: &Path) -> Result<()> {
     }
     let prefix = std::fs::read(dir.join(&m.prefix)).unwrap_or_default();
     let tail = std::fs::read(dir.join(&m.tail)).unwrap_or_default();
-    println!("  stream prefix: {} bytes, device-state tail: {} bytes", prefix.len(), tail.len());
+    println!(
+        "  stream prefix: {} bytes, device-state tail: {} bytes",
+        prefix.len(),
+        tail.len()
+    );
     if let Ok(Some(json)) = check_tail(&tail) {
         vmdesc_summary(json);
     }
@@ -85,7 +93,12 @@ fn main_stream(bytes: &[u8]) -> Result<()> {
                 let key = match &event {
                     Event::Header => "header",
                     Event::Configuration(c) => {
-                        println!("  configuration: machine {:?}, capabilities {:?}, uuid {}", c.machine, c.capabilities, c.uuid.is_some());
+                        println!(
+                            "  configuration: machine {:?}, capabilities {:?}, uuid {}",
+                            c.machine,
+                            c.capabilities,
+                            c.uuid.is_some()
+                        );
                         "configuration"
                     }
                     Event::RamStart { .. } => "ram START",
@@ -142,19 +155,26 @@ fn multifd_channel(bytes: &[u8]) -> Result<()> {
         multifd::config::format_uuid(&init.uuid)
     );
     let mut pos = INIT_PACKET_SIZE;
-    let (mut packets, mut syncs, mut normal, mut zero, mut payload) = (0u64, 0u64, 0u64, 0u64, 0u64);
+    let (mut packets, mut syncs, mut normal, mut zero, mut payload) =
+        (0u64, 0u64, 0u64, 0u64, 0u64);
     let mut methods = BTreeMap::new();
     let mut blocks = BTreeMap::new();
     while pos + COMMON_HEADER_SIZE <= bytes.len() {
-        let common = CommonHeader::decode(&bytes[pos..]).with_context(|| format!("packet at byte {pos}"))?;
+        let common =
+            CommonHeader::decode(&bytes[pos..]).with_context(|| format!("packet at byte {pos}"))?;
         match common.kind() {
             PacketKind::DeviceState => {
-                let h = DeviceStateHeader::decode(&bytes[pos..]).with_context(|| format!("device state at byte {pos}"))?;
-                println!("  device state for {:?}/{}: {} bytes", h.idstr, h.instance_id, h.next_packet_size);
+                let h = DeviceStateHeader::decode(&bytes[pos..])
+                    .with_context(|| format!("device state at byte {pos}"))?;
+                println!(
+                    "  device state for {:?}/{}: {} bytes",
+                    h.idstr, h.instance_id, h.next_packet_size
+                );
                 pos += DEVICE_STATE_HEADER_SIZE + h.next_packet_size as usize;
             }
             PacketKind::Ram => {
-                let h = RamPacketHeader::decode(&bytes[pos..]).with_context(|| format!("packet at byte {pos}"))?;
+                let h = RamPacketHeader::decode(&bytes[pos..])
+                    .with_context(|| format!("packet at byte {pos}"))?;
                 packets += 1;
                 syncs += u64::from(h.is_sync());
                 normal += u64::from(h.normal_pages);
@@ -168,7 +188,9 @@ fn multifd_channel(bytes: &[u8]) -> Result<()> {
             }
         }
     }
-    println!("  packets: {packets} ({syncs} SYNC), pages: {normal} data + {zero} zero, payload {payload} bytes");
+    println!(
+        "  packets: {packets} ({syncs} SYNC), pages: {normal} data + {zero} zero, payload {payload} bytes"
+    );
     println!("  methods: {methods:?}");
     println!("  pages per block: {blocks:?}");
     if pos != bytes.len() {

@@ -14,11 +14,11 @@ use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use multifd::migrate::source::{self, SourceOptions, StaticRam};
-use multifd::qemu::snapshot::{self, FileRamProvider};
 use multifd::qemu::StreamPlan;
+use multifd::qemu::snapshot::{self, FileRamProvider};
 use multifd::ram::{Access, GuestRam, RamBlock};
 use multifd::recv::{self, ReceiveOptions};
 use multifd::transport::{Listener, Uri};
@@ -284,9 +284,10 @@ fn run_send(a: SendArgs) -> Result<()> {
         plan,
         ..SourceOptions::default()
     };
-    let (result, rss_mib) = with_progress(a.common.quiet || a.common.json, ram.total_len(), |p, _| {
-        source::migrate(&uri, &ram, &mut StaticRam, &opts, p, None)
-    });
+    let (result, rss_mib) =
+        with_progress(a.common.quiet || a.common.json, ram.total_len(), |p, _| {
+            source::migrate(&uri, &ram, &mut StaticRam, &opts, p, None)
+        });
     let stats = result.with_context(|| format!("migrating to {uri}"))?;
     if a.common.json {
         print_json("send", &stats, &config, rss_mib);

@@ -9,9 +9,8 @@ static BASELINE_KIB: OnceLock<u64> = OnceLock::new();
 
 /// Records the baseline; call first thing in `main`.
 pub fn record_baseline() {
-    BASELINE_KIB.get_or_init(|| {
-        status_kib("RssFile:").unwrap_or(0) + status_kib("RssShmem:").unwrap_or(0)
-    });
+    BASELINE_KIB
+        .get_or_init(|| status_kib("RssFile:").unwrap_or(0) + status_kib("RssShmem:").unwrap_or(0));
 }
 
 /// Peak resident memory beyond guest RAM, sampled while a migration runs.

@@ -77,9 +77,25 @@ fn same_file(a: &Path, b: &Path) -> bool {
 }
 
 /// Runs receive + send with the same extra flags; returns both outputs.
-fn migrate(uri: &str, src: &Path, dst_ram: &[String], recv_extra: &[&str], send_extra: &[&str]) -> (Output, Output) {
-    let mut rargs = vec!["receive", "--listen", uri, "--json", "--accept-timeout", "20"];
-    let ram_flags: Vec<String> = dst_ram.iter().flat_map(|r| ["--ram".to_string(), r.clone()]).collect();
+fn migrate(
+    uri: &str,
+    src: &Path,
+    dst_ram: &[String],
+    recv_extra: &[&str],
+    send_extra: &[&str],
+) -> (Output, Output) {
+    let mut rargs = vec![
+        "receive",
+        "--listen",
+        uri,
+        "--json",
+        "--accept-timeout",
+        "20",
+    ];
+    let ram_flags: Vec<String> = dst_ram
+        .iter()
+        .flat_map(|r| ["--ram".to_string(), r.clone()])
+        .collect();
     rargs.extend(ram_flags.iter().map(String::as_str));
     rargs.extend_from_slice(recv_extra);
     let recv = Proc::spawn(&rargs);
@@ -121,8 +137,12 @@ fn every_channel_count_over_tcp_and_unix_is_byte_identical() {
             );
             assert_ok(&s, "sender");
             assert_ok(&r, "receiver");
-            assert!(same_file(&src, &dst), "{transport} {ch} channels: RAM differs");
-            let stats: serde_json::Value = serde_json::from_slice(&r.stdout).expect("receiver JSON");
+            assert!(
+                same_file(&src, &dst),
+                "{transport} {ch} channels: RAM differs"
+            );
+            let stats: serde_json::Value =
+                serde_json::from_slice(&r.stdout).expect("receiver JSON");
             assert_eq!(stats["channels"], ch.parse::<u64>().unwrap());
             assert_eq!(
                 stats["normal_pages"].as_u64().unwrap() + stats["zero_pages"].as_u64().unwrap(),
@@ -145,18 +165,37 @@ fn every_method_and_zero_page_mode_is_byte_identical() {
                 let dst = dir.path().join("dst.img");
                 // A destination file with stale data: zero pages must overwrite it.
                 std::fs::write(&dst, vec![0xAAu8; 8 << 20]).unwrap();
-                let mut flags = vec!["--channels", "3", "--compression", comp, "--zero-page-detection", zero];
+                let mut flags = vec![
+                    "--channels",
+                    "3",
+                    "--compression",
+                    comp,
+                    "--zero-page-detection",
+                    zero,
+                ];
                 if flush {
                     flags.push("--flush-after-each-section");
                 }
-                let (s, r) = migrate(&free_tcp_uri(), &src, &[format!("m0={}", dst.display())], &flags, &flags);
+                let (s, r) = migrate(
+                    &free_tcp_uri(),
+                    &src,
+                    &[format!("m0={}", dst.display())],
+                    &flags,
+                    &flags,
+                );
                 assert_ok(&s, "sender");
                 assert_ok(&r, "receiver");
-                assert!(same_file(&src, &dst), "{comp}/{zero}/flush={flush}: RAM differs");
+                assert!(
+                    same_file(&src, &dst),
+                    "{comp}/{zero}/flush={flush}: RAM differs"
+                );
                 let stats: serde_json::Value = serde_json::from_slice(&s.stdout).unwrap();
                 let zeros = stats["zero_pages"].as_u64().unwrap();
                 match zero {
-                    "none" => assert_eq!(zeros, 0, "zero-page-detection=none sends zero pages as data"),
+                    "none" => assert_eq!(
+                        zeros, 0,
+                        "zero-page-detection=none sends zero pages as data"
+                    ),
                     _ => assert!(zeros > 0, "{zero}: zero pages detected"),
                 }
             }
@@ -172,7 +211,13 @@ fn snapshot_stores_and_replays() {
     let snap = dir.path().join("snap");
     let uri = free_tcp_uri();
     let snap_s = snap.to_str().unwrap();
-    let (s, r) = migrate(&uri, &src, &[], &["--snapshot", snap_s], &["--machine", "none"]);
+    let (s, r) = migrate(
+        &uri,
+        &src,
+        &[],
+        &["--snapshot", snap_s],
+        &["--machine", "none"],
+    );
     assert_ok(&s, "sender");
     assert_ok(&r, "receiver");
     let manifest: serde_json::Value =
@@ -188,16 +233,33 @@ fn snapshot_stores_and_replays() {
     // Replay the snapshot into a second receiver.
     let dst = dir.path().join("replayed.img");
     let uri2 = free_tcp_uri();
-    let recv = Proc::spawn(&["receive", "--listen", &uri2, "--ram", &format!("m0={}", dst.display()), "--accept-timeout", "20"]);
+    let recv = Proc::spawn(&[
+        "receive",
+        "--listen",
+        &uri2,
+        "--ram",
+        &format!("m0={}", dst.display()),
+        "--accept-timeout",
+        "20",
+    ]);
     let send = Proc::spawn(&["send", "--to", &uri2, "--snapshot", snap_s]);
     assert_ok(&send.finish(Duration::from_secs(60)), "replaying sender");
-    assert_ok(&recv.finish(Duration::from_secs(60)), "receiver of the replay");
+    assert_ok(
+        &recv.finish(Duration::from_secs(60)),
+        "receiver of the replay",
+    );
     assert!(same_file(&src, &dst));
 
-    let inspect = Command::new(BIN).args(["inspect", snap_s]).output().unwrap();
+    let inspect = Command::new(BIN)
+        .args(["inspect", snap_s])
+        .output()
+        .unwrap();
     assert_ok(&inspect, "inspect");
     let text = String::from_utf8_lossy(&inspect.stdout);
-    assert!(text.contains("machine: none") && text.contains("m0"), "{text}");
+    assert!(
+        text.contains("machine: none") && text.contains("m0"),
+        "{text}"
+    );
 }
 
 fn one_line_error(out: &Output) -> String {
@@ -217,8 +279,16 @@ fn failures_exit_nonzero_with_a_one_line_cause() {
 
     // Nobody listening.
     let uri = free_tcp_uri();
-    let out = Proc::spawn(&["send", "--to", &uri, "--ram", &src_arg, "--connect-timeout", "0.3"])
-        .finish(Duration::from_secs(10));
+    let out = Proc::spawn(&[
+        "send",
+        "--to",
+        &uri,
+        "--ram",
+        &src_arg,
+        "--connect-timeout",
+        "0.3",
+    ])
+    .finish(Duration::from_secs(10));
     assert!(one_line_error(&out).contains("connecting"));
 
     // Channel counts differ: the receiver names the mismatch, both exit.
@@ -247,13 +317,21 @@ fn failures_exit_nonzero_with_a_one_line_cause() {
     assert!(one_line_error(&r).contains("mismatch"));
 
     // A block the receiver was not told about and no snapshot dir.
-    let (_s, r) = migrate(&free_tcp_uri(), &src, &[format!("other={}", dst.display())], &[], &[]);
+    let (_s, r) = migrate(
+        &free_tcp_uri(),
+        &src,
+        &[format!("other={}", dst.display())],
+        &[],
+        &[],
+    );
     assert!(one_line_error(&r).contains("other"));
 
     // Bad URIs and bad --ram syntax.
-    let out = Proc::spawn(&["send", "--to", "http://x", "--ram", &src_arg]).finish(Duration::from_secs(5));
+    let out = Proc::spawn(&["send", "--to", "http://x", "--ram", &src_arg])
+        .finish(Duration::from_secs(5));
     one_line_error(&out);
-    let out = Proc::spawn(&["receive", "--listen", "tcp:127.0.0.1:1", "--ram", "nofile"]).finish(Duration::from_secs(5));
+    let out = Proc::spawn(&["receive", "--listen", "tcp:127.0.0.1:1", "--ram", "nofile"])
+        .finish(Duration::from_secs(5));
     one_line_error(&out);
 }
 
@@ -261,7 +339,17 @@ fn failures_exit_nonzero_with_a_one_line_cause() {
 fn bench_command_runs_and_reports() {
     let dir = shm_dir();
     let out = Command::new(BIN)
-        .args(["bench", "--size", "16MiB", "--channels", "2", "--runs", "1", "--json", "--dir"])
+        .args([
+            "bench",
+            "--size",
+            "16MiB",
+            "--channels",
+            "2",
+            "--runs",
+            "1",
+            "--json",
+            "--dir",
+        ])
         .arg(dir.path())
         .output()
         .unwrap();

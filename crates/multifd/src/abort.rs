@@ -1,8 +1,8 @@
 //! The one way a migration stops early: record the first error, shut every
 //! socket down so blocked I/O returns, wake every waiter.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::error::Error;
 use crate::transport::Connection;

@@ -72,8 +72,9 @@ pub struct MigrationConfig {
     /// The destination's VM UUID: sent in every initial packet, checked by receivers.
     pub uuid: [u8; 16],
     /// How long a new connection may take to identify itself (send its first
-    /// bytes / initial packet), and how long all channels may take to arrive
-    /// once the first one did.
+    /// bytes / initial packet), how long all channels may take to arrive
+    /// once the first one did, and how long the main stream may then take
+    /// to deliver its setup (header, configuration, the `ram` block list).
     pub handshake_timeout: Duration,
     /// How long a sender retries a refused connection.
     pub connect_timeout: Duration,
@@ -98,7 +99,9 @@ impl MigrationConfig {
     pub fn validate(&self) -> crate::Result<()> {
         use crate::Error;
         if self.channels == 0 {
-            return Err(Error::Config("at least one multifd channel is needed".into()));
+            return Err(Error::Config(
+                "at least one multifd channel is needed".into(),
+            ));
         }
         match self.method.compression {
             Compression::None | Compression::Zlib | Compression::Zstd => {}

@@ -36,7 +36,12 @@ pub trait SendMethod: Send {
 pub trait RecvMethod: Send {
     /// Reads the payload described by `hdr` from `conn` and stores its
     /// normal pages into `block`, marking them received.
-    fn load(&mut self, hdr: &RamPacketHeader, block: &RamBlock, conn: &mut Connection) -> Result<()>;
+    fn load(
+        &mut self,
+        hdr: &RamPacketHeader,
+        block: &RamBlock,
+        conn: &mut Connection,
+    ) -> Result<()>;
 }
 
 /// A sending method for one channel.
@@ -64,18 +69,17 @@ pub fn new_recv(cfg: &MethodConfig, channel: u8) -> Result<Box<dyn RecvMethod>> 
 }
 
 /// Reads a compressed payload of `hdr.next_packet_size` bytes into `buf`.
-fn read_payload(
-    conn: &mut Connection,
-    channel: u8,
-    size: u32,
-    buf: &mut Vec<u8>,
-) -> Result<()> {
+fn read_payload(conn: &mut Connection, channel: u8, size: u32, buf: &mut Vec<u8>) -> Result<()> {
     buf.resize(size as usize, 0);
     match conn.read_exact_or_eof(buf) {
         Ok(true) => Ok(()),
         Ok(false) => Err(crate::Error::PeerClosed {
             endpoint: crate::error::Endpoint::Channel(channel),
             when: "after a packet header",
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Err(crate::Error::PeerClosed {
+            endpoint: crate::error::Endpoint::Channel(channel),
+            when: "inside a packet payload",
         }),
         Err(e) => Err(crate::Error::io(
             format!("multifd channel {channel}: reading packet payload"),

@@ -40,7 +40,12 @@ impl NoCompRecv {
 }
 
 impl RecvMethod for NoCompRecv {
-    fn load(&mut self, hdr: &RamPacketHeader, block: &RamBlock, conn: &mut Connection) -> Result<()> {
+    fn load(
+        &mut self,
+        hdr: &RamPacketHeader,
+        block: &RamBlock,
+        conn: &mut Connection,
+    ) -> Result<()> {
         let mut iovs = Vec::with_capacity(hdr.normal().len());
         for &off in hdr.normal() {
             iovs.push(block.page_iov_mut(off)?);
@@ -52,6 +57,12 @@ impl RecvMethod for NoCompRecv {
                 return Err(Error::PeerClosed {
                     endpoint: Endpoint::Channel(self.channel),
                     when: "after a packet header",
+                });
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                return Err(Error::PeerClosed {
+                    endpoint: Endpoint::Channel(self.channel),
+                    when: "inside a packet payload",
                 });
             }
             Err(e) => {

@@ -2,8 +2,10 @@
 
 use std::os::unix::net::UnixStream;
 
-use multifd_wire::packet::{Compression, RamPacketEncoder, RamPacketHeader, RAM_PACKET_HEADER_SIZE};
 use multifd_wire::PAGE_SIZE;
+use multifd_wire::packet::{
+    Compression, RAM_PACKET_HEADER_SIZE, RamPacketEncoder, RamPacketHeader,
+};
 
 use super::*;
 use crate::ram::RamBlock;
@@ -13,7 +15,10 @@ fn fill(block: &RamBlock, seed: u8) {
         let mut page = [0u8; PAGE_SIZE];
         match p % 3 {
             0 => {}
-            1 => page.iter_mut().enumerate().for_each(|(i, b)| *b = (i % 7) as u8 ^ seed),
+            1 => page
+                .iter_mut()
+                .enumerate()
+                .for_each(|(i, b)| *b = (i % 7) as u8 ^ seed),
             _ => page.iter_mut().enumerate().for_each(|(i, b)| {
                 *b = ((i as u64 * 2_654_435_761 + p * 97 + u64::from(seed)) >> 7) as u8
             }),

@@ -4,10 +4,10 @@
 //! ends in `00 00 ff ff` and decodes given the packets before it.
 
 use flate2::{Compress, Compression as Level, Decompress, FlushCompress, FlushDecompress, Status};
-use multifd_wire::packet::{Compression, RamPacketHeader, MAX_COMPRESSED_PAYLOAD};
 use multifd_wire::PAGE_SIZE;
+use multifd_wire::packet::{Compression, MAX_COMPRESSED_PAYLOAD, RamPacketHeader};
 
-use super::{read_payload, RecvMethod, SendMethod};
+use super::{RecvMethod, SendMethod, read_payload};
 use crate::error::{Endpoint, Error, Result};
 use crate::ram::{IoVec, RamBlock};
 use crate::transport::Connection;
@@ -110,7 +110,12 @@ impl ZlibRecv {
 }
 
 impl RecvMethod for ZlibRecv {
-    fn load(&mut self, hdr: &RamPacketHeader, block: &RamBlock, conn: &mut Connection) -> Result<()> {
+    fn load(
+        &mut self,
+        hdr: &RamPacketHeader,
+        block: &RamBlock,
+        conn: &mut Connection,
+    ) -> Result<()> {
         read_payload(conn, self.channel, hdr.next_packet_size, &mut self.buf)?;
         let mut pos = 0usize;
         for &off in hdr.normal() {
@@ -119,7 +124,11 @@ impl RecvMethod for ZlibRecv {
                 let (in0, out0) = (self.z.total_in(), self.z.total_out());
                 let status = self
                     .z
-                    .decompress(&self.buf[pos..], &mut self.page[filled..], FlushDecompress::Sync)
+                    .decompress(
+                        &self.buf[pos..],
+                        &mut self.page[filled..],
+                        FlushDecompress::Sync,
+                    )
                     .map_err(|e| self.corrupt(e.to_string()))?;
                 let used = (self.z.total_in() - in0) as usize;
                 let made = (self.z.total_out() - out0) as usize;

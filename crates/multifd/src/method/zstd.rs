@@ -2,11 +2,11 @@
 //! never ended; pages are fed with "continue" and each packet ends with a
 //! flush, so a packet decodes given the packets before it.
 
-use multifd_wire::packet::{Compression, RamPacketHeader, MAX_COMPRESSED_PAYLOAD};
 use multifd_wire::PAGE_SIZE;
+use multifd_wire::packet::{Compression, MAX_COMPRESSED_PAYLOAD, RamPacketHeader};
 use zstd::stream::raw::{Decoder, Encoder, InBuffer, Operation, OutBuffer};
 
-use super::{read_payload, RecvMethod, SendMethod};
+use super::{RecvMethod, SendMethod, read_payload};
 use crate::error::{Endpoint, Error, Result};
 use crate::ram::{IoVec, RamBlock};
 use crate::transport::Connection;
@@ -106,7 +106,12 @@ fn corrupt(channel: u8, reason: impl Into<String>) -> Error {
 }
 
 impl RecvMethod for ZstdRecv {
-    fn load(&mut self, hdr: &RamPacketHeader, block: &RamBlock, conn: &mut Connection) -> Result<()> {
+    fn load(
+        &mut self,
+        hdr: &RamPacketHeader,
+        block: &RamBlock,
+        conn: &mut Connection,
+    ) -> Result<()> {
         read_payload(conn, self.channel, hdr.next_packet_size, &mut self.buf)?;
         let mut input = InBuffer::around(&self.buf[..]);
         for &off in hdr.normal() {
@@ -118,10 +123,13 @@ impl RecvMethod for ZstdRecv {
                     .run(&mut input, &mut out)
                     .map_err(|e| corrupt(channel, e.to_string()))?;
                 if (input.pos(), out.pos()) == before {
-                    return Err(corrupt(channel, format!(
-                        "payload of {} bytes ends inside page {off:#x}",
-                        hdr.next_packet_size
-                    )));
+                    return Err(corrupt(
+                        channel,
+                        format!(
+                            "payload of {} bytes ends inside page {off:#x}",
+                            hdr.next_packet_size
+                        ),
+                    ));
                 }
             }
             block.write_page(off, &self.page[..])?;

@@ -16,9 +16,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::bounded;
-use multifd_wire::packet::{InitPacket, PAGES_PER_PACKET};
-use multifd_wire::stream::{self, encode, Command, Configuration};
 use multifd_wire::PAGE_SIZE_U64;
+use multifd_wire::packet::{InitPacket, PAGES_PER_PACKET};
+use multifd_wire::stream::{self, Command, Configuration, encode};
 
 use crate::abort::Abort;
 use crate::config::{FlushMode, MigrationConfig, ZeroPageDetection};
@@ -158,7 +158,9 @@ pub fn migrate(
         };
         let driven = driver.run(vm);
         // Closing the queues lets the channels drain and end.
-        let Driver { dispatcher, main, .. } = driver;
+        let Driver {
+            dispatcher, main, ..
+        } = driver;
         drop(dispatcher);
         if let Err(e) = driven {
             abort.fail(e);
@@ -176,9 +178,7 @@ pub fn migrate(
         Ok(())
     });
     abort.close_sockets();
-    if let Err(e) = result {
-        return Err(e);
-    }
+    result?;
     if let Some(e) = abort.take_error() {
         return Err(e);
     }
@@ -259,8 +259,8 @@ impl Driver<'_> {
             dirty.iter_mut().for_each(Vec::clear);
             vm.collect_dirty(self.ram, &mut dirty)?;
             let count: usize = dirty.iter().map(Vec::len).sum();
-            let fits = (count as f64)
-                <= last_rate_pages_per_s * self.opts.downtime_limit.as_secs_f64();
+            let fits =
+                (count as f64) <= last_rate_pages_per_s * self.opts.downtime_limit.as_secs_f64();
             if count == 0 || fits || rounds >= self.opts.max_rounds {
                 break;
             }
@@ -328,7 +328,9 @@ impl Driver<'_> {
             None => self.ram.total_pages(),
             Some(d) => d.iter().map(|v| v.len() as u64).sum(),
         };
-        self.progress.planned_pages.store(planned, Ordering::Relaxed);
+        self.progress
+            .planned_pages
+            .store(planned, Ordering::Relaxed);
         for (b, block) in ram.blocks().iter().enumerate() {
             let mut batch = Vec::with_capacity(PAGES_PER_PACKET);
             let mut push = |this: &mut Self, off: u64| -> Result<()> {
@@ -348,7 +350,8 @@ impl Driver<'_> {
                 batch.push(off);
                 if batch.len() == PAGES_PER_PACKET {
                     this.check_cancel()?;
-                    let offsets = std::mem::replace(&mut batch, Vec::with_capacity(PAGES_PER_PACKET));
+                    let offsets =
+                        std::mem::replace(&mut batch, Vec::with_capacity(PAGES_PER_PACKET));
                     this.dispatcher.dispatch(Job::Pages { block: b, offsets })?;
                 }
                 Ok(())

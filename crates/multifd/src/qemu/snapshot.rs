@@ -58,7 +58,13 @@ pub struct Manifest {
 fn file_name_for(idstr: &str) -> String {
     let safe: String = idstr
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || "._-".contains(c) { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "._-".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect();
     format!("{safe}.ram")
 }
@@ -157,14 +163,21 @@ impl RamProvider for FileRamProvider {
 pub fn store(dir: &Path, incoming: &Incoming) -> Result<Manifest> {
     let ctx = |what: &str| format!("writing {what} in {}", dir.display());
     std::fs::create_dir_all(dir).map_err(|e| Error::io(ctx("the directory"), e))?;
-    let canon = dir.canonicalize().map_err(|e| Error::io(ctx("the directory"), e))?;
+    let canon = dir
+        .canonicalize()
+        .map_err(|e| Error::io(ctx("the directory"), e))?;
     let mut blocks = Vec::new();
     for b in incoming.ram.blocks() {
         let path = b
             .path()
             .ok_or_else(|| Error::Config(format!("block {:?} has no file", b.name())))?;
-        let abs = path.canonicalize().map_err(|e| Error::io(ctx("a block path"), e))?;
-        let file = abs.strip_prefix(&canon).map(Path::to_path_buf).unwrap_or(abs);
+        let abs = path
+            .canonicalize()
+            .map_err(|e| Error::io(ctx("a block path"), e))?;
+        let file = abs
+            .strip_prefix(&canon)
+            .map(Path::to_path_buf)
+            .unwrap_or(abs);
         blocks.push(ManifestBlock {
             idstr: b.name().to_owned(),
             length: b.len(),
@@ -172,8 +185,10 @@ pub fn store(dir: &Path, incoming: &Incoming) -> Result<Manifest> {
             file,
         });
     }
-    std::fs::write(dir.join("prefix.bin"), &incoming.prefix).map_err(|e| Error::io(ctx("prefix.bin"), e))?;
-    std::fs::write(dir.join("tail.bin"), &incoming.tail).map_err(|e| Error::io(ctx("tail.bin"), e))?;
+    std::fs::write(dir.join("prefix.bin"), &incoming.prefix)
+        .map_err(|e| Error::io(ctx("prefix.bin"), e))?;
+    std::fs::write(dir.join("tail.bin"), &incoming.tail)
+        .map_err(|e| Error::io(ctx("tail.bin"), e))?;
     let manifest = Manifest {
         format: FORMAT,
         machine: incoming.configuration.machine.clone(),
@@ -184,14 +199,16 @@ pub fn store(dir: &Path, incoming: &Incoming) -> Result<Manifest> {
         tail: "tail.bin".into(),
     };
     let json = serde_json::to_vec_pretty(&manifest).expect("manifest serialises");
-    std::fs::write(dir.join("manifest.json"), json).map_err(|e| Error::io(ctx("manifest.json"), e))?;
+    std::fs::write(dir.join("manifest.json"), json)
+        .map_err(|e| Error::io(ctx("manifest.json"), e))?;
     Ok(manifest)
 }
 
 /// Reads a snapshot's manifest.
 pub fn load_manifest(dir: &Path) -> Result<Manifest> {
     let path = dir.join("manifest.json");
-    let bytes = std::fs::read(&path).map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
+    let bytes =
+        std::fs::read(&path).map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
     let m: Manifest = serde_json::from_slice(&bytes)
         .map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
     if m.format != FORMAT {
@@ -206,7 +223,12 @@ pub fn open(dir: &Path) -> Result<(GuestRam, StreamPlan, Manifest)> {
     let mut ram = GuestRam::new();
     for b in &m.ram_blocks {
         let path = dir.join(&b.file);
-        ram.push(RamBlock::open_file(&b.idstr, &path, Access::ReadOnly, Some(b.length))?)?;
+        ram.push(RamBlock::open_file(
+            &b.idstr,
+            &path,
+            Access::ReadOnly,
+            Some(b.length),
+        )?)?;
     }
     let read = |p: &Path| {
         let path = dir.join(p);

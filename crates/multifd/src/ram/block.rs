@@ -4,8 +4,8 @@
 use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
 
-use vm_memory::mmap::MmapRegion;
 use vm_memory::FileOffset;
+use vm_memory::mmap::MmapRegion;
 
 use super::iov::IoVec;
 use super::received::ReceivedBitmap;
@@ -73,7 +73,14 @@ impl RamBlock {
             name: name.to_owned(),
             reason: e.to_string(),
         })?;
-        Ok(Self::from_region(name, len, region, Access::ReadWrite, true, None))
+        Ok(Self::from_region(
+            name,
+            len,
+            region,
+            Access::ReadWrite,
+            true,
+            None,
+        ))
     }
 
     /// Maps an existing file of exactly `len` bytes (or any length when
@@ -312,10 +319,8 @@ impl RamBlock {
     pub fn apply_zero_page(&self, offset: u64) -> Result<()> {
         self.check_page(offset)?;
         let seen_before = self.received.set(offset / PAGE_SIZE_U64);
-        if seen_before || !self.starts_zeroed {
-            if !self.is_zero_page(offset)? {
-                self.zero_page(offset)?;
-            }
+        if (seen_before || !self.starts_zeroed) && !self.is_zero_page(offset)? {
+            self.zero_page(offset)?;
         }
         Ok(())
     }
@@ -371,7 +376,9 @@ impl RamBlock {
     pub fn copy_from(&self, src: &RamBlock) -> Result<()> {
         self.check_writable()?;
         if src.len != self.len {
-            return Err(Error::Config("copy between blocks of different length".into()));
+            return Err(Error::Config(
+                "copy between blocks of different length".into(),
+            ));
         }
         // SAFETY:
         // - both ranges are whole mappings of `len` bytes, the destination writable;
@@ -426,7 +433,11 @@ fn page_is_zero(page: *const u8) -> bool {
             // SAFETY: source is 256 bytes inside the mapped page; the
             // destination is a private 256-byte buffer; no overlap.
             unsafe {
-                std::ptr::copy_nonoverlapping(page.add(i * 256), chunk.as_mut_ptr().cast::<u8>(), 256);
+                std::ptr::copy_nonoverlapping(
+                    page.add(i * 256),
+                    chunk.as_mut_ptr().cast::<u8>(),
+                    256,
+                );
             }
             if chunk.iter().fold(0, |acc, w| acc | w) != 0 {
                 return false;

@@ -9,12 +9,12 @@
 
 use std::time::{Duration, Instant};
 
-use multifd_wire::packet::{InitPacket, INIT_PACKET_SIZE, MULTIFD_MAGIC};
-use multifd_wire::stream::QEVM_MAGIC;
 use multifd_wire::WireError;
+use multifd_wire::packet::{INIT_PACKET_SIZE, InitPacket, MULTIFD_MAGIC};
+use multifd_wire::stream::QEVM_MAGIC;
 
 use crate::abort::Abort;
-use crate::config::{format_uuid, MigrationConfig};
+use crate::config::{MigrationConfig, format_uuid};
 use crate::error::{Endpoint, Error, Result};
 use crate::transport::{Connection, Listener};
 
@@ -27,14 +27,24 @@ pub(crate) struct Accepted {
     pub(crate) channels: Vec<Connection>,
 }
 
-fn read_handshake(conn: &mut Connection, buf: &mut [u8], timeout: Duration, who: Endpoint) -> Result<()> {
+fn read_handshake(
+    conn: &mut Connection,
+    buf: &mut [u8],
+    timeout: Duration,
+    who: Endpoint,
+) -> Result<()> {
     match conn.read_exact_or_eof(buf) {
         Ok(true) => Ok(()),
         Ok(false) => Err(Error::PeerClosed {
             endpoint: who,
             when: "before identifying itself",
         }),
-        Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) =>
+        {
             Err(Error::HandshakeTimeout {
                 endpoint: who,
                 timeout_ms: timeout.as_millis() as u64,
@@ -70,7 +80,11 @@ pub(crate) fn accept_all(
         };
         let Some(mut conn) = listener.accept(wait)? else {
             return Err(Error::HandshakeTimeout {
-                endpoint: if main.is_none() { Endpoint::Main } else { Endpoint::Unclassified },
+                endpoint: if main.is_none() {
+                    Endpoint::Main
+                } else {
+                    Endpoint::Unclassified
+                },
                 timeout_ms: wait.unwrap_or_default().as_millis() as u64,
             });
         };
@@ -102,7 +116,16 @@ pub(crate) fn accept_all(
         }
         let mut init = [0u8; INIT_PACKET_SIZE];
         init[..4].copy_from_slice(&head);
-        read_handshake(&mut conn, &mut init[4..], hs, Endpoint::Unclassified)?;
+        read_handshake(&mut conn, &mut init[4..], hs, Endpoint::Unclassified).map_err(
+            |e| match e {
+                // It did identify itself (multifd magic), then closed.
+                Error::PeerClosed { endpoint, .. } => Error::PeerClosed {
+                    endpoint,
+                    when: "in the middle of its handshake",
+                },
+                e => e,
+            },
+        )?;
         let pkt = InitPacket::decode(&init).map_err(|e| Error::wire(Endpoint::Unclassified, e))?;
         if pkt.uuid != cfg.uuid {
             return Err(Error::UuidMismatch {
@@ -134,7 +157,10 @@ pub(crate) fn accept_all(
     Ok(Accepted {
         main,
         main_head,
-        channels: channels.into_iter().map(|c| c.expect("all present")).collect(),
+        channels: channels
+            .into_iter()
+            .map(|c| c.expect("all present"))
+            .collect(),
     })
 }
 

@@ -1,8 +1,8 @@
 //! One receiving channel thread (QEMU's `multifd_recv_thread()`).
 
 use multifd_wire::packet::{
-    CommonHeader, DeviceStateHeader, PacketKind, RamPacketHeader, COMMON_HEADER_SIZE,
-    DEVICE_STATE_HEADER_SIZE, RAM_PACKET_HEADER_SIZE,
+    COMMON_HEADER_SIZE, CommonHeader, DEVICE_STATE_HEADER_SIZE, DeviceStateHeader, PacketKind,
+    RAM_PACKET_HEADER_SIZE, RamPacketHeader,
 };
 
 use crate::barrier::SyncBarrier;
@@ -32,11 +32,15 @@ impl RecvChannel<'_> {
         let ep = self.endpoint();
         match self.conn.read_exact_or_eof(buf) {
             Ok(v) => Ok(v),
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Err(Error::PeerClosed {
-                endpoint: ep,
-                when,
-            }),
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                Err(Error::PeerClosed { endpoint: ep, when })
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
                 Err(Error::PeerClosed {
                     endpoint: ep,
                     when: "(stopped sending and did not close after the main stream ended)",
@@ -60,8 +64,14 @@ impl RecvChannel<'_> {
                 PacketKind::DeviceState => {
                     let mut rest = [0u8; DEVICE_STATE_HEADER_SIZE];
                     rest[..COMMON_HEADER_SIZE].copy_from_slice(&header[..COMMON_HEADER_SIZE]);
-                    if !self.read(&mut rest[COMMON_HEADER_SIZE..], "inside a device-state header")? {
-                        return Err(Error::PeerClosed { endpoint: ep, when: "inside a device-state header" });
+                    if !self.read(
+                        &mut rest[COMMON_HEADER_SIZE..],
+                        "inside a device-state header",
+                    )? {
+                        return Err(Error::PeerClosed {
+                            endpoint: ep,
+                            when: "inside a device-state header",
+                        });
                     }
                     let ds = DeviceStateHeader::decode(&rest).map_err(|e| Error::wire(ep, e))?;
                     return Err(Error::Unsupported(format!(
@@ -72,11 +82,16 @@ impl RecvChannel<'_> {
                 PacketKind::Ram => {}
             }
             if !self.read(&mut header[COMMON_HEADER_SIZE..], "inside a packet header")? {
-                return Err(Error::PeerClosed { endpoint: ep, when: "inside a packet header" });
+                return Err(Error::PeerClosed {
+                    endpoint: ep,
+                    when: "inside a packet header",
+                });
             }
             let hdr = RamPacketHeader::decode(&header).map_err(|e| Error::wire(ep, e))?;
-            self.progress
-                .add(&self.progress.bytes, (RAM_PACKET_HEADER_SIZE as u64) + u64::from(hdr.next_packet_size));
+            self.progress.add(
+                &self.progress.bytes,
+                (RAM_PACKET_HEADER_SIZE as u64) + u64::from(hdr.next_packet_size),
+            );
             if hdr.page_count() > 0 {
                 if hdr.compression != self.method_cfg.compression {
                     return Err(Error::Mismatch(format!(
@@ -84,18 +99,23 @@ impl RecvChannel<'_> {
                         hdr.compression, self.method_cfg.compression
                     )));
                 }
-                let block = self.ram.get(&hdr.ramblock).ok_or_else(|| Error::UnknownBlock {
-                    endpoint: ep,
-                    name: hdr.ramblock.clone(),
-                })?;
+                let block = self
+                    .ram
+                    .get(&hdr.ramblock)
+                    .ok_or_else(|| Error::UnknownBlock {
+                        endpoint: ep,
+                        name: hdr.ramblock.clone(),
+                    })?;
                 hdr.check_offsets(block.len())
                     .map_err(|e| Error::wire(ep, e))?;
                 for &off in hdr.zero() {
                     block.apply_zero_page(off)?;
                 }
                 self.method.load(&hdr, block, &mut self.conn)?;
-                self.progress.add(&self.progress.normal_pages, u64::from(hdr.normal_pages));
-                self.progress.add(&self.progress.zero_pages, u64::from(hdr.zero_pages));
+                self.progress
+                    .add(&self.progress.normal_pages, u64::from(hdr.normal_pages));
+                self.progress
+                    .add(&self.progress.zero_pages, u64::from(hdr.zero_pages));
             }
             if hdr.is_sync() {
                 self.barrier.arrive_and_wait()?;

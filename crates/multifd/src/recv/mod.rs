@@ -102,7 +102,7 @@ pub fn receive(
     accept::reject_extra_channels(listener, cfg)?;
     let started = Instant::now();
     tracing::info!(channels = cfg.channels, "all channels connected");
-    let mut reader = StreamReader::new(accepted.main, accepted.main_head);
+    let mut reader = StreamReader::new(accepted.main, accepted.main_head, cfg.handshake_timeout);
 
     // The main stream up to the block list.
     let (configuration, ram_section_id, blocks) = reader.read_setup()?;
@@ -283,7 +283,11 @@ impl MainLoop<'_, '_> {
                     b.apply_zero_page(offset)?;
                     self.progress.add(&self.progress.zero_pages, 1);
                 }
-                OwnedEvent::Page { block, offset, data } => {
+                OwnedEvent::Page {
+                    block,
+                    offset,
+                    data,
+                } => {
                     let b = self.block(&block)?;
                     b.write_page(offset, &data)?;
                     self.progress.add(&self.progress.normal_pages, 1);

@@ -4,8 +4,11 @@
 
 use std::io::Read;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use multifd_wire::stream::{check_tail, Command, Configuration, Decoded, Decoder, Event, RamBlockInfo};
+use multifd_wire::stream::{
+    Command, Configuration, Decoded, Decoder, Event, RamBlockInfo, check_tail,
+};
 
 use crate::error::{Endpoint, Error, Result};
 use crate::transport::Connection;
@@ -21,8 +24,15 @@ const MAX_PREFIX: usize = 1 << 20;
 pub(crate) enum OwnedEvent {
     RamPart,
     RamEnd,
-    Zero { block: Arc<str>, offset: u64 },
-    Page { block: Arc<str>, offset: u64, data: Vec<u8> },
+    Zero {
+        block: Arc<str>,
+        offset: u64,
+    },
+    Page {
+        block: Arc<str>,
+        offset: u64,
+        data: Vec<u8>,
+    },
     Flush,
     Eos,
     Footer,
@@ -41,10 +51,17 @@ pub(crate) struct StreamReader {
     prefix: Option<Vec<u8>>,
     final_prefix: Vec<u8>,
     eof: bool,
+    /// Until the block list is read: when the setup must be complete, and
+    /// the configured timeout (for the error). A source that connects and
+    /// then stalls must not keep the receiver waiting forever.
+    setup_deadline: Option<(Instant, Duration)>,
 }
 
 impl StreamReader {
-    pub(crate) fn new(conn: Connection, head: [u8; 4]) -> Self {
+    /// A reader of the main stream whose first 4 bytes were `head`. The
+    /// setup (header, configuration, `ram` START up to the block list) must
+    /// arrive within `setup_timeout`.
+    pub(crate) fn new(conn: Connection, head: [u8; 4], setup_timeout: Duration) -> Self {
         Self {
             conn,
             buf: head.to_vec(),
@@ -53,6 +70,14 @@ impl StreamReader {
             prefix: Some(Vec::new()),
             final_prefix: Vec::new(),
             eof: false,
+            setup_deadline: Some((Instant::now() + setup_timeout, setup_timeout)),
+        }
+    }
+
+    fn setup_timed_out(timeout: Duration) -> Error {
+        Error::HandshakeTimeout {
+            endpoint: Endpoint::Main,
+            timeout_ms: timeout.as_millis() as u64,
         }
     }
 
@@ -68,6 +93,15 @@ impl StreamReader {
                     when: "in the middle of the migration stream",
                 });
             }
+            if let Some((deadline, timeout)) = self.setup_deadline {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(Self::setup_timed_out(timeout));
+                }
+                self.conn
+                    .set_read_timeout(Some(left))
+                    .map_err(|e| Error::io("main channel: setting the setup timeout", e))?;
+            }
             let old = self.buf.len();
             self.buf.resize(old + READ_CHUNK.max(at_least - old), 0);
             match self.conn.read(&mut self.buf[old..]) {
@@ -77,6 +111,17 @@ impl StreamReader {
                 }
                 Ok(n) => self.buf.truncate(old + n),
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => self.buf.truncate(old),
+                Err(e)
+                    if self.setup_deadline.is_some()
+                        && matches!(
+                            e.kind(),
+                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                        ) =>
+                {
+                    self.buf.truncate(old);
+                    let (_, timeout) = self.setup_deadline.expect("checked");
+                    return Err(Self::setup_timed_out(timeout));
+                }
                 Err(e) => {
                     self.buf.truncate(old);
                     return Err(Error::io("main channel: reading the migration stream", e));
@@ -118,7 +163,11 @@ impl StreamReader {
             Event::RamPart { .. } => OwnedOrSetup::Main(OwnedEvent::RamPart),
             Event::RamEnd { .. } => OwnedOrSetup::Main(OwnedEvent::RamEnd),
             Event::Zero { block, offset } => OwnedOrSetup::Main(OwnedEvent::Zero { block, offset }),
-            Event::Page { block, offset, data } => OwnedOrSetup::Main(OwnedEvent::Page {
+            Event::Page {
+                block,
+                offset,
+                data,
+            } => OwnedOrSetup::Main(OwnedEvent::Page {
                 block,
                 offset,
                 data: data.to_vec(),
@@ -165,7 +214,13 @@ impl StreamReader {
                     let configuration = configuration.ok_or_else(|| {
                         Error::Unsupported("no configuration section before ram".into())
                     })?;
-                    let id = section.ok_or_else(|| Error::Unsupported("MEM_SIZE outside ram START".into()))?;
+                    let id = section
+                        .ok_or_else(|| Error::Unsupported("MEM_SIZE outside ram START".into()))?;
+                    // From here on the stream follows the migration's pace.
+                    self.setup_deadline = None;
+                    self.conn
+                        .set_read_timeout(None)
+                        .map_err(|e| Error::io("main channel: clearing the setup timeout", e))?;
                     return Ok((configuration, id, blocks));
                 }
                 OwnedOrSetup::Configuration(c) => {
@@ -179,7 +234,9 @@ impl StreamReader {
                     configuration = Some(c);
                 }
                 OwnedOrSetup::Header => self.consume(n)?,
-                OwnedOrSetup::Main(OwnedEvent::Command(Command::OpenReturnPath | Command::Ping(_))) => {
+                OwnedOrSetup::Main(OwnedEvent::Command(
+                    Command::OpenReturnPath | Command::Ping(_),
+                )) => {
                     return Err(Error::Unsupported(
                         "the source opened a return path (return-path capability), which is not supported".into(),
                     ));

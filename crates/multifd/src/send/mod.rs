@@ -36,7 +36,9 @@ impl Dispatcher {
             match tx.try_send(job) {
                 Ok(()) => return Ok(()),
                 Err(crossbeam_channel::TrySendError::Full(j)) => job = j,
-                Err(crossbeam_channel::TrySendError::Disconnected(_)) => return Err(Error::Aborted),
+                Err(crossbeam_channel::TrySendError::Disconnected(_)) => {
+                    return Err(Error::Aborted);
+                }
             }
         }
         let mut sel = Select::new();

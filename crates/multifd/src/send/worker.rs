@@ -3,7 +3,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crossbeam_channel::Receiver;
-use multifd_wire::packet::{RamPacketEncoder, PAGES_PER_PACKET, RAM_PACKET_HEADER_SIZE};
+use multifd_wire::packet::{PAGES_PER_PACKET, RAM_PACKET_HEADER_SIZE, RamPacketEncoder};
 
 use crate::config::ZeroPageDetection;
 use crate::error::{Error, Result};
@@ -45,7 +45,10 @@ impl ChannelWorker<'_> {
         let compression = self.method.compression();
         while let Ok(job) = jobs.recv() {
             match job {
-                Job::Pages { block, offsets: batch } => {
+                Job::Pages {
+                    block,
+                    offsets: batch,
+                } => {
                     let blk = self.ram.block(block);
                     // Zero-page detection on this thread: normal pages first,
                     // zero pages after them (QEMU's multifd_send_zero_page_detect()).

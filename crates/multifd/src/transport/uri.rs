@@ -36,7 +36,9 @@ impl FromStr for Uri {
             if host.is_empty() {
                 return Err(bad("empty host"));
             }
-            let port = port.parse().map_err(|_| bad("port is not a number 0-65535"))?;
+            let port = port
+                .parse()
+                .map_err(|_| bad("port is not a number 0-65535"))?;
             Ok(Self::Tcp {
                 host: host.to_owned(),
                 port,
@@ -81,7 +83,14 @@ mod tests {
             "unix:/tmp/s".parse::<Uri>().unwrap(),
             Uri::Unix("/tmp/s".into())
         );
-        for bad in ["tcp:1.2.3.4", "tcp::80", "tcp:h:99999", "file:/x", "unix:", "exec:cat"] {
+        for bad in [
+            "tcp:1.2.3.4",
+            "tcp::80",
+            "tcp:h:99999",
+            "file:/x",
+            "unix:",
+            "exec:cat",
+        ] {
             assert!(bad.parse::<Uri>().is_err(), "{bad}");
         }
     }
