@@ -88,5 +88,14 @@ fn read_payload(conn: &mut Connection, channel: u8, size: u32, buf: &mut Vec<u8>
     }
 }
 
+/// The error for a compressed payload that does not decode to its pages.
+fn corrupt(channel: u8, method: &'static str, reason: impl Into<String>) -> crate::Error {
+    crate::Error::Corrupt {
+        endpoint: crate::error::Endpoint::Channel(channel),
+        method,
+        reason: reason.into(),
+    }
+}
+
 #[cfg(test)]
 mod tests;

@@ -7,7 +7,7 @@ use flate2::{Compress, Compression as Level, Decompress, FlushCompress, FlushDec
 use multifd_wire::PAGE_SIZE;
 use multifd_wire::packet::{Compression, MAX_COMPRESSED_PAYLOAD, RamPacketHeader};
 
-use super::{RecvMethod, SendMethod, read_payload};
+use super::{RecvMethod, SendMethod, corrupt, read_payload};
 use crate::error::{Endpoint, Error, Result};
 use crate::ram::{IoVec, RamBlock};
 use crate::transport::Connection;
@@ -101,11 +101,7 @@ impl ZlibRecv {
     }
 
     fn corrupt(&self, reason: impl Into<String>) -> Error {
-        Error::Corrupt {
-            endpoint: Endpoint::Channel(self.channel),
-            method: "zlib",
-            reason: reason.into(),
-        }
+        corrupt(self.channel, "zlib", reason)
     }
 }
 

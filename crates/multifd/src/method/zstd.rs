@@ -6,7 +6,7 @@ use multifd_wire::PAGE_SIZE;
 use multifd_wire::packet::{Compression, MAX_COMPRESSED_PAYLOAD, RamPacketHeader};
 use zstd::stream::raw::{Decoder, Encoder, InBuffer, Operation, OutBuffer};
 
-use super::{RecvMethod, SendMethod, read_payload};
+use super::{RecvMethod, SendMethod, corrupt, read_payload};
 use crate::error::{Endpoint, Error, Result};
 use crate::ram::{IoVec, RamBlock};
 use crate::transport::Connection;
@@ -91,17 +91,7 @@ impl ZstdRecv {
     }
 
     fn corrupt(&self, reason: impl Into<String>) -> Error {
-        corrupt(self.channel, reason)
-    }
-}
-
-fn corrupt(channel: u8, reason: impl Into<String>) -> Error {
-    {
-        Error::Corrupt {
-            endpoint: Endpoint::Channel(channel),
-            method: "zstd",
-            reason: reason.into(),
-        }
+        corrupt(self.channel, "zstd", reason)
     }
 }
 
@@ -121,10 +111,11 @@ impl RecvMethod for ZstdRecv {
                 let channel = self.channel;
                 self.z
                     .run(&mut input, &mut out)
-                    .map_err(|e| corrupt(channel, e.to_string()))?;
+                    .map_err(|e| corrupt(channel, "zstd", e.to_string()))?;
                 if (input.pos(), out.pos()) == before {
                     return Err(corrupt(
                         channel,
+                        "zstd",
                         format!(
                             "payload of {} bytes ends inside page {off:#x}",
                             hdr.next_packet_size
