@@ -264,7 +264,12 @@ fn snapshot_stores_and_replays() {
 
 fn one_line_error(out: &Output) -> String {
     assert!(!out.status.success(), "expected failure");
-    let err = String::from_utf8_lossy(&out.stderr).trim().to_string();
+    // The receiver announces where it listens; the cause is what follows.
+    let err: String = String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .filter(|l| !l.starts_with("multifd: listening on"))
+        .collect::<Vec<_>>()
+        .join("\n");
     assert!(err.starts_with("multifd: error:"), "{err}");
     assert_eq!(err.lines().count(), 1, "one-line cause: {err}");
     err

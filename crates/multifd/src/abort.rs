@@ -1,6 +1,7 @@
 //! The one way a migration stops early: record the first error, shut every
 //! socket down so blocked I/O returns, wake every waiter.
 
+use std::io::{PipeReader, PipeWriter, Write};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -14,12 +15,13 @@ pub(crate) trait Wake: Sync {
 }
 
 /// First-error latch plus the handles needed to stop everything.
-#[derive(Default)]
 pub(crate) struct Abort<'w> {
     aborted: AtomicBool,
     first: Mutex<Option<Error>>,
     sockets: Mutex<Vec<Connection>>,
     wakers: Mutex<Vec<&'w dyn Wake>>,
+    /// Readable once aborted: lets a wait on a listening socket end.
+    pipe: Option<(PipeReader, Mutex<PipeWriter>)>,
 }
 
 impl<'w> Abort<'w> {
@@ -29,7 +31,15 @@ impl<'w> Abort<'w> {
             first: Mutex::new(None),
             sockets: Mutex::new(Vec::new()),
             wakers: Mutex::new(Vec::new()),
+            pipe: std::io::pipe().ok().map(|(r, w)| (r, Mutex::new(w))),
         }
+    }
+
+    /// A descriptor that becomes readable when the migration aborts.
+    pub(crate) fn wake_fd(&self) -> Option<&dyn std::os::fd::AsRawFd> {
+        self.pipe
+            .as_ref()
+            .map(|(r, _)| r as &dyn std::os::fd::AsRawFd)
     }
 
     /// True once any part of the migration failed.
@@ -85,6 +95,9 @@ impl<'w> Abort<'w> {
         }
         for w in self.wakers.lock().unwrap_or_else(|p| p.into_inner()).iter() {
             w.wake_for_abort();
+        }
+        if let Some((_, w)) = &self.pipe {
+            let _ = w.lock().unwrap_or_else(|p| p.into_inner()).write_all(&[1]);
         }
     }
 

@@ -26,6 +26,7 @@
 
 mod abort;
 mod barrier;
+pub mod cancel;
 pub mod config;
 pub mod error;
 pub mod method;
@@ -37,6 +38,7 @@ mod send;
 pub mod stats;
 pub mod transport;
 
+pub use cancel::Cancel;
 pub use config::{FlushMode, MethodConfig, MigrationConfig, ZeroPageDetection};
 pub use error::{Error, Result};
 pub use multifd_wire::packet::Compression;

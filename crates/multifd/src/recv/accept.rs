@@ -78,7 +78,7 @@ pub(crate) fn accept_all(
             None => first_timeout,
             Some(d) => Some(d.saturating_duration_since(Instant::now())),
         };
-        let Some(mut conn) = listener.accept(wait)? else {
+        let Some(mut conn) = listener.accept_or_wake(wait, abort.wake_fd())? else {
             return Err(Error::HandshakeTimeout {
                 endpoint: if main.is_none() {
                     Endpoint::Main

@@ -21,12 +21,14 @@ mod accept;
 mod channel;
 mod stream_reader;
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use multifd_wire::stream::{Command, Configuration, RamBlockInfo};
 
 use crate::abort::Abort;
 use crate::barrier::SyncBarrier;
+use crate::cancel::{self, Cancel};
 use crate::config::{FlushMode, MigrationConfig};
 use crate::error::{Endpoint, Error, Result};
 use crate::method;
@@ -52,6 +54,9 @@ pub struct ReceiveOptions {
     pub accept_timeout: Option<Duration>,
     /// Longest opaque tail (device state + vmdesc) accepted.
     pub max_tail: usize,
+    /// Stops the migration from another thread (also while waiting for
+    /// connections).
+    pub cancel: Option<Arc<Cancel>>,
 }
 
 impl Default for ReceiveOptions {
@@ -60,6 +65,7 @@ impl Default for ReceiveOptions {
             config: MigrationConfig::default(),
             accept_timeout: None,
             max_tail: 256 << 20,
+            cancel: None,
         }
     }
 }
@@ -93,19 +99,40 @@ pub fn receive(
     progress: &Progress,
 ) -> Result<Incoming> {
     opts.config.validate()?;
-    let cfg = &opts.config;
-    let barrier = SyncBarrier::new(cfg.channels.into());
+    let barrier = SyncBarrier::new(opts.config.channels.into());
     let abort = Abort::new();
     abort.register_waker(&barrier);
+    let result = cancel::watched(
+        opts.cancel.as_deref(),
+        || abort.fail(Error::Cancelled),
+        || receive_inner(listener, opts, provider, progress, &abort, &barrier),
+    );
+    abort.close_sockets();
+    // The first recorded error is the cause; a direct error may only be its
+    // consequence (a socket shut down by the abort path).
+    match (result, abort.take_error()) {
+        (_, Some(first)) => Err(first),
+        (result, None) => result,
+    }
+}
 
-    let accepted = accept::accept_all(listener, cfg, opts.accept_timeout, &abort)?;
+fn receive_inner(
+    listener: &Listener,
+    opts: &ReceiveOptions,
+    provider: &mut dyn RamProvider,
+    progress: &Progress,
+    abort: &Abort<'_>,
+    barrier: &SyncBarrier,
+) -> Result<Incoming> {
+    let cfg = &opts.config;
+    let accepted = accept::accept_all(listener, cfg, opts.accept_timeout, abort)?;
     accept::reject_extra_channels(listener, cfg)?;
     let started = Instant::now();
     tracing::info!(channels = cfg.channels, "all channels connected");
     let mut reader = StreamReader::new(accepted.main, accepted.main_head, cfg.handshake_timeout);
 
-    // The main stream up to the block list.
-    let (configuration, ram_section_id, blocks) = reader.read_setup()?;
+    // The main stream up to the block list, which must come promptly.
+    let (configuration, ram_section_id, blocks) = reader.read_setup(cfg.handshake_timeout)?;
     let ram = provider.provide(&blocks)?;
     for info in &blocks {
         match ram.get(&info.idstr) {
@@ -141,10 +168,9 @@ pub fn receive(
                 method,
                 method_cfg: cfg.method,
                 ram: &ram,
-                barrier: &barrier,
+                barrier,
                 progress,
             };
-            let abort = &abort;
             match std::thread::Builder::new()
                 .name(format!("multifd-recv-{id}"))
                 .spawn_scoped(s, move || abort.guard(|| ch.run()))
@@ -161,7 +187,7 @@ pub fn receive(
                 let mut main = MainLoop {
                     reader: &mut reader,
                     ram: &ram,
-                    barrier: &barrier,
+                    barrier,
                     cfg,
                     flushes: 0,
                     switchover_start: false,
@@ -182,9 +208,8 @@ pub fn receive(
             }
         }
     });
-    abort.close_sockets();
-    if let Some(e) = abort.take_error() {
-        return Err(e);
+    if abort.is_aborted() {
+        return Err(Error::Aborted);
     }
     let (tail, flushes, switchover_start) = outcome.ok_or(Error::Aborted)?;
     // Pages on channels we never read would be lost: refuse to call it done.

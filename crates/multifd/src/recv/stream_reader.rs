@@ -51,6 +51,8 @@ pub(crate) struct StreamReader {
     prefix: Option<Vec<u8>>,
     final_prefix: Vec<u8>,
     eof: bool,
+    /// Read timeout while the setup is read (none afterwards).
+    setup_timeout: Option<std::time::Duration>,
     /// Until the block list is read: when the setup must be complete, and
     /// the configured timeout (for the error). A source that connects and
     /// then stalls must not keep the receiver waiting forever.
@@ -69,6 +71,7 @@ impl StreamReader {
             decoder: Decoder::new(),
             prefix: Some(Vec::new()),
             final_prefix: Vec::new(),
+            setup_timeout: None,
             eof: false,
             setup_deadline: Some((Instant::now() + setup_timeout, setup_timeout)),
         }
@@ -121,6 +124,18 @@ impl StreamReader {
                     self.buf.truncate(old);
                     let (_, timeout) = self.setup_deadline.expect("checked");
                     return Err(Self::setup_timed_out(timeout));
+                }
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    self.buf.truncate(old);
+                    return Err(Error::HandshakeTimeout {
+                        endpoint: Endpoint::Main,
+                        timeout_ms: self.setup_timeout.unwrap_or_default().as_millis() as u64,
+                    });
                 }
                 Err(e) => {
                     self.buf.truncate(old);
@@ -196,8 +211,25 @@ impl StreamReader {
         Ok(())
     }
 
-    /// Reads header, configuration and the `ram` START up to its block list.
-    pub(crate) fn read_setup(&mut self) -> Result<(Configuration, u32, Vec<RamBlockInfo>)> {
+    /// Reads header, configuration and the `ram` START up to its block
+    /// list, each read waiting at most `timeout`.
+    pub(crate) fn read_setup(
+        &mut self,
+        timeout: std::time::Duration,
+    ) -> Result<(Configuration, u32, Vec<RamBlockInfo>)> {
+        self.setup_timeout = Some(timeout);
+        self.conn
+            .set_read_timeout(Some(timeout))
+            .map_err(|e| Error::io("main channel: setting the setup timeout", e))?;
+        let setup = self.read_setup_items();
+        self.setup_timeout = None;
+        self.conn
+            .set_read_timeout(None)
+            .map_err(|e| Error::io("main channel: clearing the setup timeout", e))?;
+        setup
+    }
+
+    fn read_setup_items(&mut self) -> Result<(Configuration, u32, Vec<RamBlockInfo>)> {
         let mut configuration = None;
         let mut section = None;
         loop {

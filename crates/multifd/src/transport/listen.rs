@@ -72,10 +72,22 @@ impl Listener {
     /// Accepts one connection, waiting at most `timeout` (forever when
     /// `None`). `Ok(None)` means the time ran out.
     pub fn accept(&self, timeout: Option<Duration>) -> Result<Option<Connection>> {
-        let ready = sys::poll_readable(self.as_raw_fd(), timeout)
+        self.accept_or_wake(timeout, None)
+    }
+
+    /// Like [`Listener::accept`], but gives up with [`Error::Aborted`] as
+    /// soon as `wake` becomes readable (the abort path writes to it).
+    pub fn accept_or_wake(
+        &self,
+        timeout: Option<Duration>,
+        wake: Option<&dyn AsRawFd>,
+    ) -> Result<Option<Connection>> {
+        let seen = sys::poll_readable(self.as_raw_fd(), wake.map(AsRawFd::as_raw_fd), timeout)
             .map_err(|e| Error::io("waiting for a connection", e))?;
-        if !ready {
-            return Ok(None);
+        match seen {
+            sys::Readiness::Timeout => return Ok(None),
+            sys::Readiness::Woken => return Err(Error::Aborted),
+            sys::Readiness::Ready => {}
         }
         let conn = match &self.inner {
             Inner::Tcp(l) => l.accept().and_then(|(s, _)| Connection::from_tcp(s)),

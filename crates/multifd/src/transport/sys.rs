@@ -85,18 +85,41 @@ pub(super) fn readv_exact(fd: RawFd, mut iovs: &mut [IoVec<'_>]) -> io::Result<b
     Ok(true)
 }
 
-/// Waits until `fd` is readable (or has a pending connection), at most
-/// `timeout` (forever when `None`). Returns false on timeout.
-pub(super) fn poll_readable(fd: RawFd, timeout: Option<Duration>) -> io::Result<bool> {
+/// What [`poll_readable`] saw.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Readiness {
+    /// `fd` is readable (or has a pending connection).
+    Ready,
+    /// The time ran out.
+    Timeout,
+    /// `wake` became readable first.
+    Woken,
+}
+
+/// Waits until `fd` is readable, at most `timeout` (forever when `None`),
+/// or until `wake` (if any) is readable.
+pub(super) fn poll_readable(
+    fd: RawFd,
+    wake: Option<RawFd>,
+    timeout: Option<Duration>,
+) -> io::Result<Readiness> {
     let ms = timeout.map_or(-1, |t| t.as_millis().min(i32::MAX as u128) as libc::c_int);
-    let mut pfd = libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    };
+    let mut pfds = [
+        libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: wake.unwrap_or(-1),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
+    let count = if wake.is_some() { 2 } else { 1 };
     loop {
-        // SAFETY: `pfd` is one valid pollfd, and we pass a count of 1.
-        let rc = unsafe { libc::poll(&mut pfd, 1, ms) };
+        // SAFETY: `pfds` holds `count` (1 or 2) valid pollfd entries.
+        let rc = unsafe { libc::poll(pfds.as_mut_ptr(), count, ms) };
         if rc < 0 {
             let err = io::Error::last_os_error();
             if err.kind() == io::ErrorKind::Interrupted {
@@ -104,6 +127,12 @@ pub(super) fn poll_readable(fd: RawFd, timeout: Option<Duration>) -> io::Result<
             }
             return Err(err);
         }
-        return Ok(rc > 0);
+        return Ok(if rc == 0 {
+            Readiness::Timeout
+        } else if pfds[1].revents != 0 && wake.is_some() {
+            Readiness::Woken
+        } else {
+            Readiness::Ready
+        });
     }
 }
