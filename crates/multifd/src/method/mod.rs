@@ -88,6 +88,24 @@ fn read_payload(conn: &mut Connection, channel: u8, size: u32, buf: &mut Vec<u8>
     }
 }
 
+/// Copies the pages at `offsets` of `block` into `buf`, back to back: the
+/// private copy a compressor reads (the guest may keep writing the originals).
+fn gather(block: &RamBlock, offsets: &[u64], buf: &mut Vec<u8>) -> Result<()> {
+    buf.resize(offsets.len() * multifd_wire::PAGE_SIZE, 0);
+    for (page, &off) in buf.chunks_exact_mut(multifd_wire::PAGE_SIZE).zip(offsets) {
+        block.read_page(off, page.try_into().expect("page-sized chunk"))?;
+    }
+    Ok(())
+}
+
+/// Stores back-to-back pages from `buf` at `offsets` of `block`.
+fn scatter(block: &RamBlock, offsets: &[u64], buf: &[u8]) -> Result<()> {
+    for (page, &off) in buf.chunks_exact(multifd_wire::PAGE_SIZE).zip(offsets) {
+        block.write_page(off, page)?;
+    }
+    Ok(())
+}
+
 /// The error for a compressed payload that does not decode to its pages.
 fn corrupt(channel: u8, method: &'static str, reason: impl Into<String>) -> crate::Error {
     crate::Error::Corrupt {

@@ -1,20 +1,21 @@
 //! zlib, framed as QEMU's multifd-zlib: one zlib stream (with its 2-byte
-//! header, never finished) per channel for the whole migration; pages are fed
-//! without flushing and each packet ends with a sync flush, so its payload
-//! ends in `00 00 ff ff` and decodes given the packets before it.
+//! header, never finished) per channel for the whole migration; the pages of
+//! a packet are fed without flushing and the packet ends with a sync flush,
+//! so its payload ends in `00 00 ff ff` and decodes given the packets
+//! before it. Feeding the packet's pages in one call or page by page gives
+//! the same stream.
 
 use flate2::{Compress, Compression as Level, Decompress, FlushCompress, FlushDecompress, Status};
-use multifd_wire::PAGE_SIZE;
 use multifd_wire::packet::{Compression, MAX_COMPRESSED_PAYLOAD, RamPacketHeader};
 
-use super::{RecvMethod, SendMethod, corrupt, read_payload};
-use crate::error::{Endpoint, Error, Result};
+use super::{RecvMethod, SendMethod, corrupt, gather, read_payload, scatter};
+use crate::error::{Error, Result};
 use crate::ram::{IoVec, RamBlock};
 use crate::transport::Connection;
 
 pub(super) struct ZlibSend {
     z: Compress,
-    page: Box<[u8; PAGE_SIZE]>,
+    input: Vec<u8>,
     out: Vec<u8>,
 }
 
@@ -22,17 +23,9 @@ impl ZlibSend {
     pub(super) fn new(level: u32) -> Self {
         Self {
             z: Compress::new(Level::new(level), true),
-            page: Box::new([0; PAGE_SIZE]),
+            input: Vec::new(),
             out: Vec::with_capacity(MAX_COMPRESSED_PAYLOAD as usize),
         }
-    }
-}
-
-fn zerr(e: impl std::fmt::Display) -> Error {
-    Error::Corrupt {
-        endpoint: Endpoint::Unclassified,
-        method: "zlib",
-        reason: e.to_string(),
     }
 }
 
@@ -47,30 +40,21 @@ impl SendMethod for ZlibSend {
         normal: &[u64],
         iovs: &mut Vec<IoVec<'a>>,
     ) -> Result<u32> {
+        gather(block, normal, &mut self.input)?;
         self.out.clear();
-        for (i, &off) in normal.iter().enumerate() {
-            block.read_page(off, &mut self.page)?;
-            let flush = if i + 1 == normal.len() {
-                FlushCompress::Sync
-            } else {
-                FlushCompress::None
-            };
-            let start_in = self.z.total_in();
-            loop {
-                if self.out.capacity() - self.out.len() < 64 {
-                    self.out.reserve(64 * 1024);
-                }
-                let consumed = (self.z.total_in() - start_in) as usize;
-                self.z
-                    .compress_vec(&self.page[consumed..], &mut self.out, flush)
-                    .map_err(zerr)?;
-                let done_in = (self.z.total_in() - start_in) as usize == PAGE_SIZE;
-                // With a sync flush, the flush is complete once the output
-                // buffer was not filled up.
-                if done_in && (flush == FlushCompress::None || self.out.len() < self.out.capacity())
-                {
-                    break;
-                }
+        let start = self.z.total_in();
+        loop {
+            if self.out.capacity() - self.out.len() < 64 * 1024 {
+                self.out.reserve(64 * 1024);
+            }
+            let consumed = (self.z.total_in() - start) as usize;
+            self.z
+                .compress_vec(&self.input[consumed..], &mut self.out, FlushCompress::Sync)
+                .map_err(|e| Error::Unsupported(format!("zlib compression failed: {e}")))?;
+            let all_in = (self.z.total_in() - start) as usize == self.input.len();
+            // The sync flush is complete once it did not fill the output.
+            if all_in && self.out.len() < self.out.capacity() {
+                break;
             }
         }
         if self.out.len() > MAX_COMPRESSED_PAYLOAD as usize {
@@ -86,8 +70,8 @@ impl SendMethod for ZlibSend {
 pub(super) struct ZlibRecv {
     channel: u8,
     z: Decompress,
-    buf: Vec<u8>,
-    page: Box<[u8; PAGE_SIZE]>,
+    payload: Vec<u8>,
+    pages: Vec<u8>,
 }
 
 impl ZlibRecv {
@@ -95,13 +79,35 @@ impl ZlibRecv {
         Self {
             channel,
             z: Decompress::new(true),
-            buf: Vec::new(),
-            page: Box::new([0; PAGE_SIZE]),
+            payload: Vec::new(),
+            pages: Vec::new(),
         }
     }
 
     fn corrupt(&self, reason: impl Into<String>) -> Error {
         corrupt(self.channel, "zlib", reason)
+    }
+
+    /// Inflates `payload[pos..]` into `out`; returns (input used, output made).
+    fn inflate(&mut self, pos: usize, out_from: usize, scratch: bool) -> Result<(usize, usize)> {
+        let (in0, out0) = (self.z.total_in(), self.z.total_out());
+        let mut spare = [0u8; 64];
+        let out: &mut [u8] = if scratch {
+            &mut spare
+        } else {
+            &mut self.pages[out_from..]
+        };
+        let status = self
+            .z
+            .decompress(&self.payload[pos..], out, FlushDecompress::Sync)
+            .map_err(|e| corrupt(self.channel, "zlib", e.to_string()))?;
+        if status == Status::StreamEnd {
+            return Err(self.corrupt("the stream ended inside a migration"));
+        }
+        Ok((
+            (self.z.total_in() - in0) as usize,
+            (self.z.total_out() - out0) as usize,
+        ))
     }
 }
 
@@ -112,59 +118,37 @@ impl RecvMethod for ZlibRecv {
         block: &RamBlock,
         conn: &mut Connection,
     ) -> Result<()> {
-        read_payload(conn, self.channel, hdr.next_packet_size, &mut self.buf)?;
-        let mut pos = 0usize;
-        for &off in hdr.normal() {
-            let mut filled = 0usize;
-            while filled < PAGE_SIZE {
-                let (in0, out0) = (self.z.total_in(), self.z.total_out());
-                let status = self
-                    .z
-                    .decompress(
-                        &self.buf[pos..],
-                        &mut self.page[filled..],
-                        FlushDecompress::Sync,
-                    )
-                    .map_err(|e| self.corrupt(e.to_string()))?;
-                let used = (self.z.total_in() - in0) as usize;
-                let made = (self.z.total_out() - out0) as usize;
-                pos += used;
-                filled += made;
-                if status == Status::StreamEnd {
-                    return Err(self.corrupt("stream ended inside a migration"));
-                }
-                if used == 0 && made == 0 {
-                    return Err(self.corrupt(format!(
-                        "payload of {} bytes ends inside page {:#x}",
-                        hdr.next_packet_size, off
-                    )));
-                }
+        read_payload(conn, self.channel, hdr.next_packet_size, &mut self.payload)?;
+        self.pages
+            .resize(hdr.normal().len() * multifd_wire::PAGE_SIZE, 0);
+        let (mut pos, mut filled) = (0, 0);
+        while filled < self.pages.len() {
+            let (used, made) = self.inflate(pos, filled, false)?;
+            if used == 0 && made == 0 {
+                return Err(self.corrupt(format!(
+                    "payload of {} bytes holds only {filled} of {} bytes of pages",
+                    hdr.next_packet_size,
+                    self.pages.len()
+                )));
             }
-            block.write_page(off, &self.page[..])?;
+            pos += used;
+            filled += made;
         }
-        // The sync flush's empty stored block may still be unread: drain it.
-        let mut scratch = [0u8; 64];
-        while pos < self.buf.len() {
-            let (in0, out0) = (self.z.total_in(), self.z.total_out());
-            self.z
-                .decompress(&self.buf[pos..], &mut scratch, FlushDecompress::Sync)
-                .map_err(|e| self.corrupt(e.to_string()))?;
-            let used = (self.z.total_in() - in0) as usize;
-            if self.z.total_out() != out0 {
+        // The sync flush's empty stored block may still be unread.
+        while pos < self.payload.len() {
+            let (used, made) = self.inflate(pos, 0, true)?;
+            if made != 0 {
                 return Err(self.corrupt("more data than the packet's pages"));
             }
             if used == 0 {
-                break;
+                return Err(self.corrupt(format!(
+                    "{} bytes left over after {} pages",
+                    self.payload.len() - pos,
+                    hdr.normal().len()
+                )));
             }
             pos += used;
         }
-        if pos != self.buf.len() {
-            return Err(self.corrupt(format!(
-                "{} bytes left over after {} pages",
-                self.buf.len() - pos,
-                hdr.normal().len()
-            )));
-        }
-        Ok(())
+        scatter(block, hdr.normal(), &self.pages)
     }
 }

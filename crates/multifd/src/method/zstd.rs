@@ -1,36 +1,31 @@
 //! zstd, framed as QEMU's multifd-zstd: one zstd frame per channel that is
-//! never ended; pages are fed with "continue" and each packet ends with a
-//! flush, so a packet decodes given the packets before it.
+//! never ended; the pages of a packet are fed with "continue" and the packet
+//! ends with a flush, so a packet decodes given the packets before it.
 
-use multifd_wire::PAGE_SIZE;
 use multifd_wire::packet::{Compression, MAX_COMPRESSED_PAYLOAD, RamPacketHeader};
 use zstd::stream::raw::{Decoder, Encoder, InBuffer, Operation, OutBuffer};
 
-use super::{RecvMethod, SendMethod, corrupt, read_payload};
-use crate::error::{Endpoint, Error, Result};
+use super::{RecvMethod, SendMethod, corrupt, gather, read_payload, scatter};
+use crate::error::{Error, Result};
 use crate::ram::{IoVec, RamBlock};
 use crate::transport::Connection;
 
 pub(super) struct ZstdSend {
     z: Encoder<'static>,
-    page: Box<[u8; PAGE_SIZE]>,
+    input: Vec<u8>,
     out: Vec<u8>,
 }
 
-fn zerr(e: std::io::Error) -> Error {
-    Error::Corrupt {
-        endpoint: Endpoint::Unclassified,
-        method: "zstd",
-        reason: e.to_string(),
-    }
+fn too_big() -> Error {
+    Error::Unsupported("zstd payload over 1 MiB (QEMU's receive buffer)".into())
 }
 
 impl ZstdSend {
     pub(super) fn new(level: i32) -> Result<Self> {
         Ok(Self {
-            z: Encoder::new(level).map_err(zerr)?,
-            page: Box::new([0; PAGE_SIZE]),
-            // Worst case for 512 KiB of input plus block headers.
+            z: Encoder::new(level)
+                .map_err(|e| Error::Config(format!("zstd level {level}: {e}")))?,
+            input: Vec::new(),
             out: vec![0; MAX_COMPRESSED_PAYLOAD as usize],
         })
     }
@@ -47,24 +42,19 @@ impl SendMethod for ZstdSend {
         normal: &[u64],
         iovs: &mut Vec<IoVec<'a>>,
     ) -> Result<u32> {
+        gather(block, normal, &mut self.input)?;
+        let fail = |e: std::io::Error| Error::Unsupported(format!("zstd compression failed: {e}"));
         let mut out = OutBuffer::around(&mut self.out[..]);
-        for &off in normal {
-            block.read_page(off, &mut self.page)?;
-            let mut input = InBuffer::around(&self.page[..]);
-            while input.pos() < PAGE_SIZE {
-                self.z.run(&mut input, &mut out).map_err(zerr)?;
-                if out.pos() == out.capacity() {
-                    return Err(Error::Unsupported("zstd payload over 1 MiB".into()));
-                }
+        let mut input = InBuffer::around(&self.input[..]);
+        while input.pos() < self.input.len() {
+            self.z.run(&mut input, &mut out).map_err(fail)?;
+            if out.pos() == out.capacity() {
+                return Err(too_big());
             }
         }
-        loop {
-            let remaining = self.z.flush(&mut out).map_err(zerr)?;
-            if remaining == 0 {
-                break;
-            }
+        while self.z.flush(&mut out).map_err(fail)? != 0 {
             if out.pos() == out.capacity() {
-                return Err(Error::Unsupported("zstd payload over 1 MiB".into()));
+                return Err(too_big());
             }
         }
         let len = out.pos();
@@ -76,22 +66,18 @@ impl SendMethod for ZstdSend {
 pub(super) struct ZstdRecv {
     channel: u8,
     z: Decoder<'static>,
-    buf: Vec<u8>,
-    page: Box<[u8; PAGE_SIZE]>,
+    payload: Vec<u8>,
+    pages: Vec<u8>,
 }
 
 impl ZstdRecv {
     pub(super) fn new(channel: u8) -> Result<Self> {
         Ok(Self {
             channel,
-            z: Decoder::new().map_err(zerr)?,
-            buf: Vec::new(),
-            page: Box::new([0; PAGE_SIZE]),
+            z: Decoder::new().map_err(|e| Error::Config(format!("zstd decoder: {e}")))?,
+            payload: Vec::new(),
+            pages: Vec::new(),
         })
-    }
-
-    fn corrupt(&self, reason: impl Into<String>) -> Error {
-        corrupt(self.channel, "zstd", reason)
     }
 }
 
@@ -102,51 +88,46 @@ impl RecvMethod for ZstdRecv {
         block: &RamBlock,
         conn: &mut Connection,
     ) -> Result<()> {
-        read_payload(conn, self.channel, hdr.next_packet_size, &mut self.buf)?;
-        let mut input = InBuffer::around(&self.buf[..]);
-        for &off in hdr.normal() {
-            let mut out = OutBuffer::around(&mut self.page[..]);
-            while out.pos() < PAGE_SIZE {
-                let before = (input.pos(), out.pos());
-                let channel = self.channel;
-                self.z
-                    .run(&mut input, &mut out)
-                    .map_err(|e| corrupt(channel, "zstd", e.to_string()))?;
-                if (input.pos(), out.pos()) == before {
-                    return Err(corrupt(
-                        channel,
-                        "zstd",
-                        format!(
-                            "payload of {} bytes ends inside page {off:#x}",
-                            hdr.next_packet_size
-                        ),
-                    ));
-                }
-            }
-            block.write_page(off, &self.page[..])?;
-        }
-        // A flush may leave block framing after the last page's bytes.
-        let mut scratch = [0u8; 64];
-        while input.pos() < self.buf.len() {
-            let before = input.pos();
-            let mut out = OutBuffer::around(&mut scratch[..]);
+        let channel = self.channel;
+        let bad = |reason: String| corrupt(channel, "zstd", reason);
+        read_payload(conn, channel, hdr.next_packet_size, &mut self.payload)?;
+        self.pages
+            .resize(hdr.normal().len() * multifd_wire::PAGE_SIZE, 0);
+        let mut input = InBuffer::around(&self.payload[..]);
+        let mut out = OutBuffer::around(&mut self.pages[..]);
+        while out.pos() < out.capacity() {
+            let before = (input.pos(), out.pos());
             self.z
                 .run(&mut input, &mut out)
-                .map_err(|e| self.corrupt(e.to_string()))?;
-            if out.pos() != 0 {
-                return Err(self.corrupt("more data than the packet's pages"));
+                .map_err(|e| bad(e.to_string()))?;
+            if (input.pos(), out.pos()) == before {
+                return Err(bad(format!(
+                    "payload of {} bytes holds only {} of {} bytes of pages",
+                    hdr.next_packet_size,
+                    out.pos(),
+                    out.capacity()
+                )));
+            }
+        }
+        // A flush may leave block framing after the last page's bytes.
+        let mut spare = [0u8; 64];
+        while input.pos() < self.payload.len() {
+            let before = input.pos();
+            let mut extra = OutBuffer::around(&mut spare[..]);
+            self.z
+                .run(&mut input, &mut extra)
+                .map_err(|e| bad(e.to_string()))?;
+            if extra.pos() != 0 {
+                return Err(bad("more data than the packet's pages".into()));
             }
             if input.pos() == before {
-                break;
+                return Err(bad(format!(
+                    "{} bytes left over after {} pages",
+                    self.payload.len() - before,
+                    hdr.normal().len()
+                )));
             }
         }
-        if input.pos() != self.buf.len() {
-            return Err(self.corrupt(format!(
-                "{} bytes left over after {} pages",
-                self.buf.len() - input.pos(),
-                hdr.normal().len()
-            )));
-        }
-        Ok(())
+        scatter(block, hdr.normal(), &self.pages)
     }
 }
