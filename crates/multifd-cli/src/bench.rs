@@ -173,7 +173,12 @@ struct MigrationRun {
     recv_rss_mib: f64,
 }
 
-fn migrate_once(args: &BenchArgs, uri: &Uri, src: &std::path::Path, dst: &std::path::Path) -> Result<MigrationRun> {
+fn migrate_once(
+    args: &BenchArgs,
+    uri: &Uri,
+    src: &std::path::Path,
+    dst: &std::path::Path,
+) -> Result<MigrationRun> {
     let exe = std::env::current_exe().context("finding this binary")?;
     let common = |cmd: &mut Command| {
         cmd.args(["--channels", &args.channels.to_string()])

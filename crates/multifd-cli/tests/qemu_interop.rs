@@ -20,8 +20,8 @@ use std::time::{Duration, Instant};
 
 use common::qemu::{MigEnd, Qemu, QemuConfig, QmpError};
 use common::{
-    compare_files, free_port, gen_image, have_program, qemu_binary, wait_tcp_listening, Params, Proc,
-    TestCtx,
+    Params, Proc, TestCtx, compare_files, free_port, gen_image, have_program, qemu_binary,
+    wait_tcp_listening,
 };
 use serde_json::json;
 
@@ -46,7 +46,13 @@ fn listen_uri(port: u16) -> String {
 }
 
 /// Starts `multifd receive` on a fresh port with `p`, waits until it listens.
-fn start_receiver(ctx: &TestCtx, p: &Params, ram: &Path, snapshot: Option<&Path>, extra: &[&str]) -> (Proc, u16) {
+fn start_receiver(
+    ctx: &TestCtx,
+    p: &Params,
+    ram: &Path,
+    snapshot: Option<&Path>,
+    extra: &[&str],
+) -> (Proc, u16) {
     let port = free_port();
     let mut args: Vec<String> = vec![
         "receive".into(),
@@ -71,7 +77,12 @@ fn start_receiver(ctx: &TestCtx, p: &Params, ram: &Path, snapshot: Option<&Path>
 /// Starts `multifd send` to 127.0.0.1:port with `source` (`--ram m0=FILE`
 /// or `--snapshot DIR` arguments).
 fn start_sender(ctx: &TestCtx, p: &Params, port: u16, source: &[String], extra: &[&str]) -> Proc {
-    let mut args: Vec<String> = vec!["send".into(), "--to".into(), listen_uri(port), "--quiet".into()];
+    let mut args: Vec<String> = vec![
+        "send".into(),
+        "--to".into(),
+        listen_uri(port),
+        "--quiet".into(),
+    ];
     args.extend(source.iter().cloned());
     args.extend(p.cli_args());
     args.extend(extra.iter().map(|s| (*s).to_owned()));
@@ -86,7 +97,11 @@ fn expect_success(ctx: &TestCtx, proc: &mut Proc, other: Option<&Qemu>) {
         "[{}] {} ended {st}{}\n{}\n{}",
         ctx.name,
         proc.name,
-        if killed { " (killed: did not exit in time)" } else { "" },
+        if killed {
+            " (killed: did not exit in time)"
+        } else {
+            ""
+        },
         proc.output_tail(),
         other.map(Qemu::log).unwrap_or_default()
     );
@@ -102,7 +117,12 @@ fn expect_failure(proc: &mut Proc, timeout: Duration) -> String {
         proc.name,
         proc.output_tail()
     );
-    assert!(!st.success(), "{} succeeded but should have failed\n{}", proc.name, proc.output_tail());
+    assert!(
+        !st.success(),
+        "{} succeeded but should have failed\n{}",
+        proc.name,
+        proc.output_tail()
+    );
     proc.stderr_text()
 }
 
@@ -118,12 +138,17 @@ fn qemu_to_us(name: &str, p: Params, machine: &str, mib: u64, seed: u64) {
     src.set_multifd(&p);
     let dst = ctx.path("dst.ram");
     let snap = ctx.path("snap");
-    let (mut recv, port) = start_receiver(&ctx, &p, &dst, (machine != "none").then_some(&*snap), &[]);
+    let (mut recv, port) =
+        start_receiver(&ctx, &p, &dst, (machine != "none").then_some(&*snap), &[]);
     src.migrate(port);
     let end = src.wait_migration(ctx.remaining());
     if end != MigEnd::Completed {
         recv.wait_or_kill(Duration::from_secs(1));
-        panic!("[{name}] QEMU source: {end:?}\n{}\n{}", src.log(), recv.output_tail());
+        panic!(
+            "[{name}] QEMU source: {end:?}\n{}\n{}",
+            src.log(),
+            recv.output_tail()
+        );
     }
     expect_success(&ctx, &mut recv, Some(&src));
     if let Err(e) = compare_files(&img, &dst, &[]) {
@@ -146,10 +171,21 @@ fn us_to_qemu(name: &str, p: Params, mib: u64, seed: u64) {
     dst.set_multifd(&p);
     let port = free_port();
     dst.migrate_incoming(port);
-    let mut send = start_sender(&ctx, &p, port, &["--ram".into(), format!("m0={}", img.display())], &[]);
+    let mut send = start_sender(
+        &ctx,
+        &p,
+        port,
+        &["--ram".into(), format!("m0={}", img.display())],
+        &[],
+    );
     expect_success(&ctx, &mut send, Some(&dst));
     let end = dst.wait_migration(ctx.remaining());
-    assert_eq!(end, MigEnd::Completed, "[{name}] QEMU destination\n{}", dst.log());
+    assert_eq!(
+        end,
+        MigEnd::Completed,
+        "[{name}] QEMU destination\n{}",
+        dst.log()
+    );
     if let Err(e) = compare_files(&img, &dst_ram, &[]) {
         panic!("[{name}] {e}");
     }
@@ -194,7 +230,13 @@ fn qemu_to_us_flush_after_each_section() {
         flush_each_section: true,
         ..Params::new(4, "none", "multifd")
     };
-    qemu_to_us("qemu_to_us_flush_after_each_section", p, "none", SLICE_MIB, 3);
+    qemu_to_us(
+        "qemu_to_us_flush_after_each_section",
+        p,
+        "none",
+        SLICE_MIB,
+        3,
+    );
 }
 
 #[test]
@@ -234,10 +276,22 @@ fn q35_store_and_forward_snapshot() {
     for f in ["manifest.json", "prefix.bin", "tail.bin"] {
         assert!(snap.join(f).is_file(), "snapshot lacks {f}");
     }
-    let n_blocks = std::fs::read_dir(snap.join("ram")).map(|d| d.count()).unwrap_or(0);
-    assert!(n_blocks >= 2, "a q35 guest has more RAM blocks than m0 (got {n_blocks} in DIR/ram)");
-    let summary = ctx.run_multifd("inspect", &["inspect".into(), snap.display().to_string()], Duration::from_secs(20));
-    assert!(summary.contains("q35"), "inspect output names no q35 machine:\n{summary}");
+    let n_blocks = std::fs::read_dir(snap.join("ram"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert!(
+        n_blocks >= 2,
+        "a q35 guest has more RAM blocks than m0 (got {n_blocks} in DIR/ram)"
+    );
+    let summary = ctx.run_multifd(
+        "inspect",
+        &["inspect".into(), snap.display().to_string()],
+        Duration::from_secs(20),
+    );
+    assert!(
+        summary.contains("q35"),
+        "inspect output names no q35 machine:\n{summary}"
+    );
     // The source is done: its QMP says completed; end it now.
     drop(src);
 
@@ -249,7 +303,13 @@ fn q35_store_and_forward_snapshot() {
     dst.set_multifd(&replay);
     let port = free_port();
     dst.migrate_incoming(port);
-    let mut send = start_sender(&ctx, &replay, port, &["--snapshot".into(), snap.display().to_string()], &[]);
+    let mut send = start_sender(
+        &ctx,
+        &replay,
+        port,
+        &["--snapshot".into(), snap.display().to_string()],
+        &[],
+    );
     expect_success(&ctx, &mut send, Some(&dst));
     dst.expect_completed(ctx.remaining());
     compare_files(&img, &dst_ram, &[]).unwrap();
@@ -342,7 +402,10 @@ fn us_to_qemu_uuid_mismatch_wrong() {
     if !qemu_available() {
         return;
     }
-    us_to_qemu_uuid_mismatch("us_to_qemu_uuid_mismatch_wrong", Some("00000000-0000-0000-0000-000000000001"));
+    us_to_qemu_uuid_mismatch(
+        "us_to_qemu_uuid_mismatch_wrong",
+        Some("00000000-0000-0000-0000-000000000001"),
+    );
 }
 
 #[test]
@@ -390,7 +453,11 @@ fn qemu_to_us_uuid() {
         "receiver error does not name the UUID mismatch:\n{err}"
     );
     let end = src.wait_migration(Duration::from_secs(20));
-    assert!(matches!(end, MigEnd::Failed(_)), "QEMU source: {end:?}\n{}", src.log());
+    assert!(
+        matches!(end, MigEnd::Failed(_)),
+        "QEMU source: {end:?}\n{}",
+        src.log()
+    );
 }
 
 #[test]
@@ -399,7 +466,15 @@ fn uuid_typo_is_rejected() {
     let ctx = TestCtx::new("uuid_typo_is_rejected", Duration::from_secs(20));
     let mut p = ctx.multifd(
         "send",
-        &["send", "--to", "tcp:127.0.0.1:9", "--ram", "m0=/nonexistent", "--uuid", UUID_TYPO],
+        &[
+            "send",
+            "--to",
+            "tcp:127.0.0.1:9",
+            "--ram",
+            "m0=/nonexistent",
+            "--uuid",
+            UUID_TYPO,
+        ],
     );
     let err = expect_failure(&mut p, Duration::from_secs(10));
     assert!(err.to_lowercase().contains("uuid"), "{err}");
@@ -422,7 +497,10 @@ fn qemu_to_us_must_fail(name: &str, src_p: Params, recv_p: Params, needles: &[&s
     src.migrate(port);
     let err = expect_failure(&mut recv, Duration::from_secs(30));
     let end = src.wait_migration(Duration::from_secs(20));
-    eprintln!("[{name}] receiver: {}\n[{name}] QEMU source: {end:?}", err.trim());
+    eprintln!(
+        "[{name}] receiver: {}\n[{name}] QEMU source: {end:?}",
+        err.trim()
+    );
     let lower = err.to_lowercase();
     assert!(
         needles.iter().any(|n| lower.contains(n)),
@@ -430,7 +508,10 @@ fn qemu_to_us_must_fail(name: &str, src_p: Params, recv_p: Params, needles: &[&s
     );
     if !matches!(end, MigEnd::Failed(_)) {
         src.proc.kill();
-        panic!("[{name}] QEMU source did not end failed: {end:?}\n{}", src.log());
+        panic!(
+            "[{name}] QEMU source did not end failed: {end:?}\n{}",
+            src.log()
+        );
     }
 }
 
@@ -481,9 +562,16 @@ fn qemu_mapped_ram_over_tcp() {
     match src.try_cmd("migrate", json!({"uri": listen_uri(port)})) {
         Err(QmpError::Command { desc, .. }) => {
             eprintln!("[{name}] QEMU refuses mapped-ram over tcp: {desc}");
-            assert!(desc.contains("mapped-ram") || desc.to_lowercase().contains("file"), "{desc}");
+            assert!(
+                desc.contains("mapped-ram") || desc.to_lowercase().contains("file"),
+                "{desc}"
+            );
             // Nothing connected; our receiver is still waiting: end it.
-            assert!(!recv.exited(), "receiver exited without a source\n{}", recv.output_tail());
+            assert!(
+                !recv.exited(),
+                "receiver exited without a source\n{}",
+                recv.output_tail()
+            );
         }
         Ok(_) => {
             let end = src.wait_migration(Duration::from_secs(30));

@@ -53,7 +53,10 @@ fn runs(c: &[u8]) -> String {
 pub fn check_counters(mem: &[u8], base: u64) -> Result<CounterState, String> {
     let page = PAGE as usize;
     if mem.is_empty() || mem.len() % page != 0 {
-        return Err(format!("range of {} bytes is not a whole number of pages", mem.len()));
+        return Err(format!(
+            "range of {} bytes is not a whole number of pages",
+            mem.len()
+        ));
     }
     for (i, p) in mem.chunks(page).enumerate() {
         if let Some(j) = p[1..].iter().position(|&b| b != 0) {
@@ -96,7 +99,10 @@ pub fn check_counters_in_file(path: &Path, start: u64, end: u64) -> Result<Count
         .map_err(|e| format!("{}: {e}", path.display()))?
         .len();
     if end > len {
-        return Err(format!("{} has {len} bytes, the range ends at {end:#x}", path.display()));
+        return Err(format!(
+            "{} has {len} bytes, the range ends at {end:#x}",
+            path.display()
+        ));
     }
     let mem = super::read_range(path, start, end - start);
     check_counters(&mem, start).map_err(|e| format!("{}: {e}", path.display()))

@@ -191,7 +191,13 @@ impl TestCtx {
             .unwrap_or(0);
         let safe: String = name
             .chars()
-            .map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' })
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' {
+                    c
+                } else {
+                    '_'
+                }
+            })
             .collect();
         let dir = base.join(format!(
             "multifd-test-{}-{}-{nanos:08x}-{safe}",
@@ -316,7 +322,12 @@ impl TestCtx {
     }
 
     /// Runs our binary to completion (bounded) and expects success.
-    pub fn run_multifd<S: AsRef<std::ffi::OsStr>>(&self, name: &str, args: &[S], timeout: Duration) -> String {
+    pub fn run_multifd<S: AsRef<std::ffi::OsStr>>(
+        &self,
+        name: &str,
+        args: &[S],
+        timeout: Duration,
+    ) -> String {
         let mut p = self.multifd(name, args);
         let st = p.wait_timeout(timeout);
         match st {
@@ -349,7 +360,9 @@ impl Drop for TestCtx {
                 libc::kill(pid as libc::pid_t, libc::SIGKILL);
             }
         }
-        if self.keep || (std::thread::panicking() && std::env::var_os("MULTIFD_TEST_KEEP_FAILED").is_some()) {
+        if self.keep
+            || (std::thread::panicking() && std::env::var_os("MULTIFD_TEST_KEEP_FAILED").is_some())
+        {
             eprintln!("[{}] keeping {}", self.name, self.dir.display());
         } else {
             let _ = std::fs::remove_dir_all(&self.dir);
@@ -505,7 +518,11 @@ impl Params {
             self.channels,
             self.compression,
             self.zero_page,
-            if self.flush_each_section { "-flushsec" } else { "" }
+            if self.flush_each_section {
+                "-flushsec"
+            } else {
+                ""
+            }
         )
     }
 }
@@ -534,7 +551,11 @@ pub fn compare_files(a: &Path, b: &Path, skip: &[u64]) -> Result<(), String> {
     let la = fa.metadata().map_err(|e| e.to_string())?.len();
     let lb = fb.metadata().map_err(|e| e.to_string())?.len();
     if la != lb {
-        return Err(format!("{} is {la} bytes, {} is {lb} bytes", a.display(), b.display()));
+        return Err(format!(
+            "{} is {la} bytes, {} is {lb} bytes",
+            a.display(),
+            b.display()
+        ));
     }
     let chunk = MIB as usize;
     let (mut ba, mut bb) = (vec![0u8; chunk], vec![0u8; chunk]);
@@ -546,7 +567,11 @@ pub fn compare_files(a: &Path, b: &Path, skip: &[u64]) -> Result<(), String> {
         fa.read_exact(&mut ba[..n]).map_err(|e| e.to_string())?;
         fb.read_exact(&mut bb[..n]).map_err(|e| e.to_string())?;
         if ba[..n] != bb[..n] {
-            for (i, (pa, pb)) in ba[..n].chunks(PAGE as usize).zip(bb[..n].chunks(PAGE as usize)).enumerate() {
+            for (i, (pa, pb)) in ba[..n]
+                .chunks(PAGE as usize)
+                .zip(bb[..n].chunks(PAGE as usize))
+                .enumerate()
+            {
                 let page = off + i as u64 * PAGE;
                 if pa != pb && !skip.contains(&page) {
                     ndiff += 1;
@@ -574,8 +599,12 @@ pub fn read_range(path: &Path, offset: u64, len: u64) -> Vec<u8> {
     let mut f = File::open(path).unwrap_or_else(|e| panic!("opening {}: {e}", path.display()));
     f.seek(SeekFrom::Start(offset)).expect("seek");
     let mut buf = vec![0u8; len as usize];
-    f.read_exact(&mut buf)
-        .unwrap_or_else(|e| panic!("reading {len} bytes at {offset:#x} of {}: {e}", path.display()));
+    f.read_exact(&mut buf).unwrap_or_else(|e| {
+        panic!(
+            "reading {len} bytes at {offset:#x} of {}: {e}",
+            path.display()
+        )
+    });
     buf
 }
 

@@ -11,9 +11,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus};
 use std::time::{Duration, Instant};
 
-use serde_json::{json, Value};
+use serde_json::{Value, json};
 
-use super::{accel, qemu_binary, Params, Proc, TestCtx};
+use super::{Params, Proc, TestCtx, accel, qemu_binary};
 
 /// Why a QMP command did not return a value.
 #[derive(Debug)]
@@ -57,7 +57,11 @@ impl Qmp {
     /// Connects (retrying while the socket does not exist yet or refuses,
     /// as long as `alive()` says QEMU still runs), reads the greeting and
     /// negotiates capabilities.
-    pub fn connect(path: &Path, timeout: Duration, mut alive: impl FnMut() -> bool) -> Result<Self, String> {
+    pub fn connect(
+        path: &Path,
+        timeout: Duration,
+        mut alive: impl FnMut() -> bool,
+    ) -> Result<Self, String> {
         let deadline = Instant::now() + timeout;
         let stream = loop {
             match UnixStream::connect(path) {
@@ -74,7 +78,9 @@ impl Qmp {
             }
         };
         let io_timeout = Duration::from_secs(10);
-        stream.set_write_timeout(Some(io_timeout)).map_err(|e| e.to_string())?;
+        stream
+            .set_write_timeout(Some(io_timeout))
+            .map_err(|e| e.to_string())?;
         let writer = stream.try_clone().map_err(|e| e.to_string())?;
         let mut qmp = Self {
             reader: BufReader::new(stream),
@@ -84,11 +90,14 @@ impl Qmp {
             events: Vec::new(),
             io_timeout,
         };
-        let greeting = qmp.read_message(io_timeout).map_err(|e| format!("QMP greeting: {e}"))?;
+        let greeting = qmp
+            .read_message(io_timeout)
+            .map_err(|e| format!("QMP greeting: {e}"))?;
         if greeting.get("QMP").is_none() {
             return Err(format!("unexpected QMP greeting {greeting}"));
         }
-        qmp.execute("qmp_capabilities", json!({})).map_err(|e| e.to_string())?;
+        qmp.execute("qmp_capabilities", json!({}))
+            .map_err(|e| e.to_string())?;
         Ok(qmp)
     }
 
@@ -109,7 +118,10 @@ impl Qmp {
                 Ok(_) if self.partial.ends_with(b"\n") => {
                     let line = std::mem::take(&mut self.partial);
                     return serde_json::from_slice(&line).map_err(|e| {
-                        QmpError::Closed(format!("bad JSON {:?}: {e}", String::from_utf8_lossy(&line)))
+                        QmpError::Closed(format!(
+                            "bad JSON {:?}: {e}",
+                            String::from_utf8_lossy(&line)
+                        ))
                     });
                 }
                 Ok(_) => return Err(QmpError::Closed("EOF inside a message".into())),
@@ -133,7 +145,12 @@ impl Qmp {
     }
 
     /// Runs a command; waits at most `timeout` for its reply.
-    pub fn execute_timeout(&mut self, name: &str, args: Value, timeout: Duration) -> Result<Value, QmpError> {
+    pub fn execute_timeout(
+        &mut self,
+        name: &str,
+        args: Value,
+        timeout: Duration,
+    ) -> Result<Value, QmpError> {
         let id = self.next_id;
         self.next_id += 1;
         let mut msg = json!({"execute": name, "id": id});
@@ -142,10 +159,12 @@ impl Qmp {
         }
         let mut line = msg.to_string();
         line.push('\n');
-        self.writer.write_all(line.as_bytes()).map_err(|e| match e.kind() {
-            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => QmpError::Timeout,
-            _ => QmpError::Closed(e.to_string()),
-        })?;
+        self.writer
+            .write_all(line.as_bytes())
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => QmpError::Timeout,
+                _ => QmpError::Closed(e.to_string()),
+            })?;
         let deadline = Instant::now() + timeout;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -245,7 +264,10 @@ impl QemuConfig {
             a.extend(["-uuid".into(), u.clone()]);
         }
         if self.flush_each_section {
-            a.extend(["-global".into(), "migration.multifd-flush-after-each-section=on".into()]);
+            a.extend([
+                "-global".into(),
+                "migration.multifd-flush-after-each-section=on".into(),
+            ]);
         }
         a.extend(self.extra.iter().cloned());
         if self.incoming {
@@ -287,7 +309,12 @@ impl Qemu {
         let mut proc = ctx.spawn(&config.name, cmd);
         let qmp = match Qmp::connect(&qmp_path, Duration::from_secs(30), || !proc.exited()) {
             Ok(q) => q,
-            Err(e) => panic!("[{}] QEMU {}: {e}\n{}", ctx.name, config.name, proc.output_tail()),
+            Err(e) => panic!(
+                "[{}] QEMU {}: {e}\n{}",
+                ctx.name,
+                config.name,
+                proc.output_tail()
+            ),
         };
         Self { proc, qmp, config }
     }
@@ -318,7 +345,11 @@ impl Qemu {
     /// [`Self::set_multifd`] plus extra capabilities.
     pub fn set_multifd_caps(&mut self, p: &Params, extra_caps: &[&str]) {
         let mut caps = vec![json!({"capability": "multifd", "state": true})];
-        caps.extend(extra_caps.iter().map(|c| json!({"capability": c, "state": true})));
+        caps.extend(
+            extra_caps
+                .iter()
+                .map(|c| json!({"capability": c, "state": true})),
+        );
         self.cmd("migrate-set-capabilities", json!({ "capabilities": caps }));
         let mut params = json!({
             "multifd-channels": p.channels,
@@ -334,7 +365,10 @@ impl Qemu {
 
     /// `migrate-incoming` on 127.0.0.1:port.
     pub fn migrate_incoming(&mut self, port: u16) {
-        self.cmd("migrate-incoming", json!({"uri": format!("tcp:127.0.0.1:{port}")}));
+        self.cmd(
+            "migrate-incoming",
+            json!({"uri": format!("tcp:127.0.0.1:{port}")}),
+        );
     }
 
     /// `migrate` to 127.0.0.1:port.
@@ -355,10 +389,11 @@ impl Qemu {
             if left.is_zero() {
                 return MigEnd::TimedOut(last);
             }
-            match self
-                .qmp
-                .execute_timeout("query-migrate", json!({}), left.min(Duration::from_secs(2)))
-            {
+            match self.qmp.execute_timeout(
+                "query-migrate",
+                json!({}),
+                left.min(Duration::from_secs(2)),
+            ) {
                 Ok(v) => {
                     let status = v["status"].as_str().unwrap_or("none").to_owned();
                     match status.as_str() {

@@ -20,10 +20,8 @@ use multifd::ram::{GuestRam, RamBlock};
 use multifd::recv::{Incoming, RamProvider, ReceiveOptions};
 use multifd::transport::{Listener, Uri};
 use multifd::{Compression, Error, MigrationConfig, Progress};
-use multifd_wire::packet::{
-    InitPacket, RamPacketEncoder, RamPacketHeader, RAM_PACKET_HEADER_SIZE,
-};
-use multifd_wire::stream::{encode, Configuration, RamBlockInfo};
+use multifd_wire::packet::{InitPacket, RAM_PACKET_HEADER_SIZE, RamPacketEncoder, RamPacketHeader};
+use multifd_wire::stream::{Configuration, RamBlockInfo, encode};
 use multifd_wire::{PAGE_SIZE, PAGE_SIZE_U64};
 
 /// Every bound asserted by the tests: an error must surface within this.
@@ -55,7 +53,9 @@ pub fn thread_names() -> Vec<String> {
 
 /// Number of threads of this process (entries of /proc/self/task).
 pub fn thread_count() -> usize {
-    std::fs::read_dir("/proc/self/task").map(|d| d.count()).unwrap_or(0)
+    std::fs::read_dir("/proc/self/task")
+        .map(|d| d.count())
+        .unwrap_or(0)
 }
 
 /// Open file descriptors of this process, with what they point at.
@@ -139,7 +139,10 @@ impl Baseline {
 }
 
 /// Spawns a named helper thread (names start with `hp-`).
-pub fn spawn<T: Send + 'static>(name: &str, f: impl FnOnce() -> T + Send + 'static) -> JoinHandle<T> {
+pub fn spawn<T: Send + 'static>(
+    name: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> JoinHandle<T> {
     std::thread::Builder::new()
         .name(format!("hp-{name}"))
         .spawn(f)
@@ -242,7 +245,11 @@ impl RamProvider for FileRam {
     fn provide(&mut self, blocks: &[RamBlockInfo]) -> multifd::Result<GuestRam> {
         let mut ram = GuestRam::new();
         for b in blocks {
-            ram.push(RamBlock::create_file(&b.idstr, &self.path(&b.idstr), b.used_length)?)?;
+            ram.push(RamBlock::create_file(
+                &b.idstr,
+                &self.path(&b.idstr),
+                b.used_length,
+            )?)?;
         }
         Ok(ram)
     }
@@ -254,7 +261,8 @@ pub fn pattern_page(page: u64, seed: u64) -> Option<[u8; PAGE_SIZE]> {
         return None;
     }
     let mut p = [0u8; PAGE_SIZE];
-    let mut x = page.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ seed.wrapping_mul(0xD6E8_FEB8_6659_FD93) | 1;
+    let mut x =
+        page.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ seed.wrapping_mul(0xD6E8_FEB8_6659_FD93) | 1;
     for chunk in p.chunks_mut(8) {
         x ^= x << 13;
         x ^= x >> 7;
@@ -295,13 +303,23 @@ pub fn source_ram(blocks: &[(&str, u64)], seed: u64) -> GuestRam {
 /// Compares two RAMs page by page; describes the first difference.
 pub fn ram_diff(a: &GuestRam, b: &GuestRam) -> Option<String> {
     if a.blocks().len() != b.blocks().len() {
-        return Some(format!("{} vs {} blocks", a.blocks().len(), b.blocks().len()));
+        return Some(format!(
+            "{} vs {} blocks",
+            a.blocks().len(),
+            b.blocks().len()
+        ));
     }
     let mut pa = [0u8; PAGE_SIZE];
     let mut pb = [0u8; PAGE_SIZE];
     for (x, y) in a.blocks().iter().zip(b.blocks()) {
         if x.name() != y.name() || x.len() != y.len() {
-            return Some(format!("block {:?}/{} vs {:?}/{}", x.name(), x.len(), y.name(), y.len()));
+            return Some(format!(
+                "block {:?}/{} vs {:?}/{}",
+                x.name(),
+                x.len(),
+                y.name(),
+                y.len()
+            ));
         }
         let mut bad = 0u64;
         let mut first = None;
@@ -348,7 +366,8 @@ impl SourceVm for Dirtier {
             for k in 0..self.per_call.min(pages) {
                 let p = (self.calls * 7919 + k * 31 + self.seed) % pages;
                 let off = p * PAGE_SIZE_U64;
-                let mut data = pattern_page(p, self.seed + self.calls * 77 + 1).unwrap_or([0; PAGE_SIZE]);
+                let mut data =
+                    pattern_page(p, self.seed + self.calls * 77 + 1).unwrap_or([0; PAGE_SIZE]);
                 data[0] = self.calls as u8;
                 block.write_page(off, &data)?;
                 if !dirty[b].contains(&off) {
@@ -452,7 +471,13 @@ pub fn ram_header(
 }
 
 /// An uncompressed data packet with `normal` pages of `fill` bytes.
-pub fn nocomp_packet(block: &str, offsets: &[u64], normal: usize, fill: u8, packet_num: u64) -> Vec<u8> {
+pub fn nocomp_packet(
+    block: &str,
+    offsets: &[u64],
+    normal: usize,
+    fill: u8,
+    packet_num: u64,
+) -> Vec<u8> {
     let mut out = ram_header(
         Compression::None,
         block,
@@ -598,7 +623,12 @@ impl Sock {
                 Ok(0) => return true,
                 Ok(_) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return !matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut),
+                Err(e) => {
+                    return !matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    );
+                }
             }
         }
     }
@@ -675,7 +705,11 @@ pub fn start_receiver(
         let _ = tx.send((r, t.elapsed()));
         drop(listener);
     });
-    Receiving { handle, rx, progress }
+    Receiving {
+        handle,
+        rx,
+        progress,
+    }
 }
 
 impl Receiving {
