@@ -101,7 +101,7 @@ fn corpus() -> Vec<u8> {
 /// Writes `size` bytes (a multiple of 4096) of image to `path`.
 pub fn generate(path: &Path, size: u64, mix: Mix, seed: u64) -> Result<()> {
     anyhow::ensure!(
-        size > 0 && size % PAGE as u64 == 0,
+        size > 0 && size.is_multiple_of(PAGE as u64),
         "size must be a multiple of 4096"
     );
     let corpus = corpus();

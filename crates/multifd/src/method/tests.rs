@@ -20,7 +20,7 @@ fn fill(block: &RamBlock, seed: u8) {
                 .enumerate()
                 .for_each(|(i, b)| *b = (i % 7) as u8 ^ seed),
             _ => page.iter_mut().enumerate().for_each(|(i, b)| {
-                *b = ((i as u64 * 2_654_435_761 + p * 97 + u64::from(seed)) >> 7) as u8
+                *b = ((i as u64 * 2_654_435_761 + p * 97 + u64::from(seed)) >> 7) as u8;
             }),
         }
         block.write_page(p * PAGE_SIZE as u64, &page).unwrap();

@@ -50,7 +50,7 @@ impl std::fmt::Debug for RamBlock {
 }
 
 fn check_len(name: &str, len: u64) -> Result<usize> {
-    if len == 0 || len % PAGE_SIZE_U64 != 0 {
+    if len == 0 || !len.is_multiple_of(PAGE_SIZE_U64) {
         return Err(Error::Config(format!(
             "RAM block {name:?}: length {len} is not a non-zero multiple of 4096"
         )));
@@ -223,7 +223,7 @@ impl RamBlock {
 
     /// Checks that `offset` names a whole page inside the block.
     pub fn check_page(&self, offset: u64) -> Result<()> {
-        if offset % PAGE_SIZE_U64 != 0
+        if !offset.is_multiple_of(PAGE_SIZE_U64)
             || offset
                 .checked_add(PAGE_SIZE_U64)
                 .is_none_or(|end| end > self.len)
