@@ -45,6 +45,12 @@ enum Cmd {
     Demo(demo::DemoArgs),
     /// Benchmark a loopback migration of a generated image against a raw TCP blast.
     Bench(bench::BenchArgs),
+    /// The sending half of `bench`'s raw TCP blast.
+    #[command(hide = true)]
+    RawSend(bench::RawArgs),
+    /// The receiving half of `bench`'s raw TCP blast.
+    #[command(hide = true)]
+    RawReceive(bench::RawArgs),
     /// Decode a snapshot directory or a captured stream into a summary.
     Inspect {
         /// Snapshot directory, main-stream capture or multifd-channel capture.
@@ -354,6 +360,8 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Send(a) => run_send(a),
         Cmd::Receive(a) => run_receive(a),
         Cmd::Bench(a) => bench::run(a),
+        Cmd::RawSend(a) => bench::raw_send(a),
+        Cmd::RawReceive(a) => bench::raw_receive(a),
         Cmd::Demo(a) => demo::run(a),
         Cmd::Inspect { path } => inspect::run(&path),
         Cmd::GenImage { path, size, seed } => {
