@@ -64,7 +64,14 @@ impl ChannelWorker<'_> {
                     let normal = offsets.len();
                     offsets.extend_from_slice(&zeros);
                     let mut iovs: Vec<IoVec<'_>> = Vec::with_capacity(PAGES_PER_PACKET + 1);
-                    let payload = self.method.prepare(blk, &offsets[..normal], &mut iovs)?;
+                    // A packet of zero pages only has no payload (QEMU skips
+                    // the method and asserts next_packet_size == 0); a
+                    // compressor would still emit a sync flush.
+                    let payload = if normal == 0 {
+                        0
+                    } else {
+                        self.method.prepare(blk, &offsets[..normal], &mut iovs)?
+                    };
                     RamPacketEncoder {
                         compression,
                         sync: false,

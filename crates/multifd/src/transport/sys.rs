@@ -25,7 +25,13 @@ fn drop_done(iovs: &mut [IoVec<'_>], mut n: usize) -> usize {
 /// Writes every byte of `iovs` to `fd`, retrying on partial writes and EINTR.
 pub(super) fn writev_all(fd: RawFd, mut iovs: &mut [IoVec<'_>]) -> io::Result<()> {
     let mut raw: Vec<libc::iovec> = Vec::with_capacity(iovs.len().min(IOV_MAX));
-    while !iovs.is_empty() {
+    loop {
+        // Empty vectors need no system call (writev would return 0).
+        let first = drop_done(iovs, 0);
+        iovs = &mut iovs[first..];
+        if iovs.is_empty() {
+            break;
+        }
         raw.clear();
         raw.extend(iovs.iter().take(IOV_MAX).map(IoVec::raw));
         // SAFETY:
@@ -55,7 +61,15 @@ pub(super) fn writev_all(fd: RawFd, mut iovs: &mut [IoVec<'_>]) -> io::Result<()
 pub(super) fn readv_exact(fd: RawFd, mut iovs: &mut [IoVec<'_>]) -> io::Result<bool> {
     let mut raw: Vec<libc::iovec> = Vec::with_capacity(iovs.len().min(IOV_MAX));
     let mut got_any = false;
-    while !iovs.is_empty() {
+    loop {
+        // Empty vectors need no system call: readv would return 0, which
+        // reads as EOF (a compressed packet of zero pages only has an empty
+        // payload).
+        let first = drop_done(iovs, 0);
+        iovs = &mut iovs[first..];
+        if iovs.is_empty() {
+            break;
+        }
         raw.clear();
         raw.extend(iovs.iter().take(IOV_MAX).map(IoVec::raw));
         // SAFETY:

@@ -8,7 +8,7 @@ use std::collections::BTreeSet;
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
@@ -257,7 +257,7 @@ impl RamProvider for FileRam {
 
 /// Deterministic page contents: every third page zero, the rest patterned.
 pub fn pattern_page(page: u64, seed: u64) -> Option<[u8; PAGE_SIZE]> {
-    if (page + seed) % 3 == 0 {
+    if (page + seed).is_multiple_of(3) {
         return None;
     }
     let mut p = [0u8; PAGE_SIZE];
@@ -285,12 +285,14 @@ pub fn dense_block(name: &str, pages: u64) -> RamBlock {
     b
 }
 
-/// Source RAM: anonymous blocks filled with [`pattern_page`].
+/// Source RAM: anonymous blocks filled with [`pattern_page`], except
+/// blocks whose name starts with `zero`, which stay all zero.
 pub fn source_ram(blocks: &[(&str, u64)], seed: u64) -> GuestRam {
     let mut ram = GuestRam::new();
     for (i, &(name, pages)) in blocks.iter().enumerate() {
         let b = RamBlock::anonymous(name, pages * PAGE_SIZE_U64).unwrap();
-        for p in 0..pages {
+        let fill = if name.starts_with("zero") { 0 } else { pages };
+        for p in 0..fill {
             if let Some(data) = pattern_page(p, seed + i as u64 * 1000) {
                 b.write_page(p * PAGE_SIZE_U64, &data).unwrap();
             }
@@ -767,6 +769,12 @@ impl PSock {
             Self::Unix(s) => s.shutdown(how),
         };
     }
+    fn set_read_timeout(&self, t: Option<Duration>) {
+        let _ = match self {
+            Self::Tcp(s) => s.set_read_timeout(t),
+            Self::Unix(s) => s.set_read_timeout(t),
+        };
+    }
     fn connect(uri: &Uri) -> std::io::Result<Self> {
         match uri {
             Uri::Tcp { host, port } => {
@@ -1000,10 +1008,26 @@ fn pump(i: usize, down: &Arc<PSock>, up: &Arc<PSock>, cut: Cut, sh: &ProxyShared
             }
         }
         Cut::MainTail { hold_back } if i == 0 => {
+            // Hold the last bytes back only at the very end: when the sender
+            // pauses, forward them (the sender may be waiting for the
+            // receiver, and holding data back mid-stream would model a
+            // stalled peer, not one that dies as it completes).
+            down.set_read_timeout(Some(Duration::from_millis(30)));
             let mut held: Vec<u8> = Vec::new();
             let mut buf = vec![0u8; 64 * 1024];
             loop {
                 match down.read(&mut buf) {
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                        ) =>
+                    {
+                        if up.write_all(&held).is_err() {
+                            return end(down, up);
+                        }
+                        held.clear();
+                    }
                     Ok(0) => return cut_here(sh),
                     Ok(n) => {
                         held.extend_from_slice(&buf[..n]);
@@ -1134,9 +1158,4 @@ pub fn seed() -> u64 {
                 .unwrap()
                 .as_nanos() as u64
         })
-}
-
-/// Path helper so tests can name files relative to a dir.
-pub fn file_in(dir: &Path, name: &str) -> PathBuf {
-    dir.join(name)
 }
