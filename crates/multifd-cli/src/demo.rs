@@ -85,7 +85,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
         std::thread::scope(|s| {
             let receiver =
                 s.spawn(|| recv::receive(&listener, &ropts, &mut provider, &recv_progress));
-            let sent = source::migrate(&uri, &src, &mut StaticRam, &sopts, p, None);
+            let sent = source::migrate(&uri, &src, &mut StaticRam, &sopts, p);
             let received = receiver.join().expect("receiver thread");
             (sent, received)
         })

@@ -292,7 +292,7 @@ fn run_send(a: SendArgs) -> Result<()> {
     };
     let (result, rss_mib) =
         with_progress(a.common.quiet || a.common.json, ram.total_len(), |p, _| {
-            source::migrate(&uri, &ram, &mut StaticRam, &opts, p, None)
+            source::migrate(&uri, &ram, &mut StaticRam, &opts, p)
         });
     let stats = result.with_context(|| format!("migrating to {uri}"))?;
     if a.common.json {

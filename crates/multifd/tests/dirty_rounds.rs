@@ -147,7 +147,7 @@ fn live_migration(config: MigrationConfig, uri: Uri) {
     let (rp, sp) = (Progress::default(), Progress::default());
     let (sent, received) = std::thread::scope(|s| {
         let r = s.spawn(|| recv::receive(&listener, &ropts, &mut Anonymous, &rp));
-        let sent = source::migrate(&uri, &src, &mut guest, &sopts, &sp, None);
+        let sent = source::migrate(&uri, &src, &mut guest, &sopts, &sp);
         (sent, r.join().unwrap())
     });
     let sent = sent.unwrap();

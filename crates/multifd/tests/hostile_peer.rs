@@ -14,7 +14,7 @@
 
 mod util;
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
@@ -23,7 +23,7 @@ use multifd::migrate::source::{SourceOptions, StaticRam, migrate};
 use multifd::ram::GuestRam;
 use multifd::recv::RamProvider;
 use multifd::transport::{Connection, Listener, Uri};
-use multifd::{Compression, Error, MethodConfig, MigrationConfig, Progress};
+use multifd::{Cancel, Compression, Error, MethodConfig, MigrationConfig, Progress};
 use multifd_wire::WireError;
 use multifd_wire::packet::{DeviceStateHeader, MULTIFD_MAGIC, flags};
 use proptest::prelude::*;
@@ -642,15 +642,10 @@ fn main_stream_closes_before_block_list() {
 
 /// The source dies inside the vmdesc trailer, after the EOF byte, the
 /// vmdesc type byte and 1-3 bytes of its (big-endian, so zero) length: the
-/// stream is incomplete and the receiver must not report success.
-///
-/// Ignored while the bug it found is open: `check_tail` takes any tail
-/// that ends in a NUL byte for "EOF without vmdesc", so `00 06 00 00 00`
-/// passes and `receive` returns `Ok` with a truncated tail (which a
-/// snapshot would then store and replay). Run it with
-/// `cargo test -p multifd --test hostile_peer -- --ignored`.
+/// stream is incomplete and the receiver must not report success. (A tail
+/// ending in a NUL byte could pass for "EOF without vmdesc", so receivers
+/// require the vmdesc by default: `ReceiveOptions::require_vmdesc`.)
 #[test]
-#[ignore = "engine bug: a stream cut inside the vmdesc length is accepted"]
 fn main_stream_cut_inside_vmdesc_is_not_success() {
     let _g = serial();
     let mut ch0 = sync_packet(0);
@@ -1448,14 +1443,7 @@ fn sender_connections_cut_mid_stream() {
         let ram = dense_ram(8192);
         let progress = Progress::default();
         let started = Instant::now();
-        let sent = migrate(
-            &proxy.uri,
-            &ram,
-            &mut StaticRam,
-            &send_opts(3),
-            &progress,
-            None,
-        );
+        let sent = migrate(&proxy.uri, &ram, &mut StaticRam, &send_opts(3), &progress);
         let send_took = started.elapsed();
         let (recvd, recv_took) = receiving.wait(FAST).expect("receiver hangs after the cut");
         receiving.handle.join().unwrap();
@@ -1507,7 +1495,7 @@ fn child_sender_helper() {
         max_rounds: u32::MAX,
         ..send_opts(2)
     };
-    let r = migrate(&uri, &ram, &mut vm, &opts, &Progress::default(), None);
+    let r = migrate(&uri, &ram, &mut vm, &opts, &Progress::default());
     eprintln!("child sender ended: {r:?}");
     std::process::exit(2);
 }
@@ -1617,7 +1605,6 @@ fn sender_fails_fast_when_receiver_closes_after_handshake() {
             &mut StaticRam,
             &send_opts(2),
             &Progress::default(),
-            None,
         );
         let took = started.elapsed();
         assert_eq!(fake.join().unwrap(), 3);
@@ -1655,7 +1642,6 @@ fn sender_connect_refused_fails_fast() {
             &mut StaticRam,
             &opts,
             &Progress::default(),
-            None,
         );
         let took = started.elapsed();
         drop(dir);
@@ -1679,15 +1665,19 @@ fn cancel_set_before_start() {
             recv_opts(2, Duration::from_secs(2)),
             Box::new(AnonRam),
         );
-        let cancel = AtomicBool::new(true);
+        let cancel = Arc::new(Cancel::new());
+        cancel.cancel();
+        let opts = SourceOptions {
+            cancel: Some(cancel),
+            ..send_opts(2)
+        };
         let started = Instant::now();
         let r = migrate(
             &uri,
             &dense_ram(1024),
             &mut StaticRam,
-            &send_opts(2),
+            &opts,
             &Progress::default(),
-            Some(&cancel),
         );
         assert!(matches!(r, Err(Error::Cancelled)), "{t:?}: {r:?}");
         assert!(started.elapsed() < FAST);
@@ -1696,8 +1686,10 @@ fn cancel_set_before_start() {
             .expect("receiver hangs after a cancelled sender");
         receiving.handle.join().unwrap();
         drop(dir);
+        // A sender cancelled before it starts never connects: the receiver
+        // times out waiting for a source.
         assert!(
-            matches!(&res, Err(Error::PeerClosed { .. })),
+            matches!(&res, Err(Error::HandshakeTimeout { .. })),
             "{t:?}: receiver: {:?}",
             res.as_ref().map(|_| ())
         );
@@ -1709,14 +1701,9 @@ fn cancel_set_before_start() {
 /// The receiver accepts, reads the handshakes, then stops reading: the
 /// sender's channel threads block in `writev`, its driver in the queue or
 /// in a main-channel write. Setting `cancel` must still end the migration
-/// with `Error::Cancelled` within 5 s.
-///
-/// Ignored while the engine bug it found is open: `migrate` only looks at
-/// `cancel` between batches, so a sender blocked in a socket write never
-/// sees it (see the report; the fix belongs in `migrate/source.rs`). Run
-/// it with `cargo test -p multifd --test hostile_peer -- --ignored`.
+/// with `Error::Cancelled` within 5 s: the cancel watcher shuts the
+/// sockets down.
 #[test]
-#[ignore = "engine bug: cancel cannot interrupt a sender blocked in a socket write"]
 fn sender_cancel_while_blocked_in_write() {
     let _g = serial();
     let ram = Arc::new(dense_ram(16384));
@@ -1737,20 +1724,17 @@ fn cancel_while_blocked(t: Transport, ram: &Arc<GuestRam>) -> Result<(), String>
         let _ = release_rx.recv_timeout(Duration::from_secs(60));
         drop(conns);
     });
-    let cancel = Arc::new(AtomicBool::new(false));
+    let cancel = Arc::new(Cancel::new());
     let progress = Arc::new(Progress::default());
     let (tx, rx) = mpsc::channel();
     let sender = {
         let (ram, cancel, progress) = (ram.clone(), cancel.clone(), progress.clone());
         spawn("send", move || {
-            let r = migrate(
-                &uri,
-                &ram,
-                &mut StaticRam,
-                &send_opts(2),
-                &progress,
-                Some(&cancel),
-            );
+            let opts = SourceOptions {
+                cancel: Some(cancel),
+                ..send_opts(2)
+            };
+            let r = migrate(&uri, &ram, &mut StaticRam, &opts, &progress);
             let _ = tx.send((r, Instant::now()));
         })
     };
@@ -1774,7 +1758,7 @@ fn cancel_while_blocked(t: Transport, ram: &Arc<GuestRam>) -> Result<(), String>
         std::thread::sleep(Duration::from_millis(10));
     }
     let cancelled_at = Instant::now();
-    cancel.store(true, Ordering::Relaxed);
+    cancel.cancel();
     let outcome = rx.recv_timeout(FAST);
     // Whatever happened, release the fake receiver so every thread ends.
     let _ = release_tx.send(());

@@ -17,14 +17,14 @@
 mod util;
 
 use std::collections::BTreeMap;
-use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
 use multifd::migrate::source::{SourceOptions, migrate};
 use multifd::recv::ReceiveOptions;
 use multifd::{
-    Compression, Error, FlushMode, MethodConfig, MigrationConfig, Progress, ZeroPageDetection,
+    Cancel, Compression, Error, FlushMode, MethodConfig, MigrationConfig, Progress,
+    ZeroPageDetection,
 };
 use util::*;
 
@@ -143,15 +143,16 @@ fn run(plan: &Plan) -> Result<Ran, String> {
     let proxy =
         (plan.cut != Cut::None).then(|| Proxy::start(plan.transport, uri.clone(), plan.cut));
     let target = proxy.as_ref().map_or(uri, |p| p.uri.clone());
-    let cancel = Arc::new(AtomicBool::new(false));
+    let cancel = Arc::new(Cancel::new());
     let (tx, rx) = mpsc::channel();
     let started = Instant::now();
     let sender = {
-        let (source, cancel) = (source.clone(), cancel.clone());
+        let source = source.clone();
         let opts = SourceOptions {
             config: plan.config(),
             downtime_limit: Duration::ZERO,
             max_rounds: 6,
+            cancel: Some(cancel.clone()),
             ..SourceOptions::default()
         };
         let mut vm = Dirtier {
@@ -161,20 +162,13 @@ fn run(plan: &Plan) -> Result<Ran, String> {
             calls_limit: plan.dirty_calls,
         };
         spawn("send", move || {
-            let r = migrate(
-                &target,
-                &source,
-                &mut vm,
-                &opts,
-                &Progress::default(),
-                Some(&cancel),
-            );
+            let r = migrate(&target, &source, &mut vm, &opts, &Progress::default());
             let _ = tx.send(r);
         })
     };
     if let Some(after) = plan.cancel_after {
         std::thread::sleep(after);
-        cancel.store(true, std::sync::atomic::Ordering::Relaxed);
+        cancel.cancel();
     }
     if let Some(after) = plan.cancel_receiver_after {
         std::thread::sleep(after);

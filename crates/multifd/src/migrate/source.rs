@@ -12,7 +12,8 @@
 //! Each section ends with a sync, so per-round and per-section flushing only
 //! differ in whether the FLUSH record is written.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::bounded;
@@ -21,6 +22,7 @@ use multifd_wire::packet::{InitPacket, PAGES_PER_PACKET};
 use multifd_wire::stream::{self, Command, Configuration, encode};
 
 use crate::abort::Abort;
+use crate::cancel::{self, Cancel};
 use crate::config::{FlushMode, MigrationConfig, ZeroPageDetection};
 use crate::error::{Endpoint, Error, Result};
 use crate::method;
@@ -73,6 +75,9 @@ pub struct SourceOptions {
     pub downtime_limit: Duration,
     /// Most iterative rounds before forcing the final round.
     pub max_rounds: u32,
+    /// Stops the migration from another thread, even while it is blocked
+    /// writing to a receiver that stopped reading.
+    pub cancel: Option<Arc<Cancel>>,
 }
 
 impl Default for SourceOptions {
@@ -82,6 +87,7 @@ impl Default for SourceOptions {
             plan: StreamPlan::default(),
             downtime_limit: Duration::from_millis(300),
             max_rounds: 30,
+            cancel: None,
         }
     }
 }
@@ -90,7 +96,7 @@ impl Default for SourceOptions {
 ///
 /// Blocks until the stream is completely written, or until the first
 /// error; either way every thread has been joined and every socket closed
-/// when it returns. Setting `cancel` stops the migration with
+/// when it returns. [`SourceOptions::cancel`] stops it with
 /// [`Error::Cancelled`].
 pub fn migrate(
     uri: &Uri,
@@ -98,15 +104,42 @@ pub fn migrate(
     vm: &mut dyn SourceVm,
     opts: &SourceOptions,
     progress: &Progress,
-    cancel: Option<&AtomicBool>,
 ) -> Result<Stats> {
     opts.config.validate()?;
     if ram.blocks().is_empty() {
         return Err(Error::Config("no RAM blocks to migrate".into()));
     }
     let started = Instant::now();
-    let cfg = &opts.config;
     let abort = Abort::new();
+    let cancel = opts.cancel.as_deref();
+    let result = cancel::watched(
+        cancel,
+        || abort.fail(Error::Cancelled),
+        || migrate_inner(uri, ram, vm, opts, progress, &abort),
+    );
+    abort.close_sockets();
+    // The first recorded error is the cause; a direct error may be its
+    // consequence (a socket shut down by the abort path).
+    match (result, abort.take_error()) {
+        (_, Some(first)) => Err(first),
+        (Err(e), None) => Err(e),
+        (Ok(()), None) => Ok(progress.stats(started.elapsed())),
+    }
+}
+
+fn migrate_inner(
+    uri: &Uri,
+    ram: &GuestRam,
+    vm: &mut dyn SourceVm,
+    opts: &SourceOptions,
+    progress: &Progress,
+    abort: &Abort<'_>,
+) -> Result<()> {
+    let cfg = &opts.config;
+    let cancel = opts.cancel.as_deref();
+    if cancel.is_some_and(Cancel::is_cancelled) {
+        return Err(Error::Cancelled);
+    }
 
     // Main channel first (a TLS destination classifies by order), then the
     // multifd channels, each opening with its initial packet.
@@ -139,7 +172,6 @@ pub fn migrate(
                 packet_num: &packet_num,
                 progress,
             };
-            let abort = &abort;
             let handle = std::thread::Builder::new()
                 .name(format!("multifd-send-{id}"))
                 .spawn_scoped(s, move || abort.guard(|| worker.run(rx)))
@@ -177,12 +209,7 @@ pub fn migrate(
         abort.guard(|| main.finish());
         Ok(())
     });
-    abort.close_sockets();
-    result?;
-    if let Some(e) = abort.take_error() {
-        return Err(e);
-    }
-    Ok(progress.stats(started.elapsed()))
+    result
 }
 
 struct Driver<'a> {
@@ -191,7 +218,7 @@ struct Driver<'a> {
     dispatcher: Dispatcher,
     main: MainWriter<'a>,
     progress: &'a Progress,
-    cancel: Option<&'a AtomicBool>,
+    cancel: Option<&'a Cancel>,
     /// Block of the last ZERO record on the main stream (for CONTINUE).
     last_block: Option<usize>,
 }
@@ -202,7 +229,7 @@ impl Driver<'_> {
     }
 
     fn check_cancel(&self) -> Result<()> {
-        if self.cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
+        if self.cancel.is_some_and(Cancel::is_cancelled) {
             return Err(Error::Cancelled);
         }
         Ok(())

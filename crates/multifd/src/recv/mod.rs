@@ -57,6 +57,10 @@ pub struct ReceiveOptions {
     /// Stops the migration from another thread (also while waiting for
     /// connections).
     pub cancel: Option<Arc<Cancel>>,
+    /// Require the vmdesc trailer after EOF (QEMU 10 sends it for every x86
+    /// machine type, and so do we). A stream cut inside the trailer's length
+    /// can otherwise look like a complete stream without one.
+    pub require_vmdesc: bool,
 }
 
 impl Default for ReceiveOptions {
@@ -66,6 +70,7 @@ impl Default for ReceiveOptions {
             accept_timeout: None,
             max_tail: 256 << 20,
             cancel: None,
+            require_vmdesc: true,
         }
     }
 }
@@ -193,7 +198,7 @@ fn receive_inner(
                     switchover_start: false,
                     progress,
                 };
-                let result = main.run(opts.max_tail)?;
+                let result = main.run(opts.max_tail, opts.require_vmdesc)?;
                 // The source closes the channels right after the main
                 // stream; give them a bounded time to reach EOF.
                 for c in &drain_handles {
@@ -260,7 +265,7 @@ impl MainLoop<'_, '_> {
 
     /// Follows the main stream from after the setup section's block list to
     /// the end; returns the opaque tail.
-    fn run(&mut self, max_tail: usize) -> Result<Vec<u8>> {
+    fn run(&mut self, max_tail: usize, require_vmdesc: bool) -> Result<Vec<u8>> {
         let per_round = self.cfg.flush_mode == FlushMode::PerRound;
         // The rest of the START section: FLUSH (per-round) then EOS.
         let mut in_setup = true;
@@ -297,7 +302,7 @@ impl MainLoop<'_, '_> {
                 }
                 OwnedEvent::Footer => {
                     if ended {
-                        return self.reader.read_tail(max_tail);
+                        return self.reader.read_tail(max_tail, require_vmdesc);
                     }
                 }
                 OwnedEvent::RamPart => {}

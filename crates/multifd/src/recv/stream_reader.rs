@@ -296,7 +296,7 @@ impl StreamReader {
     }
 
     /// Everything after the ram END footer, to the end of the connection.
-    pub(crate) fn read_tail(&mut self, max: usize) -> Result<Vec<u8>> {
+    pub(crate) fn read_tail(&mut self, max: usize, require_vmdesc: bool) -> Result<Vec<u8>> {
         let mut tail = self.buf[self.start..].to_vec();
         self.start = self.buf.len();
         if !self.eof {
@@ -317,7 +317,13 @@ impl StreamReader {
                 }
             }
         }
-        check_tail(&tail).map_err(|e| Error::wire(Endpoint::Main, e))?;
+        let vmdesc = check_tail(&tail).map_err(|e| Error::wire(Endpoint::Main, e))?;
+        if require_vmdesc && vmdesc.is_none() {
+            return Err(Error::PeerClosed {
+                endpoint: Endpoint::Main,
+                when: "before the vmdesc trailer that ends a complete stream",
+            });
+        }
         Ok(tail)
     }
 
