@@ -17,6 +17,8 @@ pub(crate) trait Wake: Sync {
 /// First-error latch plus the handles needed to stop everything.
 pub(crate) struct Abort<'w> {
     aborted: AtomicBool,
+    /// Set once the migration finished; a cancel after that is too late.
+    completed: AtomicBool,
     first: Mutex<Option<Error>>,
     sockets: Mutex<Vec<Connection>>,
     wakers: Mutex<Vec<&'w dyn Wake>>,
@@ -28,6 +30,7 @@ impl<'w> Abort<'w> {
     pub(crate) fn new() -> Self {
         Self {
             aborted: AtomicBool::new(false),
+            completed: AtomicBool::new(false),
             first: Mutex::new(None),
             sockets: Mutex::new(Vec::new()),
             wakers: Mutex::new(Vec::new()),
@@ -75,6 +78,9 @@ impl<'w> Abort<'w> {
     pub(crate) fn fail(&self, err: Error) {
         {
             let mut first = self.first.lock().unwrap_or_else(|p| p.into_inner());
+            if matches!(err, Error::Cancelled) && self.completed.load(Ordering::Acquire) {
+                return;
+            }
             match (&*first, &err) {
                 (None, Error::Aborted) => {}
                 (None, _) => *first = Some(err),
@@ -99,6 +105,18 @@ impl<'w> Abort<'w> {
         if let Some((_, w)) = &self.pipe {
             let _ = w.lock().unwrap_or_else(|p| p.into_inner()).write_all(&[1]);
         }
+    }
+
+    /// Marks the point of no return, unless the migration already failed:
+    /// from now on a cancel is too late (other errors still count).
+    /// Returns whether it was marked.
+    pub(crate) fn complete(&self) -> bool {
+        let _first = self.first.lock().unwrap_or_else(|p| p.into_inner());
+        if self.is_aborted() {
+            return false;
+        }
+        self.completed.store(true, Ordering::Release);
+        true
     }
 
     /// Runs `f`; an error from it aborts the migration.

@@ -157,7 +157,7 @@ fn migrate_inner(
     }
 
     let packet_num = AtomicU64::new(0);
-    let result = std::thread::scope(|s| {
+    std::thread::scope(|s| {
         let mut queues = Vec::with_capacity(channels.len());
         let mut handles = Vec::with_capacity(channels.len());
         for (id, conn) in channels.drain(..).enumerate() {
@@ -186,6 +186,7 @@ fn migrate_inner(
             main: MainWriter::new(main, progress),
             progress,
             cancel,
+            abort,
             last_block: None,
         };
         let driven = driver.run(vm);
@@ -208,22 +209,22 @@ fn migrate_inner(
         // All channel data is written: end the main stream.
         abort.guard(|| main.finish());
         Ok(())
-    });
-    result
+    })
 }
 
-struct Driver<'a> {
+struct Driver<'a, 'w> {
     ram: &'a GuestRam,
     opts: &'a SourceOptions,
     dispatcher: Dispatcher,
     main: MainWriter<'a>,
     progress: &'a Progress,
     cancel: Option<&'a Cancel>,
+    abort: &'a Abort<'w>,
     /// Block of the last ZERO record on the main stream (for CONTINUE).
     last_block: Option<usize>,
 }
 
-impl Driver<'_> {
+impl Driver<'_, '_> {
     fn wire(e: multifd_wire::WireError) -> Error {
         Error::wire(Endpoint::Main, e)
     }
@@ -321,6 +322,11 @@ impl Driver<'_> {
         encode::section_end(self.main.buf(), id);
         self.send_round(Some(&last))?;
         self.end_section(id)?;
+        // The point of no return: once EOF goes out the destination can
+        // complete, so a cancel from now on is ignored.
+        if !self.abort.complete() {
+            return Err(Error::Aborted);
+        }
         match &self.opts.plan.tail {
             Some(tail) => self.main.buf().extend_from_slice(tail),
             None => {

@@ -79,6 +79,20 @@ pub(crate) fn accept_all(
             Some(d) => Some(d.saturating_duration_since(Instant::now())),
         };
         let Some(mut conn) = listener.accept_or_wake(wait, abort.wake_fd())? else {
+            if deadline.is_some() && main.is_some() && have < n {
+                let missing: Vec<String> = channels
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, c)| c.is_none())
+                    .map(|(id, _)| id.to_string())
+                    .collect();
+                return Err(Error::Mismatch(format!(
+                    "only {have} of {n} multifd channels connected within {} ms \
+                     (missing ids {}): is multifd-channels the same on both sides?",
+                    hs.as_millis(),
+                    missing.join(",")
+                )));
+            }
             return Err(Error::HandshakeTimeout {
                 endpoint: if main.is_none() {
                     Endpoint::Main

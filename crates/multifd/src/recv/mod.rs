@@ -219,6 +219,9 @@ fn receive_inner(
     let (tail, flushes, switchover_start) = outcome.ok_or(Error::Aborted)?;
     // Pages on channels we never read would be lost: refuse to call it done.
     accept::reject_extra_channels(listener, cfg)?;
+    if !abort.complete() {
+        return Err(Error::Aborted);
+    }
     if barrier.waiting() != 0 {
         return Err(Error::Mismatch(
             "multifd channels sent more SYNC packets than the main stream has flush points \
