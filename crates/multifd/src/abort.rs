@@ -64,6 +64,30 @@ impl<'w> Abort<'w> {
         Ok(())
     }
 
+    /// Descriptors of the registered sockets, in registration order. They
+    /// stay open until [`Abort::close_sockets`].
+    pub(crate) fn socket_fds(&self) -> Vec<std::os::fd::RawFd> {
+        use std::os::fd::AsRawFd;
+        self.sockets
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(AsRawFd::as_raw_fd)
+            .collect()
+    }
+
+    /// Shuts down the `index`-th registered socket (in registration order).
+    pub(crate) fn shutdown_socket(&self, index: usize) {
+        if let Some(s) = self
+            .sockets
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(index)
+        {
+            s.shutdown();
+        }
+    }
+
     /// Adds a waiter to wake on abort.
     pub(crate) fn register_waker(&self, w: &'w dyn Wake) {
         let mut wakers = self.wakers.lock().unwrap_or_else(|p| p.into_inner());

@@ -483,17 +483,11 @@ fn missing_channel_times_out() {
             Box::new(AnonRam),
             vec![main_conn(), silent_chan(0), silent_chan(2)],
         );
-        assert!(
-            matches!(
-                o.err,
-                Error::HandshakeTimeout {
-                    endpoint: Endpoint::Unclassified,
-                    ..
-                }
-            ),
-            "{t:?}: {:?}",
-            o.err
-        );
+        // The receiver names the channel that never came.
+        match &o.err {
+            Error::Mismatch(m) => assert!(m.contains("missing ids 1"), "{t:?}: {m}"),
+            other => panic!("{t:?}: {other:?}"),
+        }
     }
 }
 
@@ -1451,7 +1445,8 @@ fn sender_connections_cut_mid_stream() {
         proxy.finish();
         drop(dir);
         match &sent {
-            Err(Error::Io { .. }) => {}
+            // A write fails, or the peer watch sees the hang-up first.
+            Err(Error::Io { .. } | Error::PeerClosed { .. }) => {}
             other => panic!("{t:?}: sender: {other:?}"),
         }
         match &recvd {
@@ -1610,6 +1605,8 @@ fn sender_fails_fast_when_receiver_closes_after_handshake() {
         assert_eq!(fake.join().unwrap(), 3);
         drop(dir);
         match &r {
+            // The peer watch sees the hang-up (often before a write fails).
+            Err(Error::PeerClosed { .. }) => {}
             Err(Error::Io { source, context }) => {
                 assert!(
                     matches!(

@@ -235,7 +235,7 @@ fn run(plan: &Plan) -> Result<Ran, String> {
 fn judge(plan: &Plan, ran: &Ran, clean_tail: &[u8]) -> Result<String, String> {
     let sender_ok = match &ran.sent {
         Ok(_) => true,
-        Err(Error::Io { .. } | Error::Cancelled) => false,
+        Err(Error::Io { .. } | Error::PeerClosed { .. } | Error::Cancelled) => false,
         Err(e) => return Err(format!("sender: unexpected error {e:?}")),
     };
     // Cuts that can end the main stream inside its opaque tail.

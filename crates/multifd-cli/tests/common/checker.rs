@@ -52,7 +52,7 @@ fn runs(c: &[u8]) -> String {
 /// a page boundary (`base` is its guest-physical address, for messages).
 pub fn check_counters(mem: &[u8], base: u64) -> Result<CounterState, String> {
     let page = PAGE as usize;
-    if mem.is_empty() || mem.len() % page != 0 {
+    if mem.is_empty() || !mem.len().is_multiple_of(page) {
         return Err(format!(
             "range of {} bytes is not a whole number of pages",
             mem.len()

@@ -134,6 +134,49 @@ pub fn wait_tcp_listening(port: u16, proc: &mut Proc, timeout: Duration) {
     }
 }
 
+/// Starts `multifd receive --listen tcp:127.0.0.1:0 ARGS...` and returns it
+/// with the port it chose, read from its "multifd: listening on URI" line
+/// (no port is picked in advance, so parallel test runs cannot collide).
+pub fn start_receiver<S: AsRef<std::ffi::OsStr>>(
+    ctx: &TestCtx,
+    name: &str,
+    args: &[S],
+) -> (Proc, u16) {
+    let mut all: Vec<std::ffi::OsString> = vec![
+        "receive".into(),
+        "--listen".into(),
+        "tcp:127.0.0.1:0".into(),
+    ];
+    all.extend(args.iter().map(|a| a.as_ref().to_owned()));
+    let mut proc = ctx.multifd(name, &all);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let err = proc.stderr_text();
+        let port = err.lines().find_map(|l| {
+            l.strip_prefix("multifd: listening on tcp:")
+                .and_then(|rest| rest.rsplit_once(':'))
+                .and_then(|(_, port)| port.trim().parse::<u16>().ok())
+        });
+        if let Some(port) = port {
+            return (proc, port);
+        }
+        if let Some(st) = proc.try_wait() {
+            panic!(
+                "[{}] {name} exited ({st}) before listening:\n{}",
+                ctx.name,
+                proc.output_tail()
+            );
+        }
+        assert!(
+            Instant::now() < deadline,
+            "[{}] {name} does not say where it listens:\n{}",
+            ctx.name,
+            proc.output_tail()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// Polls `f` every `every` until it returns `Some`, at most `timeout`.
 pub fn poll<T>(timeout: Duration, every: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
     let deadline = Instant::now() + timeout;

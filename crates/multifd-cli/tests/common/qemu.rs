@@ -363,12 +363,20 @@ impl Qemu {
         self.cmd("migrate-set-parameters", params);
     }
 
-    /// `migrate-incoming` on 127.0.0.1:port.
-    pub fn migrate_incoming(&mut self, port: u16) {
-        self.cmd(
-            "migrate-incoming",
-            json!({"uri": format!("tcp:127.0.0.1:{port}")}),
-        );
+    /// `migrate-incoming` on 127.0.0.1, on a port QEMU picks; returns it.
+    pub fn migrate_incoming(&mut self) -> u16 {
+        self.cmd("migrate-incoming", json!({"uri": "tcp:127.0.0.1:0"}));
+        let info = self.cmd("query-migrate", json!({}));
+        let port = info["socket-address"]
+            .as_array()
+            .and_then(|a| a.first())
+            .and_then(|sa| match &sa["port"] {
+                Value::String(p) => p.parse::<u16>().ok(),
+                Value::Number(n) => n.as_u64().and_then(|n| u16::try_from(n).ok()),
+                _ => None,
+            })
+            .filter(|&p| p != 0);
+        port.unwrap_or_else(|| panic!("QEMU {}: no listening port in {info}", self.config.name))
     }
 
     /// `migrate` to 127.0.0.1:port.

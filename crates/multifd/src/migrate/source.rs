@@ -13,7 +13,7 @@
 //! differ in whether the FLUSH record is written.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::bounded;
@@ -157,7 +157,20 @@ fn migrate_inner(
     }
 
     let packet_num = AtomicU64::new(0);
+    // done[0]: the main stream, done[1 + id]: channel `id`.
+    let done: Vec<AtomicBool> = (0..=channels.len())
+        .map(|_| AtomicBool::new(false))
+        .collect();
+    let (stop_r, stop_w) =
+        std::io::pipe().map_err(|e| Error::io("creating the peer-watch pipe", e))?;
     std::thread::scope(|s| {
+        // Ends the peer watch on every way out of this scope.
+        let _stop_watch = StopOnDrop(stop_w);
+        let done = &done;
+        std::thread::Builder::new()
+            .name("multifd-peer-watch".into())
+            .spawn_scoped(s, move || watch_peer(abort, done, &stop_r))
+            .map_err(|e| Error::io("spawning the peer-watch thread", e))?;
         let mut queues = Vec::with_capacity(channels.len());
         let mut handles = Vec::with_capacity(channels.len());
         for (id, conn) in channels.drain(..).enumerate() {
@@ -171,6 +184,7 @@ fn migrate_inner(
                 zero_pages: cfg.zero_page_detection,
                 packet_num: &packet_num,
                 progress,
+                done: &done[1 + id],
             };
             let handle = std::thread::Builder::new()
                 .name(format!("multifd-send-{id}"))
@@ -207,9 +221,55 @@ fn migrate_inner(
             return Ok(());
         }
         // All channel data is written: end the main stream.
+        done[0].store(true, Ordering::Release);
         abort.guard(|| main.finish());
         Ok(())
     })
+}
+
+/// Writes to the peer-watch pipe when dropped.
+struct StopOnDrop(std::io::PipeWriter);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        let _ = std::io::Write::write_all(&mut self.0, &[1]);
+    }
+}
+
+/// Watches the sockets of a sending migration: a destination sends nothing
+/// on them (there is no return path), so a hang-up, reset or data means it
+/// gave up on that connection, for example after a channel error. A QEMU
+/// destination then shuts its sockets down but keeps them open with a zero
+/// window, which would leave a writer blocked forever. The watch shuts our
+/// side of that socket down: a write still pending on it fails at once
+/// (and aborts the migration), while a channel that has nothing more to
+/// send is not disturbed. Sockets whose writer already finished are left out.
+fn watch_peer(abort: &Abort<'_>, done: &[AtomicBool], stop: &std::io::PipeReader) {
+    use std::os::fd::AsRawFd;
+    let fds = abort.socket_fds();
+    let mut wake = vec![stop.as_raw_fd()];
+    wake.extend(abort.wake_fd().map(|w| w.as_raw_fd()));
+    let mut gone = vec![false; fds.len()];
+    loop {
+        let active: Vec<usize> = (0..fds.len().min(done.len()))
+            .filter(|&i| !gone[i] && !done[i].load(Ordering::Acquire))
+            .collect();
+        if active.is_empty() {
+            return;
+        }
+        let watch: Vec<_> = active.iter().map(|&i| fds[i]).collect();
+        match crate::transport::sys::wait_peer_event(&watch, &wake) {
+            Ok(None) | Err(_) => return,
+            Ok(Some(k)) => {
+                let i = active[k];
+                gone[i] = true;
+                if !done[i].load(Ordering::Acquire) {
+                    tracing::debug!(socket = i, "destination hung up; shutting the socket down");
+                    abort.shutdown_socket(i);
+                }
+            }
+        }
+    }
 }
 
 struct Driver<'a, 'w> {

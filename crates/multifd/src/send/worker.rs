@@ -1,6 +1,6 @@
 //! One sending channel thread (QEMU's `multifd_send_thread()`).
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use crossbeam_channel::Receiver;
 use multifd_wire::packet::{PAGES_PER_PACKET, RAM_PACKET_HEADER_SIZE, RamPacketEncoder};
@@ -35,6 +35,8 @@ pub(crate) struct ChannelWorker<'a> {
     pub(crate) zero_pages: ZeroPageDetection,
     pub(crate) packet_num: &'a AtomicU64,
     pub(crate) progress: &'a Progress,
+    /// Set once this channel wrote its last byte (a hang-up is then normal).
+    pub(crate) done: &'a AtomicBool,
 }
 
 impl ChannelWorker<'_> {
@@ -114,6 +116,7 @@ impl ChannelWorker<'_> {
                 }
             }
         }
+        self.done.store(true, Ordering::Release);
         self.conn.shutdown_write();
         Ok(())
     }

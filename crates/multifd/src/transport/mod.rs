@@ -8,7 +8,7 @@
 
 mod conn;
 mod listen;
-mod sys;
+pub(crate) mod sys;
 mod uri;
 
 pub use conn::Connection;
