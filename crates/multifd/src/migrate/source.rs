@@ -32,6 +32,12 @@ use crate::send::{ChannelWorker, Dispatcher, Job};
 use crate::stats::{Progress, Stats};
 use crate::transport::{Connection, Uri};
 
+/// Batches a channel may hold beyond the one it is sending. Deeper queues
+/// let the driver run ahead instead of waking once per packet; shallow ones
+/// keep work flowing to whichever channel is free. On loopback, 4 GiB,
+/// 4 channels: depth 1 reached 77% of a raw TCP blast, 4 and 16 reached 86-88%.
+const QUEUE_DEPTH: usize = 8;
+
 /// What a source VM provides to the driver. Guest RAM itself is the
 /// caller's [`GuestRam`]; this trait covers the rest.
 pub trait SourceVm {
@@ -174,7 +180,7 @@ fn migrate_inner(
         let mut queues = Vec::with_capacity(channels.len());
         let mut handles = Vec::with_capacity(channels.len());
         for (id, conn) in channels.drain(..).enumerate() {
-            let (tx, rx) = bounded(1);
+            let (tx, rx) = bounded(QUEUE_DEPTH);
             queues.push(tx);
             let worker = ChannelWorker {
                 id: id as u8,
