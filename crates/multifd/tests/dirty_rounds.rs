@@ -98,7 +98,7 @@ fn source_ram(seed: u64) -> GuestRam {
     for (name, pages) in [("pc.ram", 2048u64), ("pc.bios", 64)] {
         let block = RamBlock::anonymous(name, pages * PAGE).unwrap();
         for p in 0..pages {
-            if rng.next() % 3 != 0 {
+            if !rng.next().is_multiple_of(3) {
                 let mut page = [0u8; 4096];
                 page[(rng.next() % 4096) as usize] = 1 + (rng.next() % 255) as u8;
                 page[0] = p as u8;

@@ -22,23 +22,46 @@ fn drop_done(iovs: &mut [IoVec<'_>], mut n: usize) -> usize {
     first
 }
 
-/// Writes every byte of `iovs` to `fd`, retrying on partial writes and EINTR.
-pub(super) fn writev_all(fd: RawFd, mut iovs: &mut [IoVec<'_>]) -> io::Result<()> {
+/// Direction of a vectored transfer.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Dir {
+    /// `writev`: the kernel reads from the vectors.
+    Write,
+    /// `readv`: the kernel writes into the vectors.
+    Read,
+}
+
+/// Moves every byte of `iovs` with `writev`/`readv`, retrying on partial
+/// transfers and EINTR. Returns `Ok(false)` if the call returned 0 before
+/// the first byte (for reads: the peer closed cleanly), and `UnexpectedEof`
+/// / `WriteZero` if that happened in the middle.
+fn transfer_all(fd: RawFd, mut iovs: &mut [IoVec<'_>], dir: Dir) -> io::Result<bool> {
     let mut raw: Vec<libc::iovec> = Vec::with_capacity(iovs.len().min(IOV_MAX));
+    let mut moved_any = false;
     loop {
-        // Empty vectors need no system call (writev would return 0).
+        // Empty vectors need no system call: it would return 0, which reads
+        // as EOF (a compressed packet of zero pages has an empty payload).
         let first = drop_done(iovs, 0);
         iovs = &mut iovs[first..];
         if iovs.is_empty() {
-            break;
+            return Ok(true);
         }
         raw.clear();
         raw.extend(iovs.iter().take(IOV_MAX).map(IoVec::raw));
+        let count = raw.len() as libc::c_int;
         // SAFETY:
-        // - `raw` holds `raw.len()` valid iovecs; each points at memory that
-        //   its IoVec keeps valid for at least this call;
-        // - writev only reads through them.
-        let n = unsafe { libc::writev(fd, raw.as_ptr(), raw.len() as libc::c_int) };
+        // - `raw` holds `count` valid iovecs, each over memory its IoVec
+        //   keeps valid for at least this call;
+        // - for a write the kernel only reads through them; for a read the
+        //   memory is writable (a writable guest mapping or an exclusively
+        //   borrowed buffer) and the kernel writes at most `iov_len` bytes
+        //   into each.
+        let n = unsafe {
+            match dir {
+                Dir::Write => libc::writev(fd, raw.as_ptr(), count),
+                Dir::Read => libc::readv(fd, raw.as_ptr(), count),
+            }
+        };
         if n < 0 {
             let err = io::Error::last_os_error();
             if err.kind() == io::ErrorKind::Interrupted {
@@ -47,56 +70,28 @@ pub(super) fn writev_all(fd: RawFd, mut iovs: &mut [IoVec<'_>]) -> io::Result<()
             return Err(err);
         }
         if n == 0 {
-            return Err(io::ErrorKind::WriteZero.into());
+            return match (dir, moved_any) {
+                (Dir::Read, false) => Ok(false),
+                (Dir::Read, true) => Err(io::ErrorKind::UnexpectedEof.into()),
+                (Dir::Write, _) => Err(io::ErrorKind::WriteZero.into()),
+            };
         }
+        moved_any = true;
         let first = drop_done(iovs, n as usize);
         iovs = &mut iovs[first..];
     }
-    Ok(())
+}
+
+/// Writes every byte of `iovs` to `fd`.
+pub(super) fn writev_all(fd: RawFd, iovs: &mut [IoVec<'_>]) -> io::Result<()> {
+    transfer_all(fd, iovs, Dir::Write).map(drop)
 }
 
 /// Fills every byte of `iovs` from `fd`. Returns `Ok(false)` when the peer
 /// closed the connection before the first byte (a clean end), and an
 /// `UnexpectedEof` error when it closed in the middle.
-pub(super) fn readv_exact(fd: RawFd, mut iovs: &mut [IoVec<'_>]) -> io::Result<bool> {
-    let mut raw: Vec<libc::iovec> = Vec::with_capacity(iovs.len().min(IOV_MAX));
-    let mut got_any = false;
-    loop {
-        // Empty vectors need no system call: readv would return 0, which
-        // reads as EOF (a compressed packet of zero pages only has an empty
-        // payload).
-        let first = drop_done(iovs, 0);
-        iovs = &mut iovs[first..];
-        if iovs.is_empty() {
-            break;
-        }
-        raw.clear();
-        raw.extend(iovs.iter().take(IOV_MAX).map(IoVec::raw));
-        // SAFETY:
-        // - `raw` holds valid iovecs over memory that each IoVec keeps valid
-        //   and writable for at least this call (guest pages of a writable
-        //   mapping, or exclusively borrowed buffers);
-        // - readv writes at most `iov_len` bytes into each.
-        let n = unsafe { libc::readv(fd, raw.as_ptr(), raw.len() as libc::c_int) };
-        if n < 0 {
-            let err = io::Error::last_os_error();
-            if err.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(err);
-        }
-        if n == 0 {
-            return if got_any {
-                Err(io::ErrorKind::UnexpectedEof.into())
-            } else {
-                Ok(false)
-            };
-        }
-        got_any = true;
-        let first = drop_done(iovs, n as usize);
-        iovs = &mut iovs[first..];
-    }
-    Ok(true)
+pub(super) fn readv_exact(fd: RawFd, iovs: &mut [IoVec<'_>]) -> io::Result<bool> {
+    transfer_all(fd, iovs, Dir::Read)
 }
 
 /// What [`poll_readable`] saw.
