@@ -8,9 +8,27 @@ use multifd_wire::packet::{PAGES_PER_PACKET, RAM_PACKET_HEADER_SIZE, RamPacketEn
 use crate::config::ZeroPageDetection;
 use crate::error::{Error, Result};
 use crate::method::SendMethod;
-use crate::ram::{GuestRam, IoVec};
+use crate::ram::{GuestRam, IoVec, RamBlock};
 use crate::stats::Progress;
 use crate::transport::Connection;
+use multifd_wire::PAGE_SIZE_U64;
+
+/// Maps each run of consecutive pages of `batch` with one system call
+/// before they are read (see [`RamBlock::populate_read`]).
+fn populate_runs(block: &RamBlock, batch: &[u64]) {
+    let mut i = 0;
+    while i < batch.len() {
+        let start = batch[i];
+        let mut j = i + 1;
+        while j < batch.len() && batch[j] == batch[j - 1] + PAGE_SIZE_U64 {
+            j += 1;
+        }
+        if j - i > 1 {
+            block.populate_read(start, (j - i) as u64 * PAGE_SIZE_U64);
+        }
+        i = j;
+    }
+}
 
 /// Work for a channel.
 #[derive(Debug)]
@@ -52,6 +70,7 @@ impl ChannelWorker<'_> {
                     offsets: batch,
                 } => {
                     let blk = self.ram.block(block);
+                    populate_runs(blk, &batch);
                     // Zero-page detection on this thread: normal pages first,
                     // zero pages after them (QEMU's multifd_send_zero_page_detect()).
                     offsets.clear();
