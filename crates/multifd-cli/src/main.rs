@@ -11,7 +11,7 @@ mod rss;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
@@ -223,13 +223,14 @@ pub(crate) fn with_progress<T>(
     f: impl FnOnce(&Progress, &AtomicU64) -> T,
 ) -> (T, f64) {
     let progress = Progress::default();
-    let done = AtomicBool::new(false);
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
     let total = AtomicU64::new(total);
     let rss = rss::RssMeter::default();
     let out = std::thread::scope(|s| {
-        s.spawn(|| progress::watch(&progress, &done, &total, &rss, quiet));
+        let (p, t, r) = (&progress, &total, &rss);
+        s.spawn(move || progress::watch(p, done_rx, t, r, quiet));
         let out = f(&progress, &total);
-        done.store(true, Ordering::Release);
+        drop(done_tx);
         out
     });
     (out, rss.peak_mib())

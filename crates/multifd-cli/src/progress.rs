@@ -1,6 +1,7 @@
 //! A progress bar on stderr, drawn from the engine's counters by a thread.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -8,11 +9,16 @@ use multifd::Progress;
 
 use crate::rss::RssMeter;
 
-/// Draws `progress` until `done` is set; samples memory while at it.
-/// `total_bytes` sizes the bar (guest RAM size; 0 when unknown).
+/// How often the bar is redrawn and memory sampled.
+const TICK: Duration = Duration::from_millis(50);
+
+/// Draws `progress` until `done` disconnects (its sender is dropped, which
+/// ends the wait at once: the caller's exit is never delayed by a tick);
+/// samples memory while at it. `total_bytes` sizes the bar (guest RAM
+/// size; 0 when unknown).
 pub fn watch(
     progress: &Progress,
-    done: &AtomicBool,
+    done: Receiver<()>,
     total_bytes: &std::sync::atomic::AtomicU64,
     rss: &RssMeter,
     quiet: bool,
@@ -27,8 +33,7 @@ pub fn watch(
         .progress_chars("=> "),
     );
     let mut shown = false;
-    while !done.load(Ordering::Acquire) {
-        std::thread::sleep(Duration::from_millis(50));
+    while let Err(RecvTimeoutError::Timeout) = done.recv_timeout(TICK) {
         rss.sample();
         if quiet {
             continue;

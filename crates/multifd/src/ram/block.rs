@@ -264,7 +264,9 @@ impl RamBlock {
     /// dirty log re-sends it.
     pub fn is_zero_page(&self, offset: u64) -> Result<bool> {
         self.check_page(offset)?;
-        Ok(page_is_zero(self.page_ptr(offset)))
+        // SAFETY: the page lies inside the mapping (checked above), which
+        // is readable for as long as `self` lives.
+        Ok(unsafe { super::zero::page_is_zero(self.page_ptr(offset)) })
     }
 
     /// Copies the page at `offset` into `out` (a private copy for a
@@ -414,59 +416,6 @@ impl RamBlock {
             );
         }
         Ok(())
-    }
-}
-
-/// Whether the 4096 bytes at `page` are all zero. Reads go through raw
-/// pointers (no reference over shared memory), 64 bytes per step, and stop
-/// at the first non-zero 256-byte stretch.
-fn page_is_zero(page: *const u8) -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use std::arch::x86_64::{
-            __m128i, _mm_cmpeq_epi8, _mm_loadu_si128, _mm_movemask_epi8, _mm_or_si128,
-            _mm_setzero_si128,
-        };
-        // SAFETY:
-        // - SSE2 is part of the x86_64 baseline, so the intrinsics exist;
-        // - every load reads 16 bytes at `page + i`, `i + 16 <= 4096`, and
-        //   the caller passes a pointer to a whole mapped, readable page;
-        // - unaligned loads (`loadu`) have no alignment requirement.
-        unsafe {
-            let zero = _mm_setzero_si128();
-            let mut i = 0;
-            while i < PAGE_SIZE {
-                let mut acc = zero;
-                for j in (0..256).step_by(16) {
-                    let v = _mm_loadu_si128(page.add(i + j).cast::<__m128i>());
-                    acc = _mm_or_si128(acc, v);
-                }
-                if _mm_movemask_epi8(_mm_cmpeq_epi8(acc, zero)) != 0xFFFF {
-                    return false;
-                }
-                i += 256;
-            }
-            true
-        }
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        let mut chunk = [0u64; 32];
-        for i in 0..PAGE_SIZE / 256 {
-            // SAFETY: source is 256 bytes inside the mapped page; the
-            // destination is a private 256-byte buffer; no overlap.
-            unsafe {
-                std::ptr::copy_nonoverlapping(
-                    page.add(i * 256),
-                    chunk.as_mut_ptr().cast::<u8>(),
-                    256,
-                );
-            }
-            if chunk.iter().fold(0, |acc, w| acc | w) != 0 {
-                return false;
-            }
-        }
-        true
     }
 }
 

@@ -15,6 +15,7 @@
 mod block;
 mod iov;
 mod received;
+mod zero;
 
 pub use block::{Access, RamBlock};
 pub use iov::IoVec;
