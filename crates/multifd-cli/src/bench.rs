@@ -37,8 +37,9 @@ pub struct BenchArgs {
     /// Payload method.
     #[arg(long, default_value = "none")]
     compression: String,
-    /// Runs of each kind (interleaved); medians are reported.
-    #[arg(long, default_value_t = 3)]
+    /// Runs of each kind (interleaved); medians are reported. The machine
+    /// may be shared and noisy: five is the least that gives a stable median.
+    #[arg(long, default_value_t = 5)]
     runs: usize,
     /// tcp or unix.
     #[arg(long, default_value = "tcp")]

@@ -244,6 +244,13 @@ fn print_json(role: &str, stats: &multifd::Stats, cfg: &MigrationConfig, rss_mib
     obj.insert("compression".into(), cfg.method.compression.name().into());
     obj.insert("rss_overhead_peak_mib".into(), rss_mib.into());
     obj.insert("vm_hwm_mib".into(), rss::vm_hwm_mib().into());
+    // When the migration completed, on the wall clock, so a harness can time
+    // completion (as it does a QEMU destination's "completed") apart from
+    // process exit, which also tears down the guest RAM mapping.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64());
+    obj.insert("completed_unix_s".into(), now.into());
     println!("{v}");
 }
 
