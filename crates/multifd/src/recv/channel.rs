@@ -29,8 +29,22 @@ impl RecvChannel<'_> {
     }
 
     fn read(&mut self, buf: &mut [u8], when: &'static str) -> Result<bool> {
+        let r = self.conn.read_exact_or_eof(buf);
+        self.read_result(r, when)
+    }
+
+    /// Reads the next packet's header: at least the common part, and as much
+    /// of a RAM header as is already there (never waiting for more than the
+    /// common part, since a device-state header is shorter). `Ok(0)`: clean
+    /// EOF between packets.
+    fn read_header_start(&mut self, header: &mut [u8]) -> Result<usize> {
+        let r = self.conn.read_at_least(header, COMMON_HEADER_SIZE);
+        self.read_result(r, "inside a packet header")
+    }
+
+    fn read_result<T>(&self, r: std::io::Result<T>, when: &'static str) -> Result<T> {
         let ep = self.endpoint();
-        match self.conn.read_exact_or_eof(buf) {
+        match r {
             Ok(v) => Ok(v),
             Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
                 Err(Error::PeerClosed { endpoint: ep, when })
@@ -54,7 +68,8 @@ impl RecvChannel<'_> {
     pub(crate) fn run(mut self) -> Result<()> {
         let mut header = vec![0u8; RAM_PACKET_HEADER_SIZE];
         loop {
-            if !self.read(&mut header[..COMMON_HEADER_SIZE], "inside a packet header")? {
+            let got = self.read_header_start(&mut header)?;
+            if got == 0 {
                 self.barrier.channel_ended();
                 return Ok(());
             }
@@ -63,11 +78,11 @@ impl RecvChannel<'_> {
             match common.kind() {
                 PacketKind::DeviceState => {
                     let mut rest = [0u8; DEVICE_STATE_HEADER_SIZE];
-                    rest[..COMMON_HEADER_SIZE].copy_from_slice(&header[..COMMON_HEADER_SIZE]);
-                    if !self.read(
-                        &mut rest[COMMON_HEADER_SIZE..],
-                        "inside a device-state header",
-                    )? {
+                    let have = got.min(DEVICE_STATE_HEADER_SIZE);
+                    rest[..have].copy_from_slice(&header[..have]);
+                    if have < DEVICE_STATE_HEADER_SIZE
+                        && !self.read(&mut rest[have..], "inside a device-state header")?
+                    {
                         return Err(Error::PeerClosed {
                             endpoint: ep,
                             when: "inside a device-state header",
@@ -81,7 +96,9 @@ impl RecvChannel<'_> {
                 }
                 PacketKind::Ram => {}
             }
-            if !self.read(&mut header[COMMON_HEADER_SIZE..], "inside a packet header")? {
+            if got < RAM_PACKET_HEADER_SIZE
+                && !self.read(&mut header[got..], "inside a packet header")?
+            {
                 return Err(Error::PeerClosed {
                     endpoint: ep,
                     when: "inside a packet header",

@@ -126,6 +126,26 @@ impl Connection {
         let mut iov = [IoVec::from_mut_slice(buf)];
         self.readv_exact(&mut iov)
     }
+
+    /// Reads at least `min` bytes into `buf` and more if they are already
+    /// there, up to `buf.len()`; returns how many. `Ok(0)`: clean EOF before
+    /// the first byte. Never waits for bytes beyond `min`, so a reader can
+    /// ask for the largest thing that may come next without blocking on a
+    /// smaller one (one system call per packet header instead of two).
+    pub fn read_at_least(&mut self, buf: &mut [u8], min: usize) -> io::Result<usize> {
+        debug_assert!(min <= buf.len());
+        let mut got = 0;
+        while got < min.max(1) {
+            match self.read(&mut buf[got..]) {
+                Ok(0) if got == 0 => return Ok(0),
+                Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+                Ok(n) => got += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(got)
+    }
 }
 
 fn connect_tcp(host: &str, port: u16) -> io::Result<Connection> {
