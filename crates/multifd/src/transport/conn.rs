@@ -204,3 +204,51 @@ impl Connection {
         Self::from_unix(s)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pair() -> (UnixStream, Connection) {
+        let (a, b) = UnixStream::pair().unwrap();
+        (a, Connection::from_unix_for_tests(b))
+    }
+
+    #[test]
+    fn read_at_least_takes_what_is_there_without_waiting_for_more() {
+        let (mut tx, mut rx) = pair();
+        tx.write_all(&[7u8; 12]).unwrap();
+        // Nothing more will come until we answer: the call must return
+        // after the 12 bytes, not wait to fill the 1344-byte buffer.
+        let mut buf = [0u8; 1344];
+        assert_eq!(rx.read_at_least(&mut buf, 12).unwrap(), 12);
+        tx.write_all(&[1u8; 100]).unwrap();
+        assert_eq!(rx.read_at_least(&mut buf, 12).unwrap(), 100);
+    }
+
+    #[test]
+    fn read_at_least_waits_for_the_minimum_and_reports_eof() {
+        let (mut tx, mut rx) = pair();
+        let writer = std::thread::spawn(move || {
+            for chunk in [&[1u8; 5][..], &[2u8; 9][..]] {
+                tx.write_all(chunk).unwrap();
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        });
+        let mut buf = [0u8; 64];
+        let got = rx.read_at_least(&mut buf, 12).unwrap();
+        assert_eq!(got, 14);
+        assert_eq!(&buf[..14], &[1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 2]);
+        writer.join().unwrap();
+        // A close before the minimum: an error.
+        let (mut tx, mut rx) = pair();
+        tx.write_all(&[3u8; 3]).unwrap();
+        drop(tx);
+        let err = rx.read_at_least(&mut buf, 12).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
+        // A close between packets is a clean end.
+        let (tx, mut rx) = pair();
+        drop(tx);
+        assert_eq!(rx.read_at_least(&mut buf, 12).unwrap(), 0);
+    }
+}
