@@ -10,8 +10,12 @@
 //! contiguous pieces, straight from the source mapping into the destination
 //! mapping with plain vectored I/O: no headers, no zero-page scan, no
 //! protocol. The difference is what the migration costs beyond moving the
-//! bytes. Each side's transfer time measured inside the process (connect to
-//! last byte) is reported too, as is each side's memory beyond guest RAM.
+//! bytes. A second blast (`raw-send --read-all`) also maps and zero-scans
+//! the rest of the image while it sends, reading as much guest RAM as the
+//! migration must (a migration cannot know a page is zero without reading
+//! it): the difference to that one is the protocol alone. Each side's
+//! transfer time measured inside the process (connect to last byte) is
+//! reported too, as is each side's memory beyond guest RAM.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
@@ -70,6 +74,12 @@ pub struct RawArgs {
     /// Connections.
     #[arg(long)]
     connections: usize,
+    /// `raw-send` only: also read (map and zero-scan, as a migration
+    /// must) the rest of the file beyond `bytes`, spread evenly over the
+    /// connections' sends. The blast then reads as much guest RAM as the
+    /// migration does, so what is left between the two is the protocol.
+    #[arg(long)]
+    read_all: bool,
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -127,25 +137,68 @@ fn iovs_for(block: &RamBlock, start: u64, len: u64, write: bool) -> Result<Vec<I
         .map_err(Into::into)
 }
 
+/// Maps and zero-scans the pages of `[start, end)` as a migration's
+/// channel does (the result is not needed, only the memory traffic).
+fn read_like_a_migration(src: &RamBlock, start: u64, end: u64) -> Result<u64> {
+    if start >= end {
+        return Ok(0);
+    }
+    src.populate_read(start, end - start);
+    let mut zero = 0;
+    for off in (start..end).step_by(4096) {
+        zero += u64::from(src.is_zero_page(off)?);
+    }
+    Ok(zero)
+}
+
+/// With `--read-all`, the range of `[bytes, len)` that each of `n`
+/// connections reads besides its send (empty ranges when there is less).
+fn extra_reads(bytes: u64, len: u64, n: usize) -> Vec<(u64, u64)> {
+    let rest = len.saturating_sub(bytes);
+    if rest == 0 {
+        return vec![(0, 0); n];
+    }
+    pieces(rest, n)
+        .into_iter()
+        .map(|(o, l)| (bytes + o, l))
+        .chain(std::iter::repeat((0, 0)))
+        .take(n)
+        .collect()
+}
+
 /// `raw-send`: the sending half of the raw blast.
 pub fn raw_send(a: RawArgs) -> Result<()> {
     let uri: Uri = a.uri.parse()?;
     let src = RamBlock::open_file("raw", &a.file, Access::ReadOnly, None)?;
+    let sends = pieces(a.bytes, a.connections);
+    let reads = if a.read_all {
+        extra_reads(a.bytes, src.len(), sends.len())
+    } else {
+        vec![(0, 0); sends.len()]
+    };
     let start = Instant::now();
     std::thread::scope(|s| -> Result<()> {
-        let handles: Vec<_> = pieces(a.bytes, a.connections)
+        let handles: Vec<_> = sends
             .into_iter()
-            .map(|(off, len)| {
+            .zip(reads)
+            .map(|((off, len), (roff, rlen))| {
                 let (uri, src) = (&uri, &src);
                 s.spawn(move || -> Result<()> {
                     let mut c = Connection::connect(uri, Duration::from_secs(5))?;
                     c.write_all(&[off.to_be_bytes(), len.to_be_bytes()].concat())?;
+                    let chunks = len.div_ceil(128 * 4096).max(1);
+                    let mut read_to = roff;
                     // Map each 512 KiB with one call, as the migration's
                     // channels do, so both pay the same for first touches.
                     for (k, chunk) in iovs_for(src, off, len, false)?.chunks_mut(128).enumerate() {
                         src.populate_read(off + k as u64 * 128 * 4096, chunk.len() as u64 * 4096);
                         c.writev_all(chunk)?;
+                        // Interleave the extra reading with the sends.
+                        let due = roff + (rlen * (k as u64 + 1) / chunks) / 4096 * 4096;
+                        read_like_a_migration(src, read_to, due)?;
+                        read_to = due;
                     }
+                    read_like_a_migration(src, read_to, roff + rlen)?;
                     Ok(())
                 })
             })
@@ -332,29 +385,39 @@ pub fn run(args: BenchArgs) -> Result<()> {
         dst_path.display().to_string(),
     );
     let (mut raw_w, mut raw_t, mut mig_w, mut mig_t) = (vec![], vec![], vec![], vec![]);
+    let (mut rall_w, mut rall_t) = (vec![], vec![]);
     let (mut srss, mut rrss) = (0.0f64, 0.0f64);
     for run in 0..args.runs {
         image::zero_file(&dst_path, len)?;
-        let uri = free_uri(&args.transport, &args.dir, 2 * run)?.to_string();
-        let raw = |sub: &str| {
-            let mut v = strs(&[sub, "--uri", &uri, "--bytes"]);
+        let uri = free_uri(&args.transport, &args.dir, 3 * run)?.to_string();
+        let raw = |sub: &str, uri: &str, extra: &[&str]| {
+            let mut v = strs(&[sub, "--uri", uri, "--bytes"]);
             v.extend([
                 data_bytes.to_string(),
                 "--connections".into(),
                 ch.clone(),
                 "--file".into(),
             ]);
+            v.push(if sub == "raw-send" { &src_s } else { &dst_s }.clone());
+            v.extend(strs(extra));
             v
         };
-        let (mut rr, mut rs) = (raw("raw-receive"), raw("raw-send"));
-        rr.push(dst_s.clone());
-        rs.push(src_s.clone());
-        let r = run_pair(&rr, &rs)?;
+        let r = run_pair(&raw("raw-receive", &uri, &[]), &raw("raw-send", &uri, &[]))?;
         raw_w.push(r.wall);
         raw_t.push(r.recv["duration_s"].as_f64().unwrap_or(f64::NAN));
 
+        // The same blast, also reading the rest of guest RAM.
         image::zero_file(&dst_path, len)?;
-        let uri = free_uri(&args.transport, &args.dir, 2 * run + 1)?.to_string();
+        let uri = free_uri(&args.transport, &args.dir, 3 * run + 2)?.to_string();
+        let ra = run_pair(
+            &raw("raw-receive", &uri, &[]),
+            &raw("raw-send", &uri, &["--read-all"]),
+        )?;
+        rall_w.push(ra.wall);
+        rall_t.push(ra.recv["duration_s"].as_f64().unwrap_or(f64::NAN));
+
+        image::zero_file(&dst_path, len)?;
+        let uri = free_uri(&args.transport, &args.dir, 3 * run + 1)?.to_string();
         let common = strs(&[
             "--channels",
             &ch,
@@ -388,10 +451,12 @@ pub fn run(args: BenchArgs) -> Result<()> {
         srss = srss.max(m.send["rss_overhead_peak_mib"].as_f64().unwrap_or(f64::NAN));
         rrss = rrss.max(m.recv["rss_overhead_peak_mib"].as_f64().unwrap_or(f64::NAN));
         eprintln!(
-            "run {}: raw {:.3} s (transfer {:.3} s), migration {:.3} s (transfer {:.3} s)",
+            "run {}: raw {:.3} s (transfer {:.3} s), raw reading all RAM {:.3} s ({:.3} s), migration {:.3} s (transfer {:.3} s)",
             run + 1,
             r.wall,
             raw_t[run],
+            ra.wall,
+            rall_t[run],
             m.wall,
             mig_t[run]
         );
@@ -402,6 +467,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         median(&mut mig_w),
         median(&mut mig_t),
     );
+    let (aw, at) = (median(&mut rall_w), median(&mut rall_t));
     let gib = |s: f64| data_bytes as f64 / s / (1u64 << 30) as f64;
     if args.json {
         println!(
@@ -412,6 +478,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 "raw_median_s": rw, "raw_transfer_median_s": rt,
                 "migration_median_s": mw, "migration_transfer_median_s": mt,
                 "migration_vs_raw": rw / mw, "migration_vs_raw_transfer": rt / mt,
+                "raw_read_all_median_s": aw, "raw_read_all_transfer_median_s": at,
+                "migration_vs_raw_read_all": aw / mw,
+                "migration_vs_raw_read_all_transfer": at / mt,
                 "send_rss_overhead_peak_mib": srss, "recv_rss_overhead_peak_mib": rrss,
             })
         );
@@ -426,6 +495,13 @@ pub fn run(args: BenchArgs) -> Result<()> {
         gib(rt)
     );
     eprintln!(
+        "raw, reading all RAM     {:>8.3}  {:>6.2}   {:>12.3}      {:>6.2}",
+        aw,
+        gib(aw),
+        at,
+        gib(at)
+    );
+    eprintln!(
         "multifd migration        {:>8.3}  {:>6.2}   {:>12.3}      {:>6.2}",
         mw,
         gib(mw),
@@ -437,6 +513,40 @@ pub fn run(args: BenchArgs) -> Result<()> {
         rw / mw * 100.0,
         rt / mt * 100.0
     );
+    eprintln!(
+        "                     = {:.1}% of the raw blast that also reads all guest RAM (processes), {:.1}% (transfer only)",
+        aw / mw * 100.0,
+        at / mt * 100.0
+    );
     eprintln!("memory beyond guest RAM (peak): sender {srss:.1} MiB, receiver {rrss:.1} MiB");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pieces_and_extra_reads_cover_their_ranges_exactly() {
+        for (bytes, len, n) in [
+            (40 * 4096, 100 * 4096, 4),
+            (4096, 3 * 4096, 4),
+            (100 * 4096, 100 * 4096, 3),
+            (7 * 4096, 1000 * 4096, 16),
+        ] {
+            for (ranges, from, to) in [
+                (pieces(bytes, n), 0, bytes),
+                (extra_reads(bytes, len, n), bytes, len),
+            ] {
+                assert!(ranges.len() <= n);
+                let mut at = from;
+                for (o, l) in ranges.into_iter().filter(|&(_, l)| l > 0) {
+                    assert_eq!(o, at, "contiguous, in order");
+                    assert_eq!(o % 4096, 0);
+                    at = o + l;
+                }
+                assert_eq!(at, to, "bytes {bytes} len {len} n {n}");
+            }
+        }
+    }
 }

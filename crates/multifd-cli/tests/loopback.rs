@@ -362,6 +362,7 @@ fn bench_command_runs_and_reports() {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(v["raw_median_s"].as_f64().unwrap() > 0.0);
     assert!(v["migration_median_s"].as_f64().unwrap() > 0.0);
+    assert!(v["raw_read_all_median_s"].as_f64().unwrap() > 0.0);
     assert!(v["recv_rss_overhead_peak_mib"].as_f64().is_some());
     let _ = PathBuf::new();
 }
