@@ -10,10 +10,11 @@
 //! contiguous pieces, straight from the source mapping into the destination
 //! mapping with plain vectored I/O: no headers, no zero-page scan, no
 //! protocol. The difference is what the migration costs beyond moving the
-//! bytes. A second blast (`raw-send --read-all`) also maps and zero-scans
-//! the rest of the image while it sends, reading as much guest RAM as the
-//! migration must (a migration cannot know a page is zero without reading
-//! it): the difference to that one is the protocol alone. Each side's
+//! bytes. A second blast (`raw-send --read-all`) also maps and reads the
+//! rest of the image (as many bytes as it has zero pages) while it sends,
+//! reading as much guest RAM as the migration must (a migration cannot know
+//! a page is zero without reading all of it): the difference to that one
+//! is the protocol alone. Each side's
 //! transfer time measured inside the process (connect to last byte) is
 //! reported too, as is each side's memory beyond guest RAM.
 
@@ -74,9 +75,10 @@ pub struct RawArgs {
     /// Connections.
     #[arg(long)]
     connections: usize,
-    /// `raw-send` only: also read (map and zero-scan, as a migration
-    /// must) the rest of the file beyond `bytes`, spread evenly over the
-    /// connections' sends. The blast then reads as much guest RAM as the
+    /// `raw-send` only: also map and read every byte of the rest of the
+    /// file beyond `bytes` (as many bytes as the image has zero pages, which
+    /// a migration must read in full), spread evenly over the connections'
+    /// sends. The blast then reads as much guest RAM as the
     /// migration does, so what is left between the two is the protocol.
     #[arg(long)]
     read_all: bool,
@@ -137,18 +139,21 @@ fn iovs_for(block: &RamBlock, start: u64, len: u64, write: bool) -> Result<Vec<I
         .map_err(Into::into)
 }
 
-/// Maps and zero-scans the pages of `[start, end)` as a migration's
-/// channel does (the result is not needed, only the memory traffic).
-fn read_like_a_migration(src: &RamBlock, start: u64, end: u64) -> Result<u64> {
+/// Maps and reads every byte of `[start, end)`, as a migration's zero scan
+/// reads a zero page (the bytes are not needed, only the memory traffic).
+/// The rest of the image beyond the data bytes is as large as its zero
+/// pages, so this reads what the migration's scan reads.
+fn read_like_a_migration(src: &RamBlock, start: u64, end: u64) -> Result<()> {
     if start >= end {
-        return Ok(0);
+        return Ok(());
     }
     src.populate_read(start, end - start);
-    let mut zero = 0;
+    let mut page = [0u8; 4096];
     for off in (start..end).step_by(4096) {
-        zero += u64::from(src.is_zero_page(off)?);
+        src.read_page(off, &mut page)?;
+        std::hint::black_box(&page);
     }
-    Ok(zero)
+    Ok(())
 }
 
 /// With `--read-all`, the range of `[bytes, len)` that each of `n`
