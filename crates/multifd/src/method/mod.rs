@@ -71,14 +71,21 @@ pub fn new_recv(cfg: &MethodConfig, channel: u8) -> Result<Box<dyn RecvMethod>> 
 /// Reads a compressed payload of `hdr.next_packet_size` bytes into `buf`.
 fn read_payload(conn: &mut Connection, channel: u8, size: u32, buf: &mut Vec<u8>) -> Result<()> {
     buf.resize(size as usize, 0);
-    match conn.read_exact_or_eof(buf) {
+    payload_read(conn.read_exact_or_eof(buf), channel)
+}
+
+/// The engine's error for how reading a packet's payload ended (every
+/// method reads one: into guest RAM or into a buffer to decompress).
+fn payload_read(r: std::io::Result<bool>, channel: u8) -> Result<()> {
+    let endpoint = crate::error::Endpoint::Channel(channel);
+    match r {
         Ok(true) => Ok(()),
         Ok(false) => Err(crate::Error::PeerClosed {
-            endpoint: crate::error::Endpoint::Channel(channel),
+            endpoint,
             when: "after a packet header",
         }),
         Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Err(crate::Error::PeerClosed {
-            endpoint: crate::error::Endpoint::Channel(channel),
+            endpoint,
             when: "inside a packet payload",
         }),
         Err(e) => Err(crate::Error::io(

@@ -5,7 +5,7 @@ use multifd_wire::packet::{Compression, RamPacketHeader};
 use multifd_wire::{PAGE_SIZE, PAGE_SIZE_U64};
 
 use super::{RecvMethod, SendMethod};
-use crate::error::{Endpoint, Error, Result};
+use crate::error::Result;
 use crate::ram::{IoVec, RamBlock};
 use crate::transport::Connection;
 
@@ -50,28 +50,7 @@ impl RecvMethod for NoCompRecv {
         for &off in hdr.normal() {
             iovs.push(block.page_iov_mut(off)?);
         }
-        match conn.readv_exact(&mut iovs) {
-            Ok(true) => {}
-            Ok(false) if iovs.is_empty() => {}
-            Ok(false) => {
-                return Err(Error::PeerClosed {
-                    endpoint: Endpoint::Channel(self.channel),
-                    when: "after a packet header",
-                });
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-                return Err(Error::PeerClosed {
-                    endpoint: Endpoint::Channel(self.channel),
-                    when: "inside a packet payload",
-                });
-            }
-            Err(e) => {
-                return Err(Error::io(
-                    format!("multifd channel {}: reading pages", self.channel),
-                    e,
-                ));
-            }
-        }
+        super::payload_read(conn.readv_exact(&mut iovs), self.channel)?;
         for &off in hdr.normal() {
             block.received().set(off / PAGE_SIZE_U64);
         }
