@@ -16,7 +16,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::bounded;
 use multifd_wire::PAGE_SIZE_U64;
 use multifd_wire::packet::{InitPacket, PAGES_PER_PACKET};
 use multifd_wire::stream::{self, Command, Configuration, encode};
@@ -28,14 +27,15 @@ use crate::error::{Endpoint, Error, Result};
 use crate::method;
 use crate::qemu::{MainWriter, StreamPlan};
 use crate::ram::GuestRam;
-use crate::send::{ChannelWorker, Dispatcher, Job};
+use crate::send::{self, ChannelWorker, Dispatcher, Job};
 use crate::stats::{Progress, Stats};
 use crate::transport::{Connection, Uri};
 
 /// Batches a channel may hold beyond the one it is sending. Deeper queues
-/// let the driver run ahead instead of waking once per packet; shallow ones
-/// keep work flowing to whichever channel is free. On loopback, 4 GiB,
-/// 4 channels: depth 1 reached 77% of a raw TCP blast, 4 and 16 reached 86-88%.
+/// let the driver run ahead; shallow ones keep work flowing to whichever
+/// channel is free. On loopback, 4 GiB, 4 channels: depth 1 reached 77% of
+/// a raw TCP blast, 4 and 16 reached 86-88%. The driver sleeps while all
+/// queues are full and is woken when one is down to half (see `send`).
 const QUEUE_DEPTH: usize = 8;
 
 /// What a source VM provides to the driver. Guest RAM itself is the
@@ -177,11 +177,9 @@ fn migrate_inner(
             .name("multifd-peer-watch".into())
             .spawn_scoped(s, move || watch_peer(abort, done, &stop_r))
             .map_err(|e| Error::io("spawning the peer-watch thread", e))?;
-        let mut queues = Vec::with_capacity(channels.len());
+        let (dispatcher, ends) = send::queues(channels.len(), QUEUE_DEPTH);
         let mut handles = Vec::with_capacity(channels.len());
-        for (id, conn) in channels.drain(..).enumerate() {
-            let (tx, rx) = bounded(QUEUE_DEPTH);
-            queues.push(tx);
+        for ((id, conn), rx) in channels.drain(..).enumerate().zip(ends) {
             let worker = ChannelWorker {
                 id: id as u8,
                 conn,
@@ -198,7 +196,6 @@ fn migrate_inner(
                 .map_err(|e| Error::io("spawning a channel thread", e))?;
             handles.push(handle);
         }
-        let dispatcher = Dispatcher::new(queues);
         let mut driver = Driver {
             ram,
             opts,

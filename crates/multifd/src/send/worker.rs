@@ -2,7 +2,6 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use crossbeam_channel::Receiver;
 use multifd_wire::packet::{PAGES_PER_PACKET, RAM_PACKET_HEADER_SIZE, RamPacketEncoder};
 
 use crate::config::ZeroPageDetection;
@@ -59,11 +58,11 @@ pub(crate) struct ChannelWorker<'a> {
 
 impl ChannelWorker<'_> {
     /// Runs until the queue closes (normal end) or an error.
-    pub(crate) fn run(mut self, jobs: Receiver<Job>) -> Result<()> {
+    pub(crate) fn run(mut self, jobs: super::JobQueue) -> Result<()> {
         let mut header = Box::new([0u8; RAM_PACKET_HEADER_SIZE]);
         let mut offsets: Vec<u64> = Vec::with_capacity(PAGES_PER_PACKET);
         let compression = self.method.compression();
-        while let Ok(job) = jobs.recv() {
+        while let Some(job) = jobs.next() {
             match job {
                 Job::Pages {
                     block,
