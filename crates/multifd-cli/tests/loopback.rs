@@ -363,6 +363,9 @@ fn bench_command_runs_and_reports() {
     assert!(v["raw_median_s"].as_f64().unwrap() > 0.0);
     assert!(v["migration_median_s"].as_f64().unwrap() > 0.0);
     assert!(v["raw_read_all_median_s"].as_f64().unwrap() > 0.0);
+    let ceiling = v["raw_read_all_vs_raw"].as_f64().unwrap();
+    let expect = v["raw_median_s"].as_f64().unwrap() / v["raw_read_all_median_s"].as_f64().unwrap();
+    assert!((ceiling - expect).abs() < 1e-9, "{ceiling} vs {expect}");
     assert!(v["recv_rss_overhead_peak_mib"].as_f64().is_some());
     let _ = PathBuf::new();
 }
