@@ -14,7 +14,8 @@
 //! rest of the image (as many bytes as it has zero pages) while it sends,
 //! reading as much guest RAM as the migration must (a migration cannot know
 //! a page is zero without reading all of it): the difference to that one
-//! is the protocol alone. Each side's
+//! is the protocol alone, and its own ratio to the plain blast is the
+//! ceiling for any correct migration of the image. Each side's
 //! transfer time measured inside the process (connect to last byte) is
 //! reported too, as is each side's memory beyond guest RAM.
 
