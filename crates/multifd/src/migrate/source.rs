@@ -179,7 +179,7 @@ fn migrate_inner(
             .map_err(|e| Error::io("spawning the peer-watch thread", e))?;
         let (dispatcher, ends) = send::queues(channels.len(), QUEUE_DEPTH);
         let mut handles = Vec::with_capacity(channels.len());
-        for ((id, conn), rx) in channels.drain(..).enumerate().zip(ends) {
+        for ((id, conn), jobs) in channels.drain(..).enumerate().zip(ends) {
             let worker = ChannelWorker {
                 id: id as u8,
                 conn,
@@ -192,7 +192,7 @@ fn migrate_inner(
             };
             let handle = std::thread::Builder::new()
                 .name(format!("multifd-send-{id}"))
-                .spawn_scoped(s, move || abort.guard(|| worker.run(rx)))
+                .spawn_scoped(s, move || abort.guard(|| worker.run(jobs)))
                 .map_err(|e| Error::io("spawning a channel thread", e))?;
             handles.push(handle);
         }
