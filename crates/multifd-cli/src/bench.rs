@@ -493,43 +493,38 @@ pub fn run(args: BenchArgs) -> Result<()> {
         );
     }
     eprintln!("                        processes (s)  GiB/s   transfer only (s)  GiB/s");
-    eprintln!(
-        "raw {:<4} blast           {:>8.3}  {:>6.2}   {:>12.3}      {:>6.2}",
-        args.transport,
-        rw,
-        gib(rw),
-        rt,
-        gib(rt)
+    let raw_label = format!("raw {:<4} blast", args.transport);
+    for (label, w, t) in [
+        (raw_label.as_str(), rw, rt),
+        ("raw, reading all RAM", aw, at),
+        ("multifd migration", mw, mt),
+    ] {
+        eprintln!(
+            "{label:<24} {w:>8.3}  {:>6.2}   {t:>12.3}      {:>6.2}",
+            gib(w),
+            gib(t)
+        );
+    }
+    // Throughput ratios are inverse time ratios.
+    let (raw, read_all) = (
+        ("the raw blast", rw, rt),
+        ("the raw blast that also reads all guest RAM", aw, at),
     );
-    eprintln!(
-        "raw, reading all RAM     {:>8.3}  {:>6.2}   {:>12.3}      {:>6.2}",
-        aw,
-        gib(aw),
-        at,
-        gib(at)
-    );
-    eprintln!(
-        "multifd migration        {:>8.3}  {:>6.2}   {:>12.3}      {:>6.2}",
-        mw,
-        gib(mw),
-        mt,
-        gib(mt)
-    );
-    eprintln!(
-        "migration throughput = {:.1}% of raw (processes), {:.1}% (transfer only)",
-        rw / mw * 100.0,
-        rt / mt * 100.0
-    );
-    eprintln!(
-        "                     = {:.1}% of the raw blast that also reads all guest RAM (processes), {:.1}% (transfer only)",
-        aw / mw * 100.0,
-        at / mt * 100.0
-    );
-    eprintln!(
-        "ceiling: the raw blast that also reads all guest RAM (no protocol) = {:.1}% of the raw blast (processes), {:.1}% (transfer only)",
-        rw / aw * 100.0,
-        rt / at * 100.0
-    );
+    for (lead, (w, t), (of, of_w, of_t)) in [
+        ("migration throughput = ", (mw, mt), raw),
+        ("                     = ", (mw, mt), read_all),
+        (
+            "ceiling: the raw blast that also reads all guest RAM (no protocol) = ",
+            (aw, at),
+            raw,
+        ),
+    ] {
+        eprintln!(
+            "{lead}{:.1}% of {of} (processes), {:.1}% (transfer only)",
+            of_w / w * 100.0,
+            of_t / t * 100.0
+        );
+    }
     eprintln!("memory beyond guest RAM (peak): sender {srss:.1} MiB, receiver {rrss:.1} MiB");
     Ok(())
 }
