@@ -77,6 +77,9 @@ impl RecvChannel<'_> {
             let common = CommonHeader::decode(&header).map_err(|e| Error::wire(ep, e))?;
             match common.kind() {
                 PacketKind::DeviceState => {
+                    // `header[DEVICE_STATE_HEADER_SIZE..got]`, if any, is the
+                    // start of the payload: whoever adds device state must
+                    // use it, not read past it.
                     let mut rest = [0u8; DEVICE_STATE_HEADER_SIZE];
                     let have = got.min(DEVICE_STATE_HEADER_SIZE);
                     rest[..have].copy_from_slice(&header[..have]);
