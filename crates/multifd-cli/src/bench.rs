@@ -26,8 +26,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
-use multifd::ram::{Access, IoVec, RamBlock};
-use multifd::transport::{Connection, Listener, Uri};
+use multifd::{Access, Connection, IoSlice, IoSliceMut, Listener, RamBlock, Uri};
 
 use crate::image;
 
@@ -126,16 +125,16 @@ fn pieces(bytes: u64, n: usize) -> Vec<(u64, u64)> {
         .collect()
 }
 
-fn iovs_for(block: &RamBlock, start: u64, len: u64, write: bool) -> Result<Vec<IoVec<'_>>> {
+fn io_slices(block: &RamBlock, start: u64, len: u64) -> Result<Vec<IoSlice<'_>>> {
     (0..len / 4096)
-        .map(|i| {
-            let off = start + i * 4096;
-            if write {
-                block.page_iov_mut(off)
-            } else {
-                block.page_iov(off)
-            }
-        })
+        .map(|i| block.page_io_slice(start + i * 4096))
+        .collect::<multifd::Result<_>>()
+        .map_err(Into::into)
+}
+
+fn io_slices_mut(block: &RamBlock, start: u64, len: u64) -> Result<Vec<IoSliceMut<'_>>> {
+    (0..len / 4096)
+        .map(|i| block.page_io_slice_mut(start + i * 4096))
         .collect::<multifd::Result<_>>()
         .map_err(Into::into)
 }
@@ -196,7 +195,7 @@ pub fn raw_send(a: RawArgs) -> Result<()> {
                     let mut read_to = roff;
                     // Map each 512 KiB with one call, as the migration's
                     // channels do, so both pay the same for first touches.
-                    for (k, chunk) in iovs_for(src, off, len, false)?.chunks_mut(128).enumerate() {
+                    for (k, chunk) in io_slices(src, off, len)?.chunks_mut(128).enumerate() {
                         src.populate_read(off + k as u64 * 128 * 4096, chunk.len() as u64 * 4096);
                         c.writev_all(chunk)?;
                         // Interleave the extra reading with the sends.
@@ -248,7 +247,7 @@ pub fn raw_receive(a: RawArgs) -> Result<()> {
                     c.read_exact(&mut head)?;
                     let off = u64::from_be_bytes(head[..8].try_into()?);
                     let len = u64::from_be_bytes(head[8..].try_into()?);
-                    for chunk in iovs_for(dst, off, len, true)?.chunks_mut(256) {
+                    for chunk in io_slices_mut(dst, off, len)?.chunks_mut(256) {
                         if !c.readv_exact(chunk)? {
                             bail!("raw-receive: connection closed early");
                         }

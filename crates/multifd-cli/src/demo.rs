@@ -7,12 +7,11 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
-use multifd::migrate::source::{self, SourceOptions, StaticRam};
-use multifd::qemu::snapshot::FileRamProvider;
-use multifd::ram::{Access, GuestRam, RamBlock};
-use multifd::recv::{self, ReceiveOptions};
-use multifd::transport::{Listener, Uri};
-use multifd::{MigrationConfig, Progress};
+use multifd::snapshot::FileRamProvider;
+use multifd::{
+    Access, GuestRam, Listener, MigrationConfig, Progress, RamBlock, ReceiveOptions, SourceOptions,
+    StaticRam, Uri,
+};
 
 use crate::image;
 
@@ -84,8 +83,8 @@ pub fn run(a: DemoArgs) -> Result<()> {
     let ((sent, received), rss) = crate::with_progress(false, src.total_len(), |p, _| {
         std::thread::scope(|s| {
             let receiver =
-                s.spawn(|| recv::receive(&listener, &ropts, &mut provider, &recv_progress));
-            let sent = source::migrate(&uri, &src, &mut StaticRam, &sopts, p);
+                s.spawn(|| multifd::receive(&listener, &ropts, &mut provider, &recv_progress));
+            let sent = multifd::migrate(&uri, &src, &mut StaticRam, &sopts, p);
             let received = receiver.join().expect("receiver thread");
             (sent, received)
         })
@@ -94,7 +93,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
     let received = received.context("receiving")?;
     let dst = received.ram.get("m0").context("received RAM")?;
     let (mut x, mut y) = ([0u8; 4096], [0u8; 4096]);
-    let block = src.block(0);
+    let block = &src.blocks()[0];
     for p in 0..block.pages() {
         block.read_page(p * 4096, &mut x)?;
         dst.read_page(p * 4096, &mut y)?;

@@ -28,7 +28,7 @@ pub fn run(path: &Path) -> Result<()> {
 }
 
 fn snapshot(dir: &Path) -> Result<()> {
-    let m = multifd::qemu::snapshot::load_manifest(dir)?;
+    let m = multifd::snapshot::load_manifest(dir)?;
     println!("snapshot {} (format {})", dir.display(), m.format);
     println!("  machine: {}", m.machine);
     println!(
@@ -152,7 +152,7 @@ fn multifd_channel(bytes: &[u8]) -> Result<()> {
     println!(
         "multifd channel capture: channel id {}, uuid {}",
         init.id,
-        multifd::config::format_uuid(&init.uuid)
+        multifd::format_uuid(&init.uuid)
     );
     let mut pos = INIT_PACKET_SIZE;
     let (mut packets, mut syncs, mut normal, mut zero, mut payload) =

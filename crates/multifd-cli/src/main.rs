@@ -16,13 +16,12 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use multifd::migrate::source::{self, SourceOptions, StaticRam};
-use multifd::qemu::StreamPlan;
-use multifd::qemu::snapshot::{self, FileRamProvider};
-use multifd::ram::{Access, GuestRam, RamBlock};
-use multifd::recv::{self, ReceiveOptions};
-use multifd::transport::{Listener, Uri};
-use multifd::{Compression, FlushMode, MethodConfig, MigrationConfig, Progress, ZeroPageDetection};
+use multifd::snapshot::{self, FileRamProvider};
+use multifd::{
+    Access, Compression, FlushMode, GuestRam, Listener, MethodConfig, MigrationConfig, Progress,
+    RamBlock, RamBlockInfo, RamProvider, ReceiveOptions, SourceOptions, StaticRam, StreamPlan, Uri,
+    ZeroPageDetection,
+};
 
 /// QEMU 10.0-compatible multifd live migration of guest RAM.
 #[derive(Parser, Debug)]
@@ -143,7 +142,7 @@ impl Common {
                 FlushMode::PerRound
             },
             uuid: match &self.uuid {
-                Some(u) => multifd::config::parse_uuid(u)?,
+                Some(u) => multifd::parse_uuid(u)?,
                 None => [0; 16],
             },
             handshake_timeout: Duration::from_secs_f64(self.handshake_timeout),
@@ -300,7 +299,7 @@ fn run_send(a: SendArgs) -> Result<()> {
     };
     let (result, rss_mib) =
         with_progress(a.common.quiet || a.common.json, ram.total_len(), |p, _| {
-            source::migrate(&uri, &ram, &mut StaticRam, &opts, p)
+            multifd::migrate(&uri, &ram, &mut StaticRam, &opts, p)
         });
     let stats = result.with_context(|| format!("migrating to {uri}"))?;
     if a.common.json {
@@ -334,11 +333,8 @@ fn run_receive(a: ReceiveArgs) -> Result<()> {
             inner: &'a mut FileRamProvider,
             total: &'a AtomicU64,
         }
-        impl recv::RamProvider for Tracking<'_> {
-            fn provide(
-                &mut self,
-                blocks: &[multifd_wire::stream::RamBlockInfo],
-            ) -> multifd::Result<GuestRam> {
+        impl RamProvider for Tracking<'_> {
+            fn provide(&mut self, blocks: &[RamBlockInfo]) -> multifd::Result<GuestRam> {
                 let ram = self.inner.provide(blocks)?;
                 self.total.store(ram.total_len(), Ordering::Relaxed);
                 Ok(ram)
@@ -348,7 +344,7 @@ fn run_receive(a: ReceiveArgs) -> Result<()> {
             inner: &mut provider,
             total,
         };
-        recv::receive(&listener, &opts, &mut tracking, p)
+        multifd::receive(&listener, &opts, &mut tracking, p)
     });
     let incoming = result.context("receiving a migration")?;
     if let Some(dir) = &a.snapshot {

@@ -196,4 +196,13 @@ pub enum WireError {
     /// to the caller as opaque device state.
     #[error("stream decoder called after the device-state tail began")]
     DecoderFinished,
+    /// An encoder was asked for an item the stream grammar does not allow
+    /// where the stream is (a record outside a ram section, a second EOF).
+    #[error("cannot encode {item} {state}")]
+    OutOfOrder {
+        /// The item asked for.
+        item: &'static str,
+        /// Where the stream was.
+        state: &'static str,
+    },
 }

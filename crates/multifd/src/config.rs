@@ -106,8 +106,8 @@ impl MigrationConfig {
         match self.method.compression {
             Compression::None | Compression::Zlib | Compression::Zstd => {}
             other => {
-                return Err(Error::Unsupported(format!(
-                    "compression {other} needs vendor hardware"
+                return Err(Error::Config(format!(
+                    "compression {other} needs vendor hardware, which this build does not drive"
                 )));
             }
         }

@@ -1,6 +1,12 @@
 //! The engine's error type.
+//!
+//! An error's message never repeats its cause: where a variant carries a
+//! `source` (an OS error, a wire error), the message says what was being
+//! done and [`std::error::Error::source`] gives the cause, so a chain
+//! printer (`anyhow`'s `{:#}`) shows each once.
 
 use std::io;
+use std::path::PathBuf;
 
 use multifd_wire::WireError;
 
@@ -33,7 +39,7 @@ impl std::fmt::Display for Endpoint {
 #[non_exhaustive]
 pub enum Error {
     /// An I/O operation failed.
-    #[error("{context}: {source}")]
+    #[error("{context}")]
     Io {
         /// What was being done.
         context: String,
@@ -42,9 +48,19 @@ pub enum Error {
         source: io::Error,
     },
     /// The peer sent bytes that do not decode.
-    #[error("{endpoint}: {source}")]
+    #[error("{endpoint}: invalid data from the peer")]
     Wire {
         /// Where the bytes came from.
+        endpoint: Endpoint,
+        /// What was wrong.
+        #[source]
+        source: WireError,
+    },
+    /// What we were about to send does not encode (a name too long for
+    /// the wire, an item out of the stream's order).
+    #[error("{endpoint}: cannot encode the migration stream")]
+    Encode {
+        /// Where it was to be sent.
         endpoint: Endpoint,
         /// What was wrong.
         #[source]
@@ -65,6 +81,16 @@ pub enum Error {
         endpoint: Endpoint,
         /// The configured timeout.
         timeout_ms: u64,
+    },
+    /// A connection stayed open but sent nothing within a deadline.
+    #[error("{endpoint}: the peer sent nothing for {after_ms} ms {when}")]
+    Stalled {
+        /// Which connection.
+        endpoint: Endpoint,
+        /// In what state.
+        when: &'static str,
+        /// How long it was silent.
+        after_ms: u64,
     },
     /// A channel id in an initial packet is not acceptable.
     #[error("multifd channel id {id}: {reason}")]
@@ -92,7 +118,7 @@ pub enum Error {
         /// The name.
         name: String,
     },
-    /// A page offset lies outside its block.
+    /// A page offset lies outside its block or is not page-aligned.
     #[error("page offset {offset:#x} outside RAM block {block:?} of {len:#x} bytes")]
     OffsetOutOfRange {
         /// Block name.
@@ -102,10 +128,16 @@ pub enum Error {
         /// Block length.
         len: u64,
     },
+    /// A write was asked of a block mapped read-only.
+    #[error("RAM block {block:?} is mapped read-only")]
+    ReadOnlyBlock {
+        /// Block name.
+        block: String,
+    },
     /// The two sides are configured differently.
     #[error("configuration mismatch: {0}")]
     Mismatch(String),
-    /// A compressed payload did not decompress to the announced pages.
+    /// A compressed payload from the peer did not decompress to its pages.
     #[error("{endpoint}: corrupt {method} payload: {reason}")]
     Corrupt {
         /// Which channel.
@@ -115,12 +147,28 @@ pub enum Error {
         /// What went wrong.
         reason: String,
     },
-    /// The main stream is valid but asks for something we do not support.
+    /// Our own compressor failed, or produced more than a packet may carry.
+    #[error("{method} compression failed: {reason}")]
+    Compression {
+        /// Payload method.
+        method: &'static str,
+        /// What went wrong.
+        reason: String,
+    },
+    /// The peer asks for something valid that we do not support.
     #[error("unsupported: {0}")]
     Unsupported(String),
-    /// Invalid local configuration.
+    /// Invalid local configuration (options, RAM blocks, URIs).
     #[error("invalid configuration: {0}")]
     Config(String),
+    /// A snapshot directory's manifest is unreadable or inconsistent.
+    #[error("snapshot {}: {reason}", path.display())]
+    BadSnapshot {
+        /// The manifest or file at fault.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// Mapping a RAM block failed.
     #[error("mapping RAM block {name:?}: {reason}")]
     Map {
@@ -138,6 +186,9 @@ pub enum Error {
     /// A worker thread panicked (a bug).
     #[error("thread {0} panicked")]
     Panicked(String),
+    /// One of the engine's own invariants did not hold (a bug).
+    #[error("internal error: {0}")]
+    Internal(&'static str),
 }
 
 impl Error {
@@ -152,5 +203,82 @@ impl Error {
     /// A wire error seen on `endpoint`.
     pub fn wire(endpoint: Endpoint, source: WireError) -> Self {
         Self::Wire { endpoint, source }
+    }
+
+    /// The error for a read from a peer on `endpoint` that failed `when`
+    /// (while doing what): the peer closed in the middle, a read timeout
+    /// ran out (`on_timeout` makes that error), or the OS reported
+    /// something else. [`ReadFailure`] decides which.
+    pub(crate) fn from_read(
+        e: io::Error,
+        endpoint: Endpoint,
+        when: &'static str,
+        on_timeout: impl FnOnce(io::Error) -> Error,
+    ) -> Self {
+        match ReadFailure::of(e) {
+            ReadFailure::PeerClosed => Self::PeerClosed { endpoint, when },
+            ReadFailure::TimedOut(e) => on_timeout(e),
+            ReadFailure::Other(e) => Self::io(format!("{endpoint}: read failed {when}"), e),
+        }
+    }
+}
+
+/// How a read from a peer failed: the one place that knows which
+/// `io::ErrorKind`s mean what.
+#[derive(Debug)]
+pub(crate) enum ReadFailure {
+    /// The peer closed the connection before the bytes asked for.
+    PeerClosed,
+    /// A receive timeout ran out (Linux reports `EAGAIN`).
+    TimedOut(io::Error),
+    /// Anything else (reset, shut down by our abort path, ...).
+    Other(io::Error),
+}
+
+impl ReadFailure {
+    /// Classifies `e`, an error from a read.
+    pub(crate) fn of(e: io::Error) -> Self {
+        match e.kind() {
+            io::ErrorKind::UnexpectedEof => Self::PeerClosed,
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => Self::TimedOut(e),
+            _ => Self::Other(e),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_message_does_not_repeat_its_cause() {
+        let e = Error::io("main channel: writing", io::Error::from_raw_os_error(14));
+        assert_eq!(e.to_string(), "main channel: writing");
+        let cause = std::error::Error::source(&e).expect("a source").to_string();
+        assert!(cause.contains("os error 14"), "{cause}");
+    }
+
+    #[test]
+    fn reads_are_classified_once() {
+        let closed = io::Error::from(io::ErrorKind::UnexpectedEof);
+        let timed = io::Error::from(io::ErrorKind::WouldBlock);
+        let reset = io::Error::from(io::ErrorKind::ConnectionReset);
+        let ep = Endpoint::Channel(3);
+        assert!(matches!(
+            Error::from_read(closed, ep, "inside a packet", |_| Error::Aborted),
+            Error::PeerClosed {
+                when: "inside a packet",
+                ..
+            }
+        ));
+        assert!(matches!(
+            Error::from_read(timed, ep, "x", |_| Error::Cancelled),
+            Error::Cancelled
+        ));
+        let other = Error::from_read(reset, ep, "inside a header", |_| Error::Aborted);
+        assert_eq!(
+            other.to_string(),
+            "multifd channel 3: read failed inside a header"
+        );
     }
 }

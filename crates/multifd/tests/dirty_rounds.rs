@@ -5,11 +5,11 @@
 
 use std::time::Duration;
 
-use multifd::migrate::source::{self, SourceOptions, SourceVm};
-use multifd::ram::{GuestRam, RamBlock};
-use multifd::recv::{self, RamProvider, ReceiveOptions};
-use multifd::transport::{Listener, Uri};
 use multifd::{Compression, FlushMode, MethodConfig, MigrationConfig, Progress, ZeroPageDetection};
+use multifd::{GuestRam, RamBlock};
+use multifd::{Listener, Uri};
+use multifd::{RamProvider, ReceiveOptions};
+use multifd::{SourceOptions, SourceVm};
 use multifd_wire::stream::RamBlockInfo;
 
 const PAGE: u64 = 4096;
@@ -146,8 +146,8 @@ fn live_migration(config: MigrationConfig, uri: Uri) {
     };
     let (rp, sp) = (Progress::default(), Progress::default());
     let (sent, received) = std::thread::scope(|s| {
-        let r = s.spawn(|| recv::receive(&listener, &ropts, &mut Anonymous, &rp));
-        let sent = source::migrate(&uri, &src, &mut guest, &sopts, &sp);
+        let r = s.spawn(|| multifd::receive(&listener, &ropts, &mut Anonymous, &rp));
+        let sent = multifd::migrate(&uri, &src, &mut guest, &sopts, &sp);
         (sent, r.join().unwrap())
     });
     let sent = sent.unwrap();

@@ -1,9 +1,9 @@
 //! Hostile peers against the real engine over loopback sockets.
 //!
-//! Receiver side: a test thread connects to `multifd::recv::receive` and
+//! Receiver side: a test thread connects to `multifd::receive` and
 //! writes hand-made bytes (built with the `multifd_wire` encoders, then
 //! corrupted, truncated, or never finished). Sender side: a fake receiver
-//! accepts `multifd::migrate::source::migrate`'s connections and
+//! accepts `multifd::migrate`'s connections and
 //! misbehaves, or a proxy / a SIGKILL breaks a real migration mid-stream.
 //!
 //! Every case must end in a *typed* error within 5 s, with every engine
@@ -18,12 +18,12 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
-use multifd::error::Endpoint;
-use multifd::migrate::source::{SourceOptions, StaticRam, migrate};
-use multifd::ram::GuestRam;
-use multifd::recv::RamProvider;
-use multifd::transport::{Connection, Listener, Uri};
+use multifd::Endpoint;
+use multifd::GuestRam;
+use multifd::RamProvider;
 use multifd::{Cancel, Compression, Error, MethodConfig, MigrationConfig, Progress};
+use multifd::{Connection, Listener, Uri};
+use multifd::{SourceOptions, StaticRam, migrate};
 use multifd_wire::WireError;
 use multifd_wire::packet::{DeviceStateHeader, MULTIFD_MAGIC, flags};
 use proptest::prelude::*;
@@ -48,7 +48,7 @@ struct Outcome {
 /// connection the peer held, and no thread or fd is left behind.
 fn hostile(
     t: Transport,
-    opts: multifd::recv::ReceiveOptions,
+    opts: multifd::ReceiveOptions,
     provider: Box<dyn RamProvider + Send>,
     conns: Vec<Conn>,
 ) -> Outcome {
@@ -336,7 +336,7 @@ fn bad_magic_on_first_bytes() {
             "{t:?}: {:?}",
             o.err
         );
-        assert!(o.err.to_string().contains("magic"), "{}", o.err);
+        assert!(message(&o.err).contains("magic"), "{}", o.err);
         // HTTP instead of a migration.
         let o = hostile(
             t,
@@ -383,7 +383,7 @@ fn init_packet_bad_version() {
             "{t:?}: {:?}",
             o.err
         );
-        assert!(o.err.to_string().contains("version"), "{}", o.err);
+        assert!(message(&o.err).contains("version"), "{}", o.err);
     }
 }
 
@@ -415,7 +415,7 @@ fn wrong_uuid() {
             }
             other => panic!("{t:?}: {other:?}"),
         }
-        assert!(o.err.to_string().contains("uuid"), "{}", o.err);
+        assert!(message(&o.err).contains("uuid"), "{}", o.err);
     }
 }
 
@@ -435,7 +435,7 @@ fn channel_id_not_below_channel_count() {
                 "{t:?} id {bad}: {:?}",
                 o.err
             );
-            assert!(o.err.to_string().contains("channel"), "{}", o.err);
+            assert!(message(&o.err).contains("channel"), "{}", o.err);
         }
     }
 }
@@ -774,7 +774,7 @@ fn packet_bad_magic() {
             "{t:?}: {:?}",
             o.err
         );
-        assert!(o.err.to_string().contains("multifd channel 0"), "{}", o.err);
+        assert!(message(&o.err).contains("multifd channel 0"), "{}", o.err);
         assert_all_zero(&ram, "bad magic");
     }
 }
@@ -866,7 +866,7 @@ fn offset_past_block_end_rejected_before_any_write() {
                 "{t:?} offset {bad:#x}: {:?}",
                 o.err
             );
-            assert!(o.err.to_string().contains("past the end"), "{}", o.err);
+            assert!(message(&o.err).contains("past the end"), "{}", o.err);
             assert_all_zero(&ram, "offset past end (normal page)");
             // As a zero page after a valid normal page.
             let pkt = nocomp_packet(BLOCK, &[8192, bad], 1, 0xAB, 0);
@@ -903,7 +903,7 @@ fn unaligned_offset() {
                 "{t:?} offset {bad:#x}: {:?}",
                 o.err
             );
-            assert!(o.err.to_string().contains("aligned"), "{}", o.err);
+            assert!(message(&o.err).contains("aligned"), "{}", o.err);
             assert_all_zero(&ram, "unaligned offset");
         }
     }
@@ -935,7 +935,7 @@ fn page_counts_over_128() {
                 "{t:?} {name}={value}: {:?}",
                 o.err
             );
-            assert!(o.err.to_string().contains(name), "{}", o.err);
+            assert!(message(&o.err).contains(name), "{}", o.err);
             assert_all_zero(&ram, name);
         }
     }
@@ -968,7 +968,7 @@ fn unknown_block_name() {
             "{t:?}: {:?}",
             o.err
         );
-        assert!(o.err.to_string().contains("pc.ram2"), "{}", o.err);
+        assert!(message(&o.err).contains("pc.ram2"), "{}", o.err);
         assert_all_zero(&ram, "unknown block");
         // A name without its NUL terminator.
         let mut pkt = nocomp_packet(BLOCK, &[0], 1, 0xAB, 0);
@@ -1111,7 +1111,7 @@ fn compressed_garbage_is_corrupt() {
                     garbage.len(),
                     o.err
                 );
-                assert!(o.err.to_string().contains(name), "{}", o.err);
+                assert!(message(&o.err).contains(name), "{}", o.err);
                 assert_all_zero(&ram, "compressed garbage");
             }
         }
@@ -1212,7 +1212,7 @@ fn compressed_zero_only_packet_is_accepted() {
             let inc = res.unwrap_or_else(|e| panic!("{t:?} {comp:?}: {e}"));
             for p in [0, 1, 3] {
                 assert!(
-                    inc.ram.block(0).received().get(p),
+                    inc.ram.blocks()[0].is_received(p * 4096),
                     "{t:?} {comp:?}: page {p}"
                 );
             }
@@ -1259,9 +1259,9 @@ fn handmade_stream_completes() {
         assert!(took < FAST);
         assert_eq!(inc.flushes, 3);
         let mut page = [0u8; 4096];
-        inc.ram.block(0).read_page(4096, &mut page).unwrap();
+        inc.ram.blocks()[0].read_page(4096, &mut page).unwrap();
         assert!(page.iter().all(|&b| b == 0x77));
-        assert!(inc.ram.block(0).received().get(0) && inc.ram.block(0).received().get(1));
+        assert!(inc.ram.blocks()[0].is_received(0) && inc.ram.blocks()[0].is_received(4096));
         drop(inc);
         base.check("hand-made stream");
     }

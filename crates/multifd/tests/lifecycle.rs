@@ -20,12 +20,12 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
-use multifd::migrate::source::{SourceOptions, migrate};
-use multifd::recv::ReceiveOptions;
+use multifd::ReceiveOptions;
 use multifd::{
     Cancel, Compression, Error, FlushMode, MethodConfig, MigrationConfig, Progress,
     ZeroPageDetection,
 };
+use multifd::{SourceOptions, migrate};
 use util::*;
 
 /// Longest a single run may take before it counts as a hang.
@@ -115,8 +115,8 @@ impl Plan {
 /// What one run ended with.
 struct Ran {
     sent: multifd::Result<multifd::Stats>,
-    received: multifd::Result<multifd::recv::Incoming>,
-    source: Arc<multifd::ram::GuestRam>,
+    received: multifd::Result<multifd::Incoming>,
+    source: Arc<multifd::GuestRam>,
     took: Duration,
     cut_done: bool,
 }
@@ -278,7 +278,7 @@ fn judge(plan: &Plan, ran: &Ran, clean_tail: &[u8]) -> Result<String, String> {
         // The device-state tail is opaque: a cut inside it is only seen as a
         // tail that does not end properly.
         Err(Error::Wire {
-            endpoint: multifd::error::Endpoint::Main,
+            endpoint: multifd::Endpoint::Main,
             source: multifd_wire::WireError::BadTail { .. },
         }) if tail_cut => false,
         Err(e) => return Err(format!("receiver: unexpected error {e:?}")),

@@ -1,6 +1,7 @@
 //! The incremental decoder of the main stream: a state machine over the
 //! element sequence, delegating element bodies to the sibling modules.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use super::config::{self, layout_capability};
@@ -71,7 +72,7 @@ pub enum Event<'a> {
         /// Page-aligned offset inside the block (not checked against its length).
         offset: u64,
         /// The 4096 bytes of the page.
-        data: &'a [u8],
+        data: Cow<'a, [u8]>,
     },
     /// `MULTIFD_FLUSH`: a sync point.
     Flush,
@@ -94,8 +95,42 @@ pub enum Event<'a> {
     /// The vmdesc trailer right after EOF.
     VmDesc {
         /// The JSON bytes.
-        json: &'a [u8],
+        json: Cow<'a, [u8]>,
     },
+}
+
+impl Event<'_> {
+    /// The same event owning its bytes (a PAGE record's data, the vmdesc),
+    /// so it can outlive the buffer it was decoded from.
+    pub fn into_owned(self) -> Event<'static> {
+        match self {
+            Event::Page {
+                block,
+                offset,
+                data,
+            } => Event::Page {
+                block,
+                offset,
+                data: Cow::Owned(data.into_owned()),
+            },
+            Event::VmDesc { json } => Event::VmDesc {
+                json: Cow::Owned(json.into_owned()),
+            },
+            Event::Header => Event::Header,
+            Event::Configuration(c) => Event::Configuration(c),
+            Event::RamStart { section_id } => Event::RamStart { section_id },
+            Event::RamPart { section_id } => Event::RamPart { section_id },
+            Event::RamEnd { section_id } => Event::RamEnd { section_id },
+            Event::MemSize { blocks } => Event::MemSize { blocks },
+            Event::Zero { block, offset } => Event::Zero { block, offset },
+            Event::Flush => Event::Flush,
+            Event::Eos => Event::Eos,
+            Event::Footer { section_id } => Event::Footer { section_id },
+            Event::Command(c) => Event::Command(c),
+            Event::DeviceTail => Event::DeviceTail,
+            Event::Eof => Event::Eof,
+        }
+    }
 }
 
 /// Which chunk of the ram section is being read.
@@ -240,7 +275,9 @@ impl Decoder {
                 }
                 let json = c.take(len as usize)?;
                 self.state = State::AfterVmDesc;
-                Ok(Event::VmDesc { json })
+                Ok(Event::VmDesc {
+                    json: Cow::Borrowed(json),
+                })
             }
             State::AfterVmDesc => {
                 let ty = c.u8()?;
@@ -398,7 +435,7 @@ impl Decoder {
             } => Event::Page {
                 block: self.resolve(block, offset)?,
                 offset,
-                data,
+                data: Cow::Borrowed(data),
             },
         })
     }

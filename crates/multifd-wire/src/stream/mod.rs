@@ -39,7 +39,10 @@
 //!
 //! # How to use it
 //!
-//! [`encode`] appends elements to a `Vec<u8>`. [`Decoder`] is an incremental
+//! [`Encoder`] writes a whole precopy stream and keeps its grammar (chunks
+//! closed, CONTINUE for the same block, nothing after EOF); [`encode`] has
+//! the single elements it is made of, for tests and tools that need to
+//! write a stream the grammar forbids. [`Decoder`] is an incremental
 //! decoder: hand it the unconsumed bytes; it returns one [`Event`] and how
 //! many bytes it used, or asks for more bytes without changing its state.
 
@@ -50,12 +53,14 @@ mod config;
 mod cursor;
 mod decode;
 pub mod encode;
+mod encoder;
 mod ram;
 mod tail;
 #[cfg(test)]
 mod tests;
 
 pub use decode::{Decoded, Decoder, Event};
+pub use encoder::Encoder;
 pub use tail::check_tail;
 
 /// Magic of the main stream: `"QEVM"`.

@@ -303,7 +303,7 @@ fn legacy_zero_records_resolve_continue_across_sections() {
             Event::Page {
                 block: bios.clone(),
                 offset: 0x3000,
-                data: &[0xAB; 4096]
+                data: (&[0xAB; 4096][..]).into()
             },
             Event::Zero {
                 block: bios,
@@ -311,7 +311,12 @@ fn legacy_zero_records_resolve_continue_across_sections() {
             },
         ]
     );
-    assert_eq!(events.last(), Some(&Event::VmDesc { json: b"{}" }));
+    assert_eq!(
+        events.last(),
+        Some(&Event::VmDesc {
+            json: (&b"{}"[..]).into()
+        })
+    );
     assert_eq!(encode_events(&events), s);
 }
 
@@ -673,7 +678,7 @@ fn build(
                     ev.push(Event::Page {
                         block,
                         offset,
-                        data,
+                        data: (&data[..]).into(),
                     });
                 } else {
                     encode::zero_page(&mut s, name, offset).unwrap();
@@ -705,7 +710,7 @@ fn build(
     if let Some(json) = vmdesc {
         encode::vmdesc(&mut s, json).unwrap();
         let json: &'static [u8] = Box::leak(json.to_vec().into_boxed_slice());
-        ev.push(Event::VmDesc { json });
+        ev.push(Event::VmDesc { json: json.into() });
     }
     (s, ev)
 }

@@ -1,13 +1,13 @@
 //! No compression: pages go from guest RAM to the socket and from the
 //! socket to guest RAM with vectored I/O, no copy (QEMU's multifd-nocomp).
 
+use multifd_wire::PAGE_SIZE;
 use multifd_wire::packet::{Compression, RamPacketHeader};
-use multifd_wire::{PAGE_SIZE, PAGE_SIZE_U64};
 
 use super::{RecvMethod, SendMethod};
 use crate::error::Result;
-use crate::ram::{IoVec, RamBlock};
-use crate::transport::Connection;
+use crate::ram::PageList;
+use crate::transport::{Connection, IoSlice};
 
 pub(super) struct NoCompSend;
 
@@ -18,14 +18,11 @@ impl SendMethod for NoCompSend {
 
     fn prepare<'a>(
         &'a mut self,
-        block: &'a RamBlock,
-        normal: &[u64],
-        iovs: &mut Vec<IoVec<'a>>,
+        pages: PageList<'a, '_>,
+        iovs: &mut Vec<IoSlice<'a>>,
     ) -> Result<u32> {
-        for &off in normal {
-            iovs.push(block.page_iov(off)?);
-        }
-        Ok((normal.len() * PAGE_SIZE) as u32)
+        iovs.extend(pages.iter().map(|page| page.io_slice()));
+        Ok((pages.len() * PAGE_SIZE) as u32)
     }
 }
 
@@ -42,17 +39,17 @@ impl NoCompRecv {
 impl RecvMethod for NoCompRecv {
     fn load(
         &mut self,
-        hdr: &RamPacketHeader,
-        block: &RamBlock,
+        _hdr: &RamPacketHeader,
+        pages: PageList<'_, '_>,
         conn: &mut Connection,
     ) -> Result<()> {
-        let mut iovs = Vec::with_capacity(hdr.normal().len());
-        for &off in hdr.normal() {
-            iovs.push(block.page_iov_mut(off)?);
-        }
+        let mut iovs = pages
+            .iter()
+            .map(|page| page.io_slice_mut())
+            .collect::<Result<Vec<_>>>()?;
         super::payload_read(conn.readv_exact(&mut iovs), self.channel)?;
-        for &off in hdr.normal() {
-            block.received().set(off / PAGE_SIZE_U64);
+        for page in pages.iter() {
+            page.mark_received();
         }
         Ok(())
     }

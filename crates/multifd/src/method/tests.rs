@@ -47,7 +47,8 @@ fn round_trip(compression: Compression) {
                 for chunk in (0..300u64).collect::<Vec<_>>().chunks(128) {
                     let offsets: Vec<u64> = chunk.iter().map(|p| p * 4096).collect();
                     let mut iovs = Vec::new();
-                    let size = send.prepare(&src, &offsets, &mut iovs).unwrap();
+                    let pages = src.page_list(&offsets).unwrap();
+                    let size = send.prepare(pages, &mut iovs).unwrap();
                     let mut hdr = [0u8; RAM_PACKET_HEADER_SIZE];
                     RamPacketEncoder {
                         compression,
@@ -60,7 +61,7 @@ fn round_trip(compression: Compression) {
                     }
                     .encode(&mut hdr)
                     .unwrap();
-                    iovs.insert(0, crate::ram::IoVec::from_slice(&hdr));
+                    iovs.insert(0, crate::transport::IoSlice::new(&hdr));
                     tx.writev_all(&mut iovs).unwrap();
                 }
                 // Wait for the receiver before changing the source pages.
@@ -73,7 +74,8 @@ fn round_trip(compression: Compression) {
                 let mut hdr = vec![0u8; RAM_PACKET_HEADER_SIZE];
                 assert!(rx.read_exact_or_eof(&mut hdr).unwrap());
                 let h = RamPacketHeader::decode(&hdr).unwrap();
-                recv.load(&h, &dst, &mut rx).unwrap();
+                let pages = dst.page_list(h.normal()).unwrap();
+                recv.load(&h, pages, &mut rx).unwrap();
             }
             for p in 0..300u64 {
                 let (mut x, mut y) = ([0u8; PAGE_SIZE], [0u8; PAGE_SIZE]);
@@ -127,6 +129,7 @@ fn corrupt_zlib_payload_is_a_typed_error() {
     .unwrap();
     let h = RamPacketHeader::decode(&hdr).unwrap();
     let mut recv = new_recv(&cfg, 3).unwrap();
-    let err = recv.load(&h, &dst, &mut rx).unwrap_err();
+    let pages = dst.page_list(h.normal()).unwrap();
+    let err = recv.load(&h, pages, &mut rx).unwrap_err();
     assert!(matches!(err, crate::Error::Corrupt { .. }), "{err}");
 }

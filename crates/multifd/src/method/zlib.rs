@@ -8,10 +8,10 @@
 use flate2::{Compress, Compression as Level, Decompress, FlushCompress, FlushDecompress, Status};
 use multifd_wire::packet::{Compression, MAX_COMPRESSED_PAYLOAD, RamPacketHeader};
 
-use super::{RecvMethod, SendMethod, corrupt, gather, read_payload, scatter};
+use super::{RecvMethod, SendMethod, compression_failed, corrupt, gather, read_payload, scatter};
 use crate::error::{Error, Result};
-use crate::ram::{IoVec, RamBlock};
-use crate::transport::Connection;
+use crate::ram::PageList;
+use crate::transport::{Connection, IoSlice};
 
 pub(super) struct ZlibSend {
     z: Compress,
@@ -36,11 +36,10 @@ impl SendMethod for ZlibSend {
 
     fn prepare<'a>(
         &'a mut self,
-        block: &'a RamBlock,
-        normal: &[u64],
-        iovs: &mut Vec<IoVec<'a>>,
+        pages: PageList<'a, '_>,
+        iovs: &mut Vec<IoSlice<'a>>,
     ) -> Result<u32> {
-        gather(block, normal, &mut self.input)?;
+        gather(pages, &mut self.input);
         self.out.clear();
         let start = self.z.total_in();
         loop {
@@ -50,7 +49,7 @@ impl SendMethod for ZlibSend {
             let consumed = (self.z.total_in() - start) as usize;
             self.z
                 .compress_vec(&self.input[consumed..], &mut self.out, FlushCompress::Sync)
-                .map_err(|e| Error::Unsupported(format!("zlib compression failed: {e}")))?;
+                .map_err(|e| compression_failed("zlib", e))?;
             let all_in = (self.z.total_in() - start) as usize == self.input.len();
             // The sync flush is complete once it did not fill the output.
             if all_in && self.out.len() < self.out.capacity() {
@@ -58,11 +57,12 @@ impl SendMethod for ZlibSend {
             }
         }
         if self.out.len() > MAX_COMPRESSED_PAYLOAD as usize {
-            return Err(Error::Unsupported(
-                "zlib payload over 1 MiB (QEMU's receive buffer)".into(),
+            return Err(compression_failed(
+                "zlib",
+                "payload over 1 MiB (QEMU's receive buffer)",
             ));
         }
-        iovs.push(IoVec::from_slice(&self.out));
+        iovs.push(IoSlice::new(&self.out));
         Ok(self.out.len() as u32)
     }
 }
@@ -115,12 +115,11 @@ impl RecvMethod for ZlibRecv {
     fn load(
         &mut self,
         hdr: &RamPacketHeader,
-        block: &RamBlock,
+        pages: PageList<'_, '_>,
         conn: &mut Connection,
     ) -> Result<()> {
         read_payload(conn, self.channel, hdr.next_packet_size, &mut self.payload)?;
-        self.pages
-            .resize(hdr.normal().len() * multifd_wire::PAGE_SIZE, 0);
+        self.pages.resize(pages.len() * multifd_wire::PAGE_SIZE, 0);
         let (mut pos, mut filled) = (0, 0);
         while filled < self.pages.len() {
             let (used, made) = self.inflate(pos, filled, false)?;
@@ -144,11 +143,11 @@ impl RecvMethod for ZlibRecv {
                 return Err(self.corrupt(format!(
                     "{} bytes left over after {} pages",
                     self.payload.len() - pos,
-                    hdr.normal().len()
+                    pages.len()
                 )));
             }
             pos += used;
         }
-        scatter(block, hdr.normal(), &self.pages)
+        scatter(pages, &self.pages)
     }
 }

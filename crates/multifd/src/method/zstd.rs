@@ -5,10 +5,10 @@
 use multifd_wire::packet::{Compression, MAX_COMPRESSED_PAYLOAD, RamPacketHeader};
 use zstd::stream::raw::{Decoder, Encoder, InBuffer, Operation, OutBuffer};
 
-use super::{RecvMethod, SendMethod, corrupt, gather, read_payload, scatter};
+use super::{RecvMethod, SendMethod, compression_failed, corrupt, gather, read_payload, scatter};
 use crate::error::{Error, Result};
-use crate::ram::{IoVec, RamBlock};
-use crate::transport::Connection;
+use crate::ram::PageList;
+use crate::transport::{Connection, IoSlice};
 
 pub(super) struct ZstdSend {
     z: Encoder<'static>,
@@ -17,7 +17,7 @@ pub(super) struct ZstdSend {
 }
 
 fn too_big() -> Error {
-    Error::Unsupported("zstd payload over 1 MiB (QEMU's receive buffer)".into())
+    compression_failed("zstd", "payload over 1 MiB (QEMU's receive buffer)")
 }
 
 impl ZstdSend {
@@ -38,12 +38,11 @@ impl SendMethod for ZstdSend {
 
     fn prepare<'a>(
         &'a mut self,
-        block: &'a RamBlock,
-        normal: &[u64],
-        iovs: &mut Vec<IoVec<'a>>,
+        pages: PageList<'a, '_>,
+        iovs: &mut Vec<IoSlice<'a>>,
     ) -> Result<u32> {
-        gather(block, normal, &mut self.input)?;
-        let fail = |e: std::io::Error| Error::Unsupported(format!("zstd compression failed: {e}"));
+        gather(pages, &mut self.input);
+        let fail = |e: std::io::Error| compression_failed("zstd", e);
         let mut out = OutBuffer::around(&mut self.out[..]);
         let mut input = InBuffer::around(&self.input[..]);
         while input.pos() < self.input.len() {
@@ -58,7 +57,7 @@ impl SendMethod for ZstdSend {
             }
         }
         let len = out.pos();
-        iovs.push(IoVec::from_slice(&self.out[..len]));
+        iovs.push(IoSlice::new(&self.out[..len]));
         Ok(len as u32)
     }
 }
@@ -74,7 +73,7 @@ impl ZstdRecv {
     pub(super) fn new(channel: u8) -> Result<Self> {
         Ok(Self {
             channel,
-            z: Decoder::new().map_err(|e| Error::Config(format!("zstd decoder: {e}")))?,
+            z: Decoder::new().map_err(|e| compression_failed("zstd", format!("decoder: {e}")))?,
             payload: Vec::new(),
             pages: Vec::new(),
         })
@@ -85,14 +84,13 @@ impl RecvMethod for ZstdRecv {
     fn load(
         &mut self,
         hdr: &RamPacketHeader,
-        block: &RamBlock,
+        pages: PageList<'_, '_>,
         conn: &mut Connection,
     ) -> Result<()> {
         let channel = self.channel;
         let bad = |reason: String| corrupt(channel, "zstd", reason);
         read_payload(conn, channel, hdr.next_packet_size, &mut self.payload)?;
-        self.pages
-            .resize(hdr.normal().len() * multifd_wire::PAGE_SIZE, 0);
+        self.pages.resize(pages.len() * multifd_wire::PAGE_SIZE, 0);
         let mut input = InBuffer::around(&self.payload[..]);
         let mut out = OutBuffer::around(&mut self.pages[..]);
         while out.pos() < out.capacity() {
@@ -124,10 +122,10 @@ impl RecvMethod for ZstdRecv {
                 return Err(bad(format!(
                     "{} bytes left over after {} pages",
                     self.payload.len() - before,
-                    hdr.normal().len()
+                    pages.len()
                 )));
             }
         }
-        scatter(block, hdr.normal(), &self.pages)
+        scatter(pages, &self.pages)
     }
 }

@@ -7,9 +7,10 @@ use std::path::{Path, PathBuf};
 use vm_memory::FileOffset;
 use vm_memory::mmap::MmapRegion;
 
-use super::iov::IoVec;
+use super::page::{Page, PageList};
 use super::received::ReceivedBitmap;
 use crate::error::{Error, Result};
+use crate::transport::{IoSlice, IoSliceMut};
 use multifd_wire::{PAGE_SIZE, PAGE_SIZE_U64};
 
 /// Whether a block may be written.
@@ -49,7 +50,15 @@ impl std::fmt::Debug for RamBlock {
     }
 }
 
-fn check_len(name: &str, len: u64) -> Result<usize> {
+/// Checks a block's name and length: the name must fit the wire (1 to 255
+/// bytes, QEMU's `idstr`), the length be a non-zero multiple of 4096 that
+/// this process can map.
+fn check_name_and_len(name: &str, len: u64) -> Result<usize> {
+    if name.is_empty() || name.len() > 255 {
+        return Err(Error::Config(format!(
+            "RAM block name {name:?}: must be 1 to 255 bytes"
+        )));
+    }
     if len == 0 || !len.is_multiple_of(PAGE_SIZE_U64) {
         return Err(Error::Config(format!(
             "RAM block {name:?}: length {len} is not a non-zero multiple of 4096"
@@ -62,7 +71,7 @@ fn check_len(name: &str, len: u64) -> Result<usize> {
 impl RamBlock {
     /// Anonymous, zero-filled memory.
     pub fn anonymous(name: &str, len: u64) -> Result<Self> {
-        let size = check_len(name, len)?;
+        let size = check_name_and_len(name, len)?;
         let region = MmapRegion::build(
             None,
             size,
@@ -114,7 +123,7 @@ impl RamBlock {
     /// read-write. Used for snapshot blocks and `--ram` files that do not
     /// exist yet.
     pub fn create_file(name: &str, path: &Path, len: u64) -> Result<Self> {
-        check_len(name, len)?;
+        check_name_and_len(name, len)?;
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -136,7 +145,7 @@ impl RamBlock {
         starts_zeroed: bool,
         populate: bool,
     ) -> Result<Self> {
-        let size = check_len(name, len)?;
+        let size = check_name_and_len(name, len)?;
         // MAP_POPULATE: one kernel pass sets up every page-table entry,
         // instead of one fault per page later on the channel threads
         // (first-touch faults dominate a loopback migration here). A fresh
@@ -205,142 +214,131 @@ impl RamBlock {
         self.len / PAGE_SIZE_U64
     }
 
-    /// Address of the mapping in this process (to find it in
-    /// `/proc/self/smaps`).
-    pub fn host_addr(&self) -> usize {
-        self.region.as_ptr() as usize
-    }
-
     /// The file behind the mapping, if any.
     pub fn path(&self) -> Option<&Path> {
         self.path.as_deref()
     }
 
+    /// Whether the block may be written.
+    pub fn access(&self) -> Access {
+        self.access
+    }
+
     /// Pages received so far by a destination (QEMU's `receivedmap`).
-    pub fn received(&self) -> &ReceivedBitmap {
+    pub(crate) fn received(&self) -> &ReceivedBitmap {
         &self.received
     }
 
-    /// Checks that `offset` names a whole page inside the block.
-    pub fn check_page(&self, offset: u64) -> Result<()> {
-        if !offset.is_multiple_of(PAGE_SIZE_U64)
-            || offset
+    /// Whether a destination received the page at `offset` (as data or as
+    /// a zero page) in this migration.
+    pub fn is_received(&self, offset: u64) -> bool {
+        offset.is_multiple_of(PAGE_SIZE_U64) && self.received.get(offset / PAGE_SIZE_U64)
+    }
+
+    /// How many of the block's pages a destination received.
+    pub fn received_pages(&self) -> u64 {
+        self.received.count()
+    }
+
+    /// Whether a never-received page is known to read as zero.
+    pub(crate) fn starts_zeroed(&self) -> bool {
+        self.starts_zeroed
+    }
+
+    fn out_of_range(&self, offset: u64) -> Error {
+        Error::OffsetOutOfRange {
+            block: self.name.clone(),
+            offset,
+            len: self.len,
+        }
+    }
+
+    /// Whether `offset` names a whole page inside the block.
+    fn holds_page(&self, offset: u64) -> bool {
+        offset.is_multiple_of(PAGE_SIZE_U64)
+            && offset
                 .checked_add(PAGE_SIZE_U64)
-                .is_none_or(|end| end > self.len)
-        {
-            return Err(Error::OffsetOutOfRange {
+                .is_some_and(|end| end <= self.len)
+    }
+
+    /// The page at `offset`, checked to lie whole inside the block.
+    pub(crate) fn page(&self, offset: u64) -> Result<Page<'_>> {
+        if !self.holds_page(offset) {
+            return Err(self.out_of_range(offset));
+        }
+        // SAFETY: `holds_page` just checked the offset.
+        Ok(unsafe { Page::new_unchecked(self, offset) })
+    }
+
+    /// The pages at `offsets`, each checked once to lie whole inside the block.
+    pub(crate) fn page_list<'o>(&self, offsets: &'o [u64]) -> Result<PageList<'_, 'o>> {
+        if let Some(&bad) = offsets.iter().find(|&&off| !self.holds_page(off)) {
+            return Err(self.out_of_range(bad));
+        }
+        // SAFETY: every offset was just checked.
+        Ok(unsafe { PageList::new_unchecked(self, offsets) })
+    }
+
+    /// Fails unless the block is mapped writable.
+    pub(crate) fn check_writable(&self) -> Result<()> {
+        match self.access {
+            Access::ReadWrite => Ok(()),
+            Access::ReadOnly => Err(Error::ReadOnlyBlock {
                 block: self.name.clone(),
-                offset,
-                len: self.len,
-            });
+            }),
         }
-        Ok(())
     }
 
-    fn check_writable(&self) -> Result<()> {
-        if self.access == Access::ReadOnly {
-            return Err(Error::Config(format!(
-                "RAM block {:?} is mapped read-only",
-                self.name
-            )));
-        }
-        Ok(())
-    }
-
-    /// Raw pointer to the page at `offset`; the offset must have passed `check_page`.
-    fn page_ptr(&self, offset: u64) -> *mut u8 {
-        debug_assert!(self.check_page(offset).is_ok());
-        // SAFETY:
-        // - `offset + PAGE_SIZE <= len` (checked by every caller through
-        //   `check_page`), so the result stays inside the mapping;
-        // - `offset < len <= isize::MAX` (the mapping exists), so the add
-        //   cannot overflow.
+    /// Raw pointer to the page at `offset`.
+    ///
+    /// # Safety
+    /// `offset` must be a multiple of 4096 with `offset + 4096 <= len()`
+    /// (what [`RamBlock::page`] checks; a [`Page`] carries that proof).
+    /// The pointer is valid for as long as `self` is borrowed; it points to
+    /// guest memory, which may only be accessed through volatile reads and
+    /// writes or handed to the kernel, never turned into a reference.
+    pub(crate) unsafe fn page_ptr(&self, offset: u64) -> *mut u8 {
+        debug_assert!(self.holds_page(offset));
+        // SAFETY: by the contract `offset + 4096 <= len`, and `len` is the
+        // mapping's size, so the result stays inside the mapping; `offset <
+        // len <= isize::MAX` (the mapping exists), so the add cannot overflow.
         unsafe { self.region.as_ptr().add(offset as usize) }
     }
 
-    /// True when the page at `offset` is all zero bytes
-    /// (QEMU's `buffer_is_zero`). The guest may be writing the page
-    /// meanwhile; then the answer is one of the page's states, and the
-    /// dirty log re-sends it.
+    /// True when the page at `offset` is all zero bytes (QEMU's
+    /// `buffer_is_zero`). The guest may be writing the page meanwhile; then
+    /// the answer is one of the page's states, and the dirty log re-sends it.
     pub fn is_zero_page(&self, offset: u64) -> Result<bool> {
-        self.check_page(offset)?;
-        // SAFETY: the page lies inside the mapping (checked above), which
-        // is readable for as long as `self` lives.
-        Ok(unsafe { super::zero::page_is_zero(self.page_ptr(offset)) })
+        Ok(self.page(offset)?.is_zero())
     }
 
-    /// Copies the page at `offset` into `out` (a private copy for a
-    /// compressor: the guest may keep writing the original).
+    /// Copies the page at `offset` into `out`.
     pub fn read_page(&self, offset: u64, out: &mut [u8; PAGE_SIZE]) -> Result<()> {
-        self.check_page(offset)?;
-        // SAFETY:
-        // - source: one page inside the mapping (checked above), readable;
-        // - destination: `out` is exactly one page, exclusively borrowed;
-        // - no overlap: `out` is not inside guest memory (guest memory is
-        //   never exposed as a Rust reference, so `out` cannot point there).
-        unsafe {
-            std::ptr::copy_nonoverlapping(self.page_ptr(offset), out.as_mut_ptr(), PAGE_SIZE);
-        }
+        self.page(offset)?.copy_to(out);
         Ok(())
     }
 
     /// Writes one page of data at `offset` and marks it received, so a
     /// later zero page for it is applied.
-    pub fn write_page(&self, offset: u64, data: &[u8]) -> Result<()> {
-        self.check_page(offset)?;
-        self.check_writable()?;
-        if data.len() != PAGE_SIZE {
-            return Err(Error::Config(format!(
-                "page write of {} bytes, expected 4096",
-                data.len()
-            )));
-        }
-        // SAFETY:
-        // - destination: one page inside a writable mapping (checked above);
-        // - source: `data` is exactly one page of initialised bytes;
-        // - no overlap, as in `read_page`.
-        unsafe {
-            std::ptr::copy_nonoverlapping(data.as_ptr(), self.page_ptr(offset), PAGE_SIZE);
-        }
-        self.received.set(offset / PAGE_SIZE_U64);
-        Ok(())
+    pub fn write_page(&self, offset: u64, data: &[u8; PAGE_SIZE]) -> Result<()> {
+        self.page(offset)?.write(data)
     }
 
-    /// Fills the page at `offset` with zeros.
-    pub fn zero_page(&self, offset: u64) -> Result<()> {
-        self.check_page(offset)?;
-        self.check_writable()?;
-        // SAFETY: one page inside a writable mapping (checked above).
-        unsafe { std::ptr::write_bytes(self.page_ptr(offset), 0, PAGE_SIZE) };
-        Ok(())
-    }
-
-    /// Applies a zero page received from a source, the way a QEMU
-    /// destination does: memory that may hold older data is zeroed, memory
-    /// known to be untouched is left alone (so it is never faulted in).
-    pub fn apply_zero_page(&self, offset: u64) -> Result<()> {
-        self.check_page(offset)?;
-        let seen_before = self.received.set(offset / PAGE_SIZE_U64);
-        if (seen_before || !self.starts_zeroed) && !self.is_zero_page(offset)? {
-            self.zero_page(offset)?;
-        }
-        Ok(())
-    }
-
-    /// An I/O vector over the page at `offset`, for a vectored write to a
-    /// socket (the source side: the kernel reads the page).
-    pub fn page_iov(&self, offset: u64) -> Result<IoVec<'_>> {
-        self.check_page(offset)?;
-        // SAFETY: the page lies inside the mapping (checked above), which
-        // lives as long as `self`, and the IoVec borrows `self`.
-        Ok(unsafe { IoVec::from_raw(self.page_ptr(offset), PAGE_SIZE) })
+    /// An I/O vector over the page at `offset`, for a vectored write of
+    /// guest memory straight to a socket ([`Connection::writev_all`]).
+    ///
+    /// [`Connection::writev_all`]: crate::Connection::writev_all
+    pub fn page_io_slice(&self, offset: u64) -> Result<IoSlice<'_>> {
+        Ok(self.page(offset)?.io_slice())
     }
 
     /// An I/O vector over the page at `offset`, for a vectored read from a
-    /// socket straight into guest RAM (the destination side).
-    pub fn page_iov_mut(&self, offset: u64) -> Result<IoVec<'_>> {
-        self.check_writable()?;
-        self.page_iov(offset)
+    /// socket straight into guest memory ([`Connection::readv_exact`]).
+    /// Fails on a read-only block.
+    ///
+    /// [`Connection::readv_exact`]: crate::Connection::readv_exact
+    pub fn page_io_slice_mut(&self, offset: u64) -> Result<IoSliceMut<'_>> {
+        self.page(offset)?.io_slice_mut()
     }
 
     /// Maps the pages of `offset..offset + len` into this process with one
@@ -349,12 +347,13 @@ impl RamBlock {
     /// virtual machine. Best effort: errors (old kernels) are ignored.
     pub fn populate_read(&self, offset: u64, len: u64) {
         let end = offset.saturating_add(len).min(self.len);
-        if offset >= end || self.check_page(offset).is_err() {
+        if offset >= end || !self.holds_page(offset) {
             return;
         }
         // SAFETY:
-        // - `offset..end` lies inside the mapping (checked above), and
-        //   `offset` is page-aligned, as madvise requires;
+        // - `offset` names a page inside the block (checked above), so the
+        //   pointer is in the mapping and page-aligned, as madvise requires;
+        //   `offset..end` stays inside the mapping (`end <= len`);
         // - MADV_POPULATE_READ only faults pages in for reading; it changes
         //   no memory contents and no mapping attributes.
         unsafe {
@@ -366,55 +365,17 @@ impl RamBlock {
         }
     }
 
-    /// Bytes of this block resident in memory (`mincore`).
-    pub fn resident_bytes(&self) -> u64 {
-        let pages = self.len as usize / PAGE_SIZE;
-        let mut vec = vec![0u8; pages];
-        // SAFETY:
-        // - the address range is exactly our mapping (page-aligned, `len` bytes);
-        // - `vec` has one byte per page, as mincore requires.
-        let rc = unsafe {
-            libc::mincore(
-                self.region.as_ptr().cast(),
-                self.len as usize,
-                vec.as_mut_ptr(),
-            )
-        };
-        if rc != 0 {
-            return 0;
-        }
-        vec.iter().filter(|&&b| b & 1 != 0).count() as u64 * PAGE_SIZE_U64
-    }
-
     /// Writes the whole block with zeros, faulting every page in. From then
     /// on the block is known to be zero where nothing was received, so zero
     /// pages cost nothing (what a QEMU destination assumes of fresh RAM).
     pub fn prefault(&mut self) -> Result<()> {
         self.check_writable()?;
-        // SAFETY: the whole mapping, writable (checked above).
-        unsafe { std::ptr::write_bytes(self.region.as_ptr(), 0, self.len as usize) };
+        for offset in (0..self.len).step_by(PAGE_SIZE) {
+            // SAFETY: `offset` steps through the block's pages, each whole
+            // inside it (`len` is a multiple of 4096).
+            unsafe { Page::new_unchecked(self, offset) }.fill_zero();
+        }
         self.starts_zeroed = true;
-        Ok(())
-    }
-
-    /// Copies `src`'s whole contents into this block (same length).
-    pub fn copy_from(&self, src: &RamBlock) -> Result<()> {
-        self.check_writable()?;
-        if src.len != self.len {
-            return Err(Error::Config(
-                "copy between blocks of different length".into(),
-            ));
-        }
-        // SAFETY:
-        // - both ranges are whole mappings of `len` bytes, the destination writable;
-        // - they are distinct mappings, so they do not overlap.
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                src.region.as_ptr(),
-                self.region.as_ptr(),
-                self.len as usize,
-            );
-        }
         Ok(())
     }
 }
@@ -433,14 +394,19 @@ mod tests {
         page.fill(0);
         b.read_page(4096, &mut page).unwrap();
         assert!(page.iter().all(|&x| x == 7));
-        b.apply_zero_page(4096).unwrap();
+        b.page(4096).unwrap().apply_zero().unwrap();
         assert!(b.is_zero_page(4096).unwrap());
         assert!(matches!(
             b.read_page(4 * 4096, &mut page),
             Err(Error::OffsetOutOfRange { .. })
         ));
-        assert!(b.check_page(100).is_err(), "unaligned");
-        assert!(b.check_page(u64::MAX - 4095).is_err(), "overflow");
+        assert!(b.page(100).is_err(), "unaligned");
+        assert!(b.page(u64::MAX - 4095).is_err(), "overflow");
+        assert!(b.page_list(&[0, 4096, 3 * 4096]).is_ok());
+        assert!(matches!(
+            b.page_list(&[0, 4 * 4096]),
+            Err(Error::OffsetOutOfRange { offset: 0x4000, .. })
+        ));
     }
 
     #[test]
@@ -468,7 +434,24 @@ mod tests {
         let bytes = std::fs::read(&path).unwrap();
         assert_eq!(bytes[4096], 9);
         let ro = RamBlock::open_file("m0", &path, Access::ReadOnly, Some(8192)).unwrap();
-        assert!(ro.write_page(0, &[1u8; PAGE_SIZE]).is_err());
+        assert!(matches!(
+            ro.write_page(0, &[1u8; PAGE_SIZE]),
+            Err(Error::ReadOnlyBlock { .. })
+        ));
         assert!(RamBlock::open_file("m0", &path, Access::ReadOnly, Some(4096)).is_err());
+    }
+
+    #[test]
+    fn prefault_zeroes_old_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ram");
+        std::fs::write(&path, vec![0x5a; 3 * 4096]).unwrap();
+        let mut b = RamBlock::open_file("m0", &path, Access::ReadWrite, None).unwrap();
+        assert!(!b.starts_zeroed());
+        b.prefault().unwrap();
+        assert!(b.starts_zeroed());
+        for off in [0, 4096, 8192] {
+            assert!(b.is_zero_page(off).unwrap());
+        }
     }
 }

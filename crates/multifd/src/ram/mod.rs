@@ -7,19 +7,20 @@
 //! migration, looked up by name.
 //!
 //! Guest memory is shared with whoever runs the guest, so no Rust reference
-//! (`&[u8]`/`&mut [u8]`) is ever made over it. Pages are only reached through
-//! the methods here, which copy with raw pointers (as vm-memory's volatile
-//! slices do), and through [`IoVec`]s handed to the kernel. This module and
-//! `transport::sys` hold the only `unsafe` code of the crate.
+//! (`&[u8]`/`&mut [u8]`) is ever made over it: pages are copied and scanned
+//! with volatile accesses (vm-memory's volatile slices, volatile vector
+//! loads) and otherwise only handed to the kernel as I/O vectors. An offset
+//! is checked once and then carried as a `Page` / `PageList`, which borrow
+//! their block. This module and `transport` hold the only `unsafe` code of
+//! the crate.
 
 mod block;
-mod iov;
+mod page;
 mod received;
 mod zero;
 
 pub use block::{Access, RamBlock};
-pub use iov::IoVec;
-pub use received::ReceivedBitmap;
+pub(crate) use page::{PageBatch, PageList};
 
 use crate::error::{Error, Result};
 use multifd_wire::stream::RamBlockInfo;
@@ -53,6 +54,11 @@ impl GuestRam {
         &self.blocks
     }
 
+    /// Whether there are no blocks.
+    pub fn is_empty(&self) -> bool {
+        self.blocks.is_empty()
+    }
+
     /// Index of the block called `name`.
     pub fn find(&self, name: &str) -> Option<usize> {
         self.blocks.iter().position(|b| b.name() == name)
@@ -61,11 +67,6 @@ impl GuestRam {
     /// The block called `name`.
     pub fn get(&self, name: &str) -> Option<&RamBlock> {
         self.find(name).map(|i| &self.blocks[i])
-    }
-
-    /// Block at index `idx`.
-    pub fn block(&self, idx: usize) -> &RamBlock {
-        &self.blocks[idx]
     }
 
     /// Sum of all block lengths.
@@ -87,10 +88,5 @@ impl GuestRam {
                 used_length: b.len(),
             })
             .collect()
-    }
-
-    /// Pages of all blocks currently resident in memory, in bytes (mincore).
-    pub fn resident_bytes(&self) -> u64 {
-        self.blocks.iter().map(RamBlock::resident_bytes).sum()
     }
 }

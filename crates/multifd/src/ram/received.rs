@@ -5,14 +5,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 /// One bit per page, set when the page first arrives (as data or as a zero
 /// page). Shared by all channel threads; lock-free.
 #[derive(Debug)]
-pub struct ReceivedBitmap {
+pub(crate) struct ReceivedBitmap {
     words: Box<[AtomicU64]>,
     pages: u64,
 }
 
 impl ReceivedBitmap {
     /// A bitmap of `pages` clear bits.
-    pub fn new(pages: u64) -> Self {
+    pub(crate) fn new(pages: u64) -> Self {
         let words = pages.div_ceil(64) as usize;
         Self {
             words: (0..words).map(|_| AtomicU64::new(0)).collect(),
@@ -22,20 +22,20 @@ impl ReceivedBitmap {
 
     /// Sets the bit of `page`; returns whether it was already set.
     /// `page` must be below the bitmap's page count.
-    pub fn set(&self, page: u64) -> bool {
+    pub(crate) fn set(&self, page: u64) -> bool {
         assert!(page < self.pages, "page {page} out of range");
         let bit = 1u64 << (page % 64);
         self.words[(page / 64) as usize].fetch_or(bit, Ordering::Relaxed) & bit != 0
     }
 
     /// Whether `page` was received.
-    pub fn get(&self, page: u64) -> bool {
+    pub(crate) fn get(&self, page: u64) -> bool {
         page < self.pages
             && self.words[(page / 64) as usize].load(Ordering::Relaxed) & (1u64 << (page % 64)) != 0
     }
 
     /// Number of pages received.
-    pub fn count(&self) -> u64 {
+    pub(crate) fn count(&self) -> u64 {
         self.words
             .iter()
             .map(|w| u64::from(w.load(Ordering::Relaxed).count_ones()))

@@ -6,10 +6,10 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
+use super::iov::{IoSlice, IoSliceMut};
 use super::sys;
 use super::uri::Uri;
 use crate::error::{Error, Result};
-use crate::ram::IoVec;
 
 #[derive(Debug)]
 enum Stream {
@@ -102,28 +102,20 @@ impl Connection {
         }
     }
 
-    /// Sets (or clears) the timeout of blocking writes.
-    pub fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()> {
-        match &self.stream {
-            Stream::Tcp(s) => s.set_write_timeout(t),
-            Stream::Unix(s) => s.set_write_timeout(t),
-        }
-    }
-
     /// Writes all bytes of `iovs` with as few system calls as possible.
-    pub fn writev_all(&mut self, iovs: &mut [IoVec<'_>]) -> io::Result<()> {
+    pub fn writev_all(&mut self, iovs: &mut [IoSlice<'_>]) -> io::Result<()> {
         sys::writev_all(self.as_raw_fd(), iovs)
     }
 
     /// Fills all of `iovs`. `Ok(false)`: the peer closed the connection
     /// cleanly before the first byte.
-    pub fn readv_exact(&mut self, iovs: &mut [IoVec<'_>]) -> io::Result<bool> {
+    pub fn readv_exact(&mut self, iovs: &mut [IoSliceMut<'_>]) -> io::Result<bool> {
         sys::readv_exact(self.as_raw_fd(), iovs)
     }
 
     /// Fills `buf`. `Ok(false)`: clean EOF before the first byte.
     pub fn read_exact_or_eof(&mut self, buf: &mut [u8]) -> io::Result<bool> {
-        let mut iov = [IoVec::from_mut_slice(buf)];
+        let mut iov = [IoSliceMut::new(buf)];
         self.readv_exact(&mut iov)
     }
 

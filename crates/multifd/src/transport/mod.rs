@@ -1,16 +1,18 @@
 //! Connections: TCP and Unix sockets addressed by QEMU-style URIs.
 //!
 //! A [`Connection`] is one byte stream (a main or multifd channel). It
-//! offers vectored writes and reads of [`IoVec`](crate::ram::IoVec)s, so
-//! pages go from guest RAM to the socket and back without a copy, and a
-//! `shutdown` that makes any blocked read or write on it return: the abort
-//! path uses that to stop every thread promptly.
+//! offers vectored writes of [`IoSlice`]s and vectored reads into
+//! [`IoSliceMut`]s, so pages go from guest RAM to the socket and back
+//! without a copy, and a `shutdown` that makes any blocked read or write on
+//! it return: the abort path uses that to stop every thread promptly.
 
 mod conn;
+mod iov;
 mod listen;
 pub(crate) mod sys;
 mod uri;
 
 pub use conn::Connection;
+pub use iov::{IoSlice, IoSliceMut};
 pub use listen::Listener;
 pub use uri::Uri;

@@ -5,15 +5,17 @@ use std::io;
 use std::os::fd::RawFd;
 use std::time::Duration;
 
-use crate::ram::IoVec;
+use super::iov::{IoSlice, IoSliceMut, Vector};
 
 /// Most iovecs one `writev`/`readv` takes (Linux `UIO_MAXIOV`).
 const IOV_MAX: usize = 1024;
 
-fn drop_done(iovs: &mut [IoVec<'_>], mut n: usize) -> usize {
+/// Index of the first vector with bytes left after `n` bytes moved; that
+/// vector is advanced past the bytes of it that moved.
+fn drop_done<V: Vector>(iovs: &mut [V], mut n: usize) -> usize {
     let mut first = 0;
-    while first < iovs.len() && n >= iovs[first].len() {
-        n -= iovs[first].len();
+    while first < iovs.len() && n >= iovs[first].raw().iov_len {
+        n -= iovs[first].raw().iov_len;
         first += 1;
     }
     if first < iovs.len() {
@@ -22,20 +24,12 @@ fn drop_done(iovs: &mut [IoVec<'_>], mut n: usize) -> usize {
     first
 }
 
-/// Direction of a vectored transfer.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Dir {
-    /// `writev`: the kernel reads from the vectors.
-    Write,
-    /// `readv`: the kernel writes into the vectors.
-    Read,
-}
-
-/// Moves every byte of `iovs` with `writev`/`readv`, retrying on partial
-/// transfers and EINTR. Returns `Ok(false)` if the call returned 0 before
-/// the first byte (for reads: the peer closed cleanly), and `UnexpectedEof`
-/// / `WriteZero` if that happened in the middle.
-fn transfer_all(fd: RawFd, mut iovs: &mut [IoVec<'_>], dir: Dir) -> io::Result<bool> {
+/// Moves every byte of `iovs` with `writev` (an [`IoSlice`]) or `readv` (an
+/// [`IoSliceMut`]), retrying on partial transfers and EINTR. Returns
+/// `Ok(false)` if the call returned 0 before the first byte (for reads: the
+/// peer closed cleanly), and `UnexpectedEof` / `WriteZero` if that happened
+/// in the middle.
+fn transfer_all<V: Vector>(fd: RawFd, mut iovs: &mut [V]) -> io::Result<bool> {
     let mut raw: Vec<libc::iovec> = Vec::with_capacity(iovs.len().min(IOV_MAX));
     let mut moved_any = false;
     loop {
@@ -47,19 +41,21 @@ fn transfer_all(fd: RawFd, mut iovs: &mut [IoVec<'_>], dir: Dir) -> io::Result<b
             return Ok(true);
         }
         raw.clear();
-        raw.extend(iovs.iter().take(IOV_MAX).map(IoVec::raw));
+        raw.extend(iovs.iter().take(IOV_MAX).map(V::raw));
         let count = raw.len() as libc::c_int;
         // SAFETY:
-        // - `raw` holds `count` valid iovecs, each over memory its IoVec
-        //   keeps valid for at least this call;
-        // - for a write the kernel only reads through them; for a read the
-        //   memory is writable (a writable guest mapping or an exclusively
-        //   borrowed buffer) and the kernel writes at most `iov_len` bytes
-        //   into each.
+        // - `raw` holds `count` iovecs, each over memory its vector keeps
+        //   mapped for at least this call (the vectors borrow it);
+        // - `V::KERNEL_READS` is true only for `IoSlice`, made from readable
+        //   memory, and `writev` only reads through the vectors; it is false
+        //   only for `IoSliceMut`, made from exclusively borrowed buffers or
+        //   writable guest memory no reference points into, and `readv`
+        //   writes at most `iov_len` bytes into each.
         let n = unsafe {
-            match dir {
-                Dir::Write => libc::writev(fd, raw.as_ptr(), count),
-                Dir::Read => libc::readv(fd, raw.as_ptr(), count),
+            if V::KERNEL_READS {
+                libc::writev(fd, raw.as_ptr(), count)
+            } else {
+                libc::readv(fd, raw.as_ptr(), count)
             }
         };
         if n < 0 {
@@ -70,10 +66,10 @@ fn transfer_all(fd: RawFd, mut iovs: &mut [IoVec<'_>], dir: Dir) -> io::Result<b
             return Err(err);
         }
         if n == 0 {
-            return match (dir, moved_any) {
-                (Dir::Read, false) => Ok(false),
-                (Dir::Read, true) => Err(io::ErrorKind::UnexpectedEof.into()),
-                (Dir::Write, _) => Err(io::ErrorKind::WriteZero.into()),
+            return match (V::KERNEL_READS, moved_any) {
+                (false, false) => Ok(false),
+                (false, true) => Err(io::ErrorKind::UnexpectedEof.into()),
+                (true, _) => Err(io::ErrorKind::WriteZero.into()),
             };
         }
         moved_any = true;
@@ -83,15 +79,15 @@ fn transfer_all(fd: RawFd, mut iovs: &mut [IoVec<'_>], dir: Dir) -> io::Result<b
 }
 
 /// Writes every byte of `iovs` to `fd`.
-pub(super) fn writev_all(fd: RawFd, iovs: &mut [IoVec<'_>]) -> io::Result<()> {
-    transfer_all(fd, iovs, Dir::Write).map(drop)
+pub(super) fn writev_all(fd: RawFd, iovs: &mut [IoSlice<'_>]) -> io::Result<()> {
+    transfer_all(fd, iovs).map(drop)
 }
 
 /// Fills every byte of `iovs` from `fd`. Returns `Ok(false)` when the peer
 /// closed the connection before the first byte (a clean end), and an
 /// `UnexpectedEof` error when it closed in the middle.
-pub(super) fn readv_exact(fd: RawFd, iovs: &mut [IoVec<'_>]) -> io::Result<bool> {
-    transfer_all(fd, iovs, Dir::Read)
+pub(super) fn readv_exact(fd: RawFd, iovs: &mut [IoSliceMut<'_>]) -> io::Result<bool> {
+    transfer_all(fd, iovs)
 }
 
 /// What [`poll_readable`] saw.

@@ -15,11 +15,11 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use multifd::migrate::source::SourceVm;
-use multifd::ram::{GuestRam, RamBlock};
-use multifd::recv::{Incoming, RamProvider, ReceiveOptions};
-use multifd::transport::{Listener, Uri};
+use multifd::SourceVm;
 use multifd::{Compression, Error, MigrationConfig, Progress};
+use multifd::{GuestRam, RamBlock};
+use multifd::{Incoming, RamProvider, ReceiveOptions};
+use multifd::{Listener, Uri};
 use multifd_wire::packet::{InitPacket, RAM_PACKET_HEADER_SIZE, RamPacketEncoder, RamPacketHeader};
 use multifd_wire::stream::{Configuration, RamBlockInfo, encode};
 use multifd_wire::{PAGE_SIZE, PAGE_SIZE_U64};
@@ -703,7 +703,7 @@ pub fn start_receiver(
     let p = progress.clone();
     let handle = spawn("recv", move || {
         let t = Instant::now();
-        let r = multifd::recv::receive(&listener, &opts, provider.as_mut(), &p);
+        let r = multifd::receive(&listener, &opts, provider.as_mut(), &p);
         let _ = tx.send((r, t.elapsed()));
         drop(listener);
     });
@@ -736,6 +736,19 @@ pub fn recv_opts(channels: u8, handshake: Duration) -> ReceiveOptions {
 }
 
 /// Short description of an error variant, for messages.
+/// The error with its causes, as the CLI prints it (`a: b: c`): what a
+/// user reads, so what message assertions check.
+pub fn message(e: &Error) -> String {
+    let mut out = e.to_string();
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cause = c.source();
+    }
+    out
+}
+
 pub fn variant(e: &Error) -> String {
     let s = format!("{e:?}");
     s.split([' ', '{', '(']).next().unwrap_or("").to_owned()

@@ -24,7 +24,7 @@ struct State {
 
 /// Barrier between N channel threads and the main loader.
 #[derive(Debug)]
-pub(crate) struct SyncBarrier {
+pub(super) struct SyncBarrier {
     channels: usize,
     state: Mutex<State>,
     main_cv: Condvar,
@@ -32,7 +32,7 @@ pub(crate) struct SyncBarrier {
 }
 
 impl SyncBarrier {
-    pub(crate) fn new(channels: usize) -> Self {
+    pub(super) fn new(channels: usize) -> Self {
         Self {
             channels,
             state: Mutex::new(State::default()),
@@ -46,7 +46,7 @@ impl SyncBarrier {
     }
 
     /// Called by a channel thread after a SYNC packet: waits for release.
-    pub(crate) fn arrive_and_wait(&self) -> Result<()> {
+    pub(super) fn arrive_and_wait(&self) -> Result<()> {
         let mut s = self.lock();
         if s.aborted {
             return Err(Error::Aborted);
@@ -66,7 +66,7 @@ impl SyncBarrier {
     }
 
     /// Called by a channel thread that reached a clean end of its stream.
-    pub(crate) fn channel_ended(&self) {
+    pub(super) fn channel_ended(&self) {
         let mut s = self.lock();
         s.ended += 1;
         self.main_cv.notify_all();
@@ -74,7 +74,7 @@ impl SyncBarrier {
 
     /// Called by the main loader at a sync point: waits for all channels,
     /// then releases them.
-    pub(crate) fn wait_all_and_release(&self) -> Result<()> {
+    pub(super) fn wait_all_and_release(&self) -> Result<()> {
         let mut s = self.lock();
         while s.arrived < self.channels && !s.aborted {
             if s.ended > 0 {
@@ -95,7 +95,7 @@ impl SyncBarrier {
     }
 
     /// Channels currently waiting for a release.
-    pub(crate) fn waiting(&self) -> usize {
+    pub(super) fn waiting(&self) -> usize {
         self.lock().arrived
     }
 }

@@ -19,12 +19,12 @@ use crate::error::{Endpoint, Error, Result};
 use crate::transport::{Connection, Listener};
 
 /// The classified connections of one migration.
-pub(crate) struct Accepted {
-    pub(crate) main: Connection,
+pub(super) struct Accepted {
+    pub(super) main: Connection,
     /// The 4 bytes already read from the main channel.
-    pub(crate) main_head: [u8; 4],
+    pub(super) main_head: [u8; 4],
     /// Multifd channels indexed by id.
-    pub(crate) channels: Vec<Connection>,
+    pub(super) channels: Vec<Connection>,
 }
 
 fn read_handshake(
@@ -39,29 +39,22 @@ fn read_handshake(
             endpoint: who,
             when: "before identifying itself",
         }),
-        Err(e)
-            if matches!(
-                e.kind(),
-                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-            ) =>
-        {
-            Err(Error::HandshakeTimeout {
+        Err(e) => Err(Error::from_read(
+            e,
+            who,
+            "in the middle of its handshake",
+            |_| Error::HandshakeTimeout {
                 endpoint: who,
                 timeout_ms: timeout.as_millis() as u64,
-            })
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Err(Error::PeerClosed {
-            endpoint: who,
-            when: "in the middle of its handshake",
-        }),
-        Err(e) => Err(Error::io(format!("{who}: reading handshake"), e)),
+            },
+        )),
     }
 }
 
 /// Accepts until the main channel and all N multifd channels are there.
 /// The first connection may take `first_timeout` (forever when `None`);
 /// the rest must follow within the handshake timeout.
-pub(crate) fn accept_all(
+pub(super) fn accept_all(
     listener: &Listener,
     cfg: &MigrationConfig,
     first_timeout: Option<Duration>,
@@ -183,7 +176,7 @@ pub(crate) fn accept_all(
 /// and pages sent on them would be silently lost. (QEMU ignores extra
 /// connections and finds out only when the migration breaks.) Other
 /// connections are dropped, as QEMU does.
-pub(crate) fn reject_extra_channels(listener: &Listener, cfg: &MigrationConfig) -> Result<()> {
+pub(super) fn reject_extra_channels(listener: &Listener, cfg: &MigrationConfig) -> Result<()> {
     while let Some(mut conn) = listener.accept(Some(Duration::ZERO))? {
         let wait = Duration::from_millis(200);
         conn.set_read_timeout(Some(wait))

@@ -1,11 +1,16 @@
-//! One receiving channel thread (QEMU's `multifd_recv_thread()`).
+//! One receiving channel thread (QEMU's `multifd_recv_thread()`): reads a
+//! packet header, checks it, applies its zero pages, lets the payload
+//! method load its data pages straight into guest RAM, and waits at the
+//! barrier after a SYNC.
 
 use multifd_wire::packet::{
     COMMON_HEADER_SIZE, CommonHeader, DEVICE_STATE_HEADER_SIZE, DeviceStateHeader, PacketKind,
     RAM_PACKET_HEADER_SIZE, RamPacketHeader,
 };
 
-use crate::barrier::SyncBarrier;
+use multifd_wire::WireError;
+
+use super::barrier::SyncBarrier;
 use crate::config::MethodConfig;
 use crate::error::{Endpoint, Error, Result};
 use crate::method::RecvMethod;
@@ -13,14 +18,14 @@ use crate::ram::GuestRam;
 use crate::stats::Progress;
 use crate::transport::Connection;
 
-pub(crate) struct RecvChannel<'a> {
-    pub(crate) id: u8,
-    pub(crate) conn: Connection,
-    pub(crate) method: Box<dyn RecvMethod>,
-    pub(crate) method_cfg: MethodConfig,
-    pub(crate) ram: &'a GuestRam,
-    pub(crate) barrier: &'a SyncBarrier,
-    pub(crate) progress: &'a Progress,
+pub(super) struct RecvChannel<'a> {
+    pub(super) id: u8,
+    pub(super) conn: Connection,
+    pub(super) method: Box<dyn RecvMethod>,
+    pub(super) method_cfg: MethodConfig,
+    pub(super) ram: &'a GuestRam,
+    pub(super) barrier: &'a SyncBarrier,
+    pub(super) progress: &'a Progress,
 }
 
 impl RecvChannel<'_> {
@@ -43,29 +48,18 @@ impl RecvChannel<'_> {
     }
 
     fn read_result<T>(&self, r: std::io::Result<T>, when: &'static str) -> Result<T> {
-        let ep = self.endpoint();
-        match r {
-            Ok(v) => Ok(v),
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-                Err(Error::PeerClosed { endpoint: ep, when })
-            }
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) =>
-            {
-                Err(Error::PeerClosed {
-                    endpoint: ep,
-                    when: "(stopped sending and did not close after the main stream ended)",
-                })
-            }
-            Err(e) => Err(Error::io(format!("{ep}: reading"), e)),
-        }
+        let endpoint = self.endpoint();
+        r.map_err(|e| {
+            Error::from_read(e, endpoint, when, |_| Error::Stalled {
+                endpoint,
+                when: "after the main stream ended (it did not close its connection)",
+                after_ms: 0,
+            })
+        })
     }
 
     /// Reads packets until a clean EOF at a packet boundary.
-    pub(crate) fn run(mut self) -> Result<()> {
+    pub(super) fn run(mut self) -> Result<()> {
         let mut header = vec![0u8; RAM_PACKET_HEADER_SIZE];
         loop {
             let got = self.read_header_start(&mut header)?;
@@ -126,12 +120,24 @@ impl RecvChannel<'_> {
                         endpoint: ep,
                         name: hdr.ramblock.clone(),
                     })?;
-                hdr.check_offsets(block.len())
-                    .map_err(|e| Error::wire(ep, e))?;
-                for &off in hdr.zero() {
-                    block.apply_zero_page(off)?;
+                // Every offset checked once, here; one outside the block is
+                // invalid data from the peer.
+                let pages = block.page_list(&hdr.offsets).map_err(|e| match e {
+                    Error::OffsetOutOfRange { offset, .. } => Error::wire(
+                        ep,
+                        WireError::InvalidField {
+                            field: "page offset",
+                            value: offset,
+                            reason: "past the end of its RAM block",
+                        },
+                    ),
+                    e => e,
+                })?;
+                let (data, zeros) = pages.split_at(hdr.normal().len());
+                for page in zeros.iter() {
+                    page.apply_zero()?;
                 }
-                self.method.load(&hdr, block, &mut self.conn)?;
+                self.method.load(&hdr, data, &mut self.conn)?;
                 self.progress
                     .add(&self.progress.normal_pages, u64::from(hdr.normal_pages));
                 self.progress

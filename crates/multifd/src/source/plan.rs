@@ -1,13 +1,8 @@
-//! The QEMU side of the house: the main migration stream a precopy writes,
-//! and snapshot directories (store what a QEMU source sent, replay it into a
-//! QEMU destination).
+//! What the main stream carries besides RAM.
 
-mod main_writer;
-pub mod snapshot;
-
-pub(crate) use main_writer::MainWriter;
-
-/// What the main stream carries besides RAM.
+/// What the main stream carries besides RAM: a header and configuration
+/// made up for a destination machine type, or the bytes recorded from a
+/// QEMU source (a snapshot's prefix and tail), replayed verbatim.
 #[derive(Debug, Clone)]
 pub struct StreamPlan {
     /// Verbatim bytes up to the `ram` START section (file header,
@@ -22,7 +17,9 @@ pub struct StreamPlan {
     /// (QEMU 10.0 machine types do; 9.2 and older do not).
     pub switchover_start: bool,
     /// Verbatim bytes after the `ram` END section: device state sections,
-    /// EOF and vmdesc. `None`: just EOF.
+    /// EOF and vmdesc. `None`: the device state from
+    /// [`SourceVm::device_state`](super::SourceVm::device_state), EOF and a
+    /// vmdesc describing no devices.
     pub tail: Option<Vec<u8>>,
 }
 

@@ -14,10 +14,10 @@ use std::path::{Path, PathBuf};
 use multifd_wire::stream::RamBlockInfo;
 use serde::{Deserialize, Serialize};
 
-use super::StreamPlan;
-use crate::error::{Error, Result};
+use crate::destination::{Incoming, RamProvider};
+use crate::error::{Endpoint, Error, Result};
 use crate::ram::{Access, GuestRam, RamBlock};
-use crate::recv::{Incoming, RamProvider};
+use crate::source::StreamPlan;
 
 /// Version of the manifest layout.
 pub const FORMAT: u32 = 1;
@@ -120,7 +120,7 @@ impl RamProvider for FileRamProvider {
         for name in self.named.keys() {
             if !blocks.iter().any(|b| &b.idstr == name) {
                 return Err(Error::Mismatch(format!(
-                    "--ram names block {name:?}, but the source has blocks {:?}",
+                    "a RAM file is given for block {name:?}, but the source has blocks {:?}",
                     blocks.iter().map(|b| b.idstr.as_str()).collect::<Vec<_>>()
                 )));
             }
@@ -145,12 +145,10 @@ impl RamProvider for FileRamProvider {
                     .map_err(|e| Error::io(format!("creating {}", dir.join("ram").display()), e))?;
                 RamBlock::create_file(&info.idstr, &dir.join(rel), info.used_length)?
             } else {
+                // Neither a file for it nor a directory for the rest.
                 return Err(Error::UnknownBlock {
-                    endpoint: crate::error::Endpoint::Main,
-                    name: format!(
-                        "{} (give --ram {}=FILE or --snapshot DIR)",
-                        info.idstr, info.idstr
-                    ),
+                    endpoint: Endpoint::Main,
+                    name: info.idstr.clone(),
                 });
             };
             ram.push(block)?;
@@ -168,9 +166,12 @@ pub fn store(dir: &Path, incoming: &Incoming) -> Result<Manifest> {
         .map_err(|e| Error::io(ctx("the directory"), e))?;
     let mut blocks = Vec::new();
     for b in incoming.ram.blocks() {
-        let path = b
-            .path()
-            .ok_or_else(|| Error::Config(format!("block {:?} has no file", b.name())))?;
+        let path = b.path().ok_or_else(|| {
+            Error::Config(format!(
+                "RAM block {:?} is not backed by a file, so a snapshot cannot refer to it",
+                b.name()
+            ))
+        })?;
         let abs = path
             .canonicalize()
             .map_err(|e| Error::io(ctx("a block path"), e))?;
@@ -209,10 +210,15 @@ pub fn load_manifest(dir: &Path) -> Result<Manifest> {
     let path = dir.join("manifest.json");
     let bytes =
         std::fs::read(&path).map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
-    let m: Manifest = serde_json::from_slice(&bytes)
-        .map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
+    let m: Manifest = serde_json::from_slice(&bytes).map_err(|e| Error::BadSnapshot {
+        path: path.clone(),
+        reason: e.to_string(),
+    })?;
     if m.format != FORMAT {
-        return Err(Error::Unsupported(format!("snapshot format {}", m.format)));
+        return Err(Error::BadSnapshot {
+            path,
+            reason: format!("format {} (this version reads format {FORMAT})", m.format),
+        });
     }
     Ok(m)
 }

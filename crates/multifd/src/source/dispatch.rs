@@ -1,4 +1,4 @@
-//! The sending engine: one thread per multifd channel.
+//! The hand-off from the driver to the channel threads.
 //!
 //! The driver hands a *job* to a channel: a batch of up to 128 pages of one
 //! RAM block, or a SYNC. Each channel has a short queue, and a batch goes to
@@ -14,21 +14,27 @@
 //! it wakes once per several batches, not once per batch (on two cores, a
 //! wake-up per packet was three quarters of a migration's context switches).
 
-mod worker;
-
 use crossbeam_channel::{Receiver, Sender, TrySendError, bounded};
 
 use crate::error::{Error, Result};
+use crate::ram::PageBatch;
 
-pub(crate) use worker::{ChannelWorker, Job};
+/// Work for a channel.
+#[derive(Debug)]
+pub(super) enum Job<'b> {
+    /// Up to 128 pages of one block, checked when the batch was made.
+    Pages(PageBatch<'b>),
+    /// Send a SYNC packet after everything queued before.
+    Sync,
+}
 
 /// A channel's queue length at or below which taking a job wakes a
 /// sleeping driver.
 const LOW_WATER: usize = 4;
 
 /// The driver's side of the channel queues.
-pub(crate) struct Dispatcher {
-    queues: Vec<Sender<Job>>,
+pub(super) struct Dispatcher<'b> {
+    queues: Vec<Sender<Job<'b>>>,
     /// A token arrives when some channel's queue went down to [`LOW_WATER`].
     /// Disconnected once every channel has ended.
     room: Receiver<()>,
@@ -37,15 +43,15 @@ pub(crate) struct Dispatcher {
 }
 
 /// A channel's side: its queue of jobs, and the way to wake the driver.
-pub(crate) struct JobQueue {
-    jobs: Receiver<Job>,
+pub(super) struct JobQueue<'b> {
+    jobs: Receiver<Job<'b>>,
     room: Sender<()>,
 }
 
-impl JobQueue {
+impl<'b> JobQueue<'b> {
     /// The next job, waiting for one; `None` once the driver closed the
     /// queue and it is empty.
-    pub(crate) fn next(&self) -> Option<Job> {
+    pub(super) fn next(&self) -> Option<Job<'b>> {
         let job = self.jobs.recv().ok()?;
         if self.jobs.len() <= LOW_WATER {
             // A full slot means the driver has a wake-up pending already.
@@ -56,7 +62,7 @@ impl JobQueue {
 }
 
 /// Queues of `depth` jobs (more than [`LOW_WATER`]) for `channels` channels.
-pub(crate) fn queues(channels: usize, depth: usize) -> (Dispatcher, Vec<JobQueue>) {
+pub(super) fn queues<'b>(channels: usize, depth: usize) -> (Dispatcher<'b>, Vec<JobQueue<'b>>) {
     assert!(depth > LOW_WATER, "queue depth {depth} <= LOW_WATER");
     let (room_tx, room) = bounded(1);
     let (queues, ends) = (0..channels)
@@ -79,10 +85,10 @@ pub(crate) fn queues(channels: usize, depth: usize) -> (Dispatcher, Vec<JobQueue
     (dispatcher, ends)
 }
 
-impl Dispatcher {
+impl<'b> Dispatcher<'b> {
     /// Gives `job` to the next channel with room, sleeping while none has.
     /// Fails when a channel is gone (it failed, and the migration is ending).
-    pub(crate) fn dispatch(&mut self, job: Job) -> Result<()> {
+    pub(super) fn dispatch(&mut self, job: Job<'b>) -> Result<()> {
         let n = self.queues.len();
         let mut job = job;
         loop {
@@ -105,7 +111,7 @@ impl Dispatcher {
     }
 
     /// Queues a SYNC on every channel (QEMU's `multifd_send_sync_main()`).
-    pub(crate) fn sync_all(&self) -> Result<()> {
+    pub(super) fn sync_all(&self) -> Result<()> {
         for tx in &self.queues {
             tx.send(Job::Sync).map_err(|_| Error::Aborted)?;
         }
@@ -116,17 +122,21 @@ impl Dispatcher {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ram::RamBlock;
+    use std::sync::LazyLock;
 
-    fn pages(n: u64) -> Job {
-        Job::Pages {
-            block: 0,
-            offsets: vec![n * 4096],
-        }
+    static BLOCK: LazyLock<RamBlock> =
+        LazyLock::new(|| RamBlock::anonymous("m0", 256 * 4096).unwrap());
+
+    fn pages(n: u64) -> Job<'static> {
+        let mut batch = PageBatch::new(&BLOCK, 1);
+        batch.push(n * 4096).unwrap();
+        Job::Pages(batch)
     }
 
-    fn offset(job: Job) -> u64 {
+    fn offset(job: Job<'_>) -> u64 {
         match job {
-            Job::Pages { offsets, .. } => offsets[0],
+            Job::Pages(batch) => batch.as_list().offsets()[0],
             Job::Sync => u64::MAX,
         }
     }

@@ -1,5 +1,5 @@
-//! The receiving engine: accept and classify connections, run one thread per
-//! multifd channel, parse the main stream, hold the sync barrier.
+//! The destination wing: accept and classify connections, run one thread
+//! per multifd channel, follow the main stream, hold the sync barrier.
 //!
 //! Order of work (QEMU's destination does the same, minus the timeouts):
 //! 1. accept the main channel and N multifd channels, in any order;
@@ -18,25 +18,28 @@
 //! thread is joined, and the error is returned.
 
 mod accept;
+mod barrier;
 mod channel;
-mod stream_reader;
+mod main_loop;
+mod main_stream;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use multifd_wire::stream::{Command, Configuration, RamBlockInfo};
+use multifd_wire::stream::{Configuration, RamBlockInfo};
 
 use crate::abort::Abort;
-use crate::barrier::SyncBarrier;
 use crate::cancel::{self, Cancel};
-use crate::config::{FlushMode, MigrationConfig};
-use crate::error::{Endpoint, Error, Result};
+use crate::config::MigrationConfig;
+use crate::error::{Error, Result};
 use crate::method;
 use crate::ram::GuestRam;
 use crate::stats::{Progress, Stats};
 use crate::transport::Listener;
+use barrier::SyncBarrier;
 use channel::RecvChannel;
-use stream_reader::{OwnedEvent, StreamReader};
+use main_loop::MainLoop;
+use main_stream::{Setup, StreamReader};
 
 /// Supplies the RAM blocks a source announces (`--ram` files, snapshot
 /// files, or the embedding VMM's memory).
@@ -137,14 +140,18 @@ fn receive_inner(
     let mut reader = StreamReader::new(accepted.main, accepted.main_head, cfg.handshake_timeout);
 
     // The main stream up to the block list, which must come promptly.
-    let (configuration, ram_section_id, blocks) = reader.read_setup(cfg.handshake_timeout)?;
+    let Setup {
+        configuration,
+        ram_section_id,
+        blocks,
+    } = reader.read_setup()?;
     let ram = provider.provide(&blocks)?;
     for info in &blocks {
         match ram.get(&info.idstr) {
             Some(b) if b.len() == info.used_length => {}
             _ => {
                 return Err(Error::Config(format!(
-                    "RAM provider did not supply block {:?} of {} bytes",
+                    "the RAM provider did not supply block {:?} of {} bytes",
                     info.idstr, info.used_length
                 )));
             }
@@ -194,9 +201,9 @@ fn receive_inner(
                     ram: &ram,
                     barrier,
                     cfg,
+                    progress,
                     flushes: 0,
                     switchover_start: false,
-                    progress,
                 };
                 let result = main.run(opts.max_tail, opts.require_vmdesc)?;
                 // The source closes the channels right after the main
@@ -239,107 +246,4 @@ fn receive_inner(
         flushes,
         stats: progress.stats(started.elapsed()),
     })
-}
-
-struct MainLoop<'a, 'b> {
-    reader: &'b mut StreamReader,
-    ram: &'a GuestRam,
-    barrier: &'a SyncBarrier,
-    cfg: &'a MigrationConfig,
-    flushes: u64,
-    switchover_start: bool,
-    progress: &'a Progress,
-}
-
-impl MainLoop<'_, '_> {
-    fn sync_point(&mut self) -> Result<()> {
-        self.barrier.wait_all_and_release()?;
-        self.flushes += 1;
-        self.progress.add(&self.progress.rounds, 1);
-        Ok(())
-    }
-
-    fn block(&self, name: &str) -> Result<&crate::ram::RamBlock> {
-        self.ram.get(name).ok_or_else(|| Error::UnknownBlock {
-            endpoint: Endpoint::Main,
-            name: name.to_owned(),
-        })
-    }
-
-    /// Follows the main stream from after the setup section's block list to
-    /// the end; returns the opaque tail.
-    fn run(&mut self, max_tail: usize, require_vmdesc: bool) -> Result<Vec<u8>> {
-        let per_round = self.cfg.flush_mode == FlushMode::PerRound;
-        // The rest of the START section: FLUSH (per-round) then EOS.
-        let mut in_setup = true;
-        let mut setup_flushed = false;
-        let mut ended = false;
-        loop {
-            match self.reader.next()? {
-                OwnedEvent::Flush => {
-                    if !per_round {
-                        return Err(Error::Mismatch(
-                            "source sends MULTIFD_FLUSH records but per-section flushing \
-                             (multifd-flush-after-each-section=on) is configured"
-                                .into(),
-                        ));
-                    }
-                    if in_setup {
-                        setup_flushed = true;
-                    }
-                    self.sync_point()?;
-                }
-                OwnedEvent::Eos => {
-                    if in_setup && per_round && !setup_flushed {
-                        return Err(Error::Mismatch(
-                            "the setup section has no MULTIFD_FLUSH: the source flushes after \
-                             each section (multifd-flush-after-each-section=on) but per-round \
-                             flushing is configured"
-                                .into(),
-                        ));
-                    }
-                    in_setup = false;
-                    if !per_round {
-                        self.sync_point()?;
-                    }
-                }
-                OwnedEvent::Footer => {
-                    if ended {
-                        return self.reader.read_tail(max_tail, require_vmdesc);
-                    }
-                }
-                OwnedEvent::RamPart => {}
-                OwnedEvent::RamEnd => ended = true,
-                OwnedEvent::Zero { block, offset } => {
-                    let b = self.block(&block)?;
-                    b.check_page(offset)?;
-                    b.apply_zero_page(offset)?;
-                    self.progress.add(&self.progress.zero_pages, 1);
-                }
-                OwnedEvent::Page {
-                    block,
-                    offset,
-                    data,
-                } => {
-                    let b = self.block(&block)?;
-                    b.write_page(offset, &data)?;
-                    self.progress.add(&self.progress.normal_pages, 1);
-                }
-                OwnedEvent::Command(Command::SwitchoverStart) => self.switchover_start = true,
-                OwnedEvent::Command(other) => {
-                    return Err(Error::Unsupported(format!(
-                        "command {other:?} on the main stream (return-path is not supported)"
-                    )));
-                }
-                OwnedEvent::DeviceTail | OwnedEvent::Eof => {
-                    return Err(Error::Unsupported(
-                        "device state before the end of the ram section".into(),
-                    ));
-                }
-                OwnedEvent::Other(what) => {
-                    return Err(Error::Unsupported(format!("{what} in the main stream")));
-                }
-            }
-        }
-    }
 }

@@ -1,3 +1,0 @@
-//! Drivers: the precopy source and the destination.
-
-pub mod source;

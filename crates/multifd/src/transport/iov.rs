@@ -1,0 +1,208 @@
+//! I/O vectors split by direction, like std's `IoSlice` / `IoSliceMut`.
+//!
+//! An [`IoSlice`] is memory the kernel *reads* (a vectored write to a
+//! socket); an [`IoSliceMut`] is memory the kernel *writes* (a vectored
+//! read). Safe code makes them only from `&[u8]` and `&mut [u8]`
+//! respectively, so it cannot hand the kernel a shared borrow to write
+//! through:
+//!
+//! ```compile_fail,E0308
+//! let shared = vec![0u8; 4096];
+//! // A vector the kernel writes into needs an exclusive borrow.
+//! let _ = multifd::IoSliceMut::new(&shared[..]);
+//! ```
+//!
+//! Inside the crate, `ram` also makes them over guest pages (which no Rust
+//! reference ever points to) through the `unsafe` constructors, whose
+//! contracts say what the page must satisfy.
+#![allow(unsafe_code)]
+
+use std::marker::PhantomData;
+
+/// Memory the kernel reads from, borrowed for `'a` (a `struct iovec`).
+#[derive(Clone, Copy)]
+#[repr(transparent)]
+pub struct IoSlice<'a> {
+    iov: libc::iovec,
+    _borrow: PhantomData<&'a [u8]>,
+}
+
+/// Memory the kernel writes into, borrowed for `'a` (a `struct iovec`).
+#[repr(transparent)]
+pub struct IoSliceMut<'a> {
+    iov: libc::iovec,
+    _borrow: PhantomData<&'a mut [u8]>,
+}
+
+// SAFETY: an IoSlice is a shared borrow of bytes (`&[u8]` is Send + Sync);
+// the raw pointer inside is only handed to the kernel.
+unsafe impl Send for IoSlice<'_> {}
+// SAFETY: as for Send.
+unsafe impl Sync for IoSlice<'_> {}
+// SAFETY: an IoSliceMut is an exclusive borrow of bytes (`&mut [u8]` is
+// Send + Sync); the raw pointer inside is only handed to the kernel.
+unsafe impl Send for IoSliceMut<'_> {}
+// SAFETY: as for Send; `&IoSliceMut` gives no access to the bytes.
+unsafe impl Sync for IoSliceMut<'_> {}
+
+impl std::fmt::Debug for IoSlice<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IoSlice")
+            .field("base", &self.iov.iov_base)
+            .field("len", &self.iov.iov_len)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for IoSliceMut<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IoSliceMut")
+            .field("base", &self.iov.iov_base)
+            .field("len", &self.iov.iov_len)
+            .finish()
+    }
+}
+
+impl<'a> IoSlice<'a> {
+    /// A vector over `buf`, for a write.
+    pub fn new(buf: &'a [u8]) -> Self {
+        Self {
+            iov: libc::iovec {
+                iov_base: buf.as_ptr().cast_mut().cast(),
+                iov_len: buf.len(),
+            },
+            _borrow: PhantomData,
+        }
+    }
+
+    /// A vector over raw memory, for a write.
+    ///
+    /// # Safety
+    /// `ptr..ptr + len` must stay mapped and readable for `'a`. Other
+    /// threads or processes may write it meanwhile (guest memory): the
+    /// kernel then sends some mix of its states.
+    pub(crate) unsafe fn from_raw_parts(ptr: *const u8, len: usize) -> Self {
+        Self {
+            iov: libc::iovec {
+                iov_base: ptr.cast_mut().cast(),
+                iov_len: len,
+            },
+            _borrow: PhantomData,
+        }
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.iov.iov_len
+    }
+
+    /// True when the vector is empty.
+    pub fn is_empty(&self) -> bool {
+        self.iov.iov_len == 0
+    }
+}
+
+impl<'a> IoSliceMut<'a> {
+    /// A vector over `buf`, for a read.
+    pub fn new(buf: &'a mut [u8]) -> Self {
+        Self {
+            iov: libc::iovec {
+                iov_base: buf.as_mut_ptr().cast(),
+                iov_len: buf.len(),
+            },
+            _borrow: PhantomData,
+        }
+    }
+
+    /// A vector over raw memory, for a read.
+    ///
+    /// # Safety
+    /// `ptr..ptr + len` must stay mapped and writable for `'a`, and no Rust
+    /// reference may point into it while the vector lives (guest memory is
+    /// only ever reached through raw pointers and volatile accesses, so the
+    /// kernel writing it cannot invalidate a reference).
+    pub(crate) unsafe fn from_raw_parts(ptr: *mut u8, len: usize) -> Self {
+        Self {
+            iov: libc::iovec {
+                iov_base: ptr.cast(),
+                iov_len: len,
+            },
+            _borrow: PhantomData,
+        }
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.iov.iov_len
+    }
+
+    /// True when the vector is empty.
+    pub fn is_empty(&self) -> bool {
+        self.iov.iov_len == 0
+    }
+}
+
+/// A vector the vectored transfer loop can move bytes through; the
+/// direction is the type's, so a write can never be given an
+/// [`IoSliceMut`]'s job or the reverse.
+pub(super) trait Vector {
+    /// True: the kernel reads the memory (`writev`); false: it writes it (`readv`).
+    const KERNEL_READS: bool;
+    /// The raw `iovec`.
+    fn raw(&self) -> libc::iovec;
+    /// Drops the first `n` bytes (after a partial transfer).
+    fn advance(&mut self, n: usize);
+}
+
+/// Moves an `iovec`'s base `n` bytes on.
+fn advance_raw(iov: &mut libc::iovec, n: usize) {
+    assert!(n <= iov.iov_len, "advancing past the end of an I/O vector");
+    // `wrapping_add` keeps this free of pointer-offset preconditions; with
+    // `n <= len` the result stays inside (or one past) the same region.
+    iov.iov_base = iov.iov_base.cast::<u8>().wrapping_add(n).cast();
+    iov.iov_len -= n;
+}
+
+impl Vector for IoSlice<'_> {
+    const KERNEL_READS: bool = true;
+    fn raw(&self) -> libc::iovec {
+        self.iov
+    }
+    fn advance(&mut self, n: usize) {
+        advance_raw(&mut self.iov, n);
+    }
+}
+
+impl Vector for IoSliceMut<'_> {
+    const KERNEL_READS: bool = false;
+    fn raw(&self) -> libc::iovec {
+        self.iov
+    }
+    fn advance(&mut self, n: usize) {
+        advance_raw(&mut self.iov, n);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn advance_moves_base_and_length() {
+        let buf = [1u8, 2, 3, 4];
+        let mut v = IoSlice::new(&buf);
+        v.advance(3);
+        assert_eq!(v.len(), 1);
+        // SAFETY: the base points at buf[3], inside `buf`.
+        assert_eq!(unsafe { *v.raw().iov_base.cast::<u8>() }, 4);
+        v.advance(1);
+        assert!(v.is_empty());
+    }
+
+    #[test]
+    #[should_panic(expected = "past the end")]
+    fn advance_past_the_end_panics() {
+        let mut buf = [0u8; 2];
+        IoSliceMut::new(&mut buf).advance(3);
+    }
+}
