@@ -4,7 +4,7 @@ use std::sync::{Condvar, Mutex};
 
 /// A handle that stops a migration from outside. Cancelling takes the same
 /// path as an error: every socket is shut down, every thread joined, and
-/// the migration returns [`Error::Cancelled`](crate::Error::Cancelled)
+/// the migration returns [`Error::Cancelled`](crate::error::Error::Cancelled)
 /// promptly, even if it was blocked in a write, a read, an accept or a
 /// barrier.
 ///

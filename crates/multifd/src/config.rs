@@ -4,6 +4,8 @@ use std::time::Duration;
 
 use multifd_wire::packet::Compression;
 
+use crate::error::{Error, Result};
+
 /// Where zero pages are detected (QEMU's `zero-page-detection`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum ZeroPageDetection {
@@ -96,8 +98,7 @@ impl Default for MigrationConfig {
 
 impl MigrationConfig {
     /// Checks ranges and combinations QEMU also refuses.
-    pub fn validate(&self) -> crate::Result<()> {
-        use crate::Error;
+    pub fn validate(&self) -> Result<()> {
         if self.channels == 0 {
             return Err(Error::Config(
                 "at least one multifd channel is needed".into(),
@@ -135,9 +136,9 @@ pub fn format_uuid(u: &[u8; 16]) -> String {
 }
 
 /// Parses a canonical UUID string.
-pub fn parse_uuid(s: &str) -> crate::Result<[u8; 16]> {
+pub fn parse_uuid(s: &str) -> Result<[u8; 16]> {
     let hex: String = s.chars().filter(|c| *c != '-').collect();
-    let bad = || crate::Error::Config(format!("bad UUID {s:?}"));
+    let bad = || Error::Config(format!("bad UUID {s:?}"));
     if hex.len() != 32 || s.len() != 36 {
         return Err(bad());
     }

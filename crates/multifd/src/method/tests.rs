@@ -131,5 +131,5 @@ fn corrupt_zlib_payload_is_a_typed_error() {
     let mut recv = new_recv(&cfg, 3).unwrap();
     let pages = dst.page_list(h.normal()).unwrap();
     let err = recv.load(&h, pages, &mut rx).unwrap_err();
-    assert!(matches!(err, crate::Error::Corrupt { .. }), "{err}");
+    assert!(matches!(err, crate::error::Error::Corrupt { .. }), "{err}");
 }

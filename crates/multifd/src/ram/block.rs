@@ -7,11 +7,9 @@ use std::path::{Path, PathBuf};
 use vm_memory::FileOffset;
 use vm_memory::mmap::MmapRegion;
 
-use super::page::{Page, PageList};
 use super::received::ReceivedBitmap;
 use crate::error::{Error, Result};
-use crate::transport::{IoSlice, IoSliceMut};
-use multifd_wire::{PAGE_SIZE, PAGE_SIZE_U64};
+use multifd_wire::PAGE_SIZE_U64;
 
 /// Whether a block may be written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -245,48 +243,17 @@ impl RamBlock {
         self.starts_zeroed
     }
 
-    fn out_of_range(&self, offset: u64) -> Error {
-        Error::OffsetOutOfRange {
-            block: self.name.clone(),
-            offset,
-            len: self.len,
-        }
+    /// Records that every page not received since reads as zero.
+    pub(super) fn set_starts_zeroed(&mut self) {
+        self.starts_zeroed = true;
     }
 
     /// Whether `offset` names a whole page inside the block.
-    fn holds_page(&self, offset: u64) -> bool {
+    pub(super) fn holds_page(&self, offset: u64) -> bool {
         offset.is_multiple_of(PAGE_SIZE_U64)
             && offset
                 .checked_add(PAGE_SIZE_U64)
                 .is_some_and(|end| end <= self.len)
-    }
-
-    /// The page at `offset`, checked to lie whole inside the block.
-    pub(crate) fn page(&self, offset: u64) -> Result<Page<'_>> {
-        if !self.holds_page(offset) {
-            return Err(self.out_of_range(offset));
-        }
-        // SAFETY: `holds_page` just checked the offset.
-        Ok(unsafe { Page::new_unchecked(self, offset) })
-    }
-
-    /// The pages at `offsets`, each checked once to lie whole inside the block.
-    pub(crate) fn page_list<'o>(&self, offsets: &'o [u64]) -> Result<PageList<'_, 'o>> {
-        if let Some(&bad) = offsets.iter().find(|&&off| !self.holds_page(off)) {
-            return Err(self.out_of_range(bad));
-        }
-        // SAFETY: every offset was just checked.
-        Ok(unsafe { PageList::new_unchecked(self, offsets) })
-    }
-
-    /// Fails unless the block is mapped writable.
-    pub(crate) fn check_writable(&self) -> Result<()> {
-        match self.access {
-            Access::ReadWrite => Ok(()),
-            Access::ReadOnly => Err(Error::ReadOnlyBlock {
-                block: self.name.clone(),
-            }),
-        }
     }
 
     /// Raw pointer to the page at `offset`.
@@ -303,42 +270,6 @@ impl RamBlock {
         // mapping's size, so the result stays inside the mapping; `offset <
         // len <= isize::MAX` (the mapping exists), so the add cannot overflow.
         unsafe { self.region.as_ptr().add(offset as usize) }
-    }
-
-    /// True when the page at `offset` is all zero bytes (QEMU's
-    /// `buffer_is_zero`). The guest may be writing the page meanwhile; then
-    /// the answer is one of the page's states, and the dirty log re-sends it.
-    pub fn is_zero_page(&self, offset: u64) -> Result<bool> {
-        Ok(self.page(offset)?.is_zero())
-    }
-
-    /// Copies the page at `offset` into `out`.
-    pub fn read_page(&self, offset: u64, out: &mut [u8; PAGE_SIZE]) -> Result<()> {
-        self.page(offset)?.copy_to(out);
-        Ok(())
-    }
-
-    /// Writes one page of data at `offset` and marks it received, so a
-    /// later zero page for it is applied.
-    pub fn write_page(&self, offset: u64, data: &[u8; PAGE_SIZE]) -> Result<()> {
-        self.page(offset)?.write(data)
-    }
-
-    /// An I/O vector over the page at `offset`, for a vectored write of
-    /// guest memory straight to a socket ([`Connection::writev_all`]).
-    ///
-    /// [`Connection::writev_all`]: crate::Connection::writev_all
-    pub fn page_io_slice(&self, offset: u64) -> Result<IoSlice<'_>> {
-        Ok(self.page(offset)?.io_slice())
-    }
-
-    /// An I/O vector over the page at `offset`, for a vectored read from a
-    /// socket straight into guest memory ([`Connection::readv_exact`]).
-    /// Fails on a read-only block.
-    ///
-    /// [`Connection::readv_exact`]: crate::Connection::readv_exact
-    pub fn page_io_slice_mut(&self, offset: u64) -> Result<IoSliceMut<'_>> {
-        self.page(offset)?.io_slice_mut()
     }
 
     /// Maps the pages of `offset..offset + len` into this process with one
@@ -362,96 +293,6 @@ impl RamBlock {
                 (end - offset) as usize,
                 libc::MADV_POPULATE_READ,
             );
-        }
-    }
-
-    /// Writes the whole block with zeros, faulting every page in. From then
-    /// on the block is known to be zero where nothing was received, so zero
-    /// pages cost nothing (what a QEMU destination assumes of fresh RAM).
-    pub fn prefault(&mut self) -> Result<()> {
-        self.check_writable()?;
-        for offset in (0..self.len).step_by(PAGE_SIZE) {
-            // SAFETY: `offset` steps through the block's pages, each whole
-            // inside it (`len` is a multiple of 4096).
-            unsafe { Page::new_unchecked(self, offset) }.fill_zero();
-        }
-        self.starts_zeroed = true;
-        Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn anonymous_pages_round_trip_and_bounds() {
-        let b = RamBlock::anonymous("m0", 4 * 4096).unwrap();
-        assert!(b.is_zero_page(0).unwrap());
-        let mut page = [7u8; PAGE_SIZE];
-        b.write_page(4096, &page).unwrap();
-        assert!(!b.is_zero_page(4096).unwrap());
-        page.fill(0);
-        b.read_page(4096, &mut page).unwrap();
-        assert!(page.iter().all(|&x| x == 7));
-        b.page(4096).unwrap().apply_zero().unwrap();
-        assert!(b.is_zero_page(4096).unwrap());
-        assert!(matches!(
-            b.read_page(4 * 4096, &mut page),
-            Err(Error::OffsetOutOfRange { .. })
-        ));
-        assert!(b.page(100).is_err(), "unaligned");
-        assert!(b.page(u64::MAX - 4095).is_err(), "overflow");
-        assert!(b.page_list(&[0, 4096, 3 * 4096]).is_ok());
-        assert!(matches!(
-            b.page_list(&[0, 4 * 4096]),
-            Err(Error::OffsetOutOfRange { offset: 0x4000, .. })
-        ));
-    }
-
-    #[test]
-    fn last_byte_of_page_counts() {
-        let b = RamBlock::anonymous("m0", 4096).unwrap();
-        let mut page = [0u8; PAGE_SIZE];
-        page[4095] = 1;
-        b.write_page(0, &page).unwrap();
-        assert!(!b.is_zero_page(0).unwrap());
-        for at in [0, 17, 255, 256, 2048, 4000] {
-            page.fill(0);
-            page[at] = 0x80;
-            b.write_page(0, &page).unwrap();
-            assert!(!b.is_zero_page(0).unwrap(), "byte {at}");
-        }
-    }
-
-    #[test]
-    fn file_blocks_are_shared_and_read_only_is_enforced() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("ram");
-        let b = RamBlock::create_file("m0", &path, 8192).unwrap();
-        b.write_page(4096, &[9u8; PAGE_SIZE]).unwrap();
-        drop(b);
-        let bytes = std::fs::read(&path).unwrap();
-        assert_eq!(bytes[4096], 9);
-        let ro = RamBlock::open_file("m0", &path, Access::ReadOnly, Some(8192)).unwrap();
-        assert!(matches!(
-            ro.write_page(0, &[1u8; PAGE_SIZE]),
-            Err(Error::ReadOnlyBlock { .. })
-        ));
-        assert!(RamBlock::open_file("m0", &path, Access::ReadOnly, Some(4096)).is_err());
-    }
-
-    #[test]
-    fn prefault_zeroes_old_data() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("ram");
-        std::fs::write(&path, vec![0x5a; 3 * 4096]).unwrap();
-        let mut b = RamBlock::open_file("m0", &path, Access::ReadWrite, None).unwrap();
-        assert!(!b.starts_zeroed());
-        b.prefault().unwrap();
-        assert!(b.starts_zeroed());
-        for off in [0, 4096, 8192] {
-            assert!(b.is_zero_page(off).unwrap());
         }
     }
 }
