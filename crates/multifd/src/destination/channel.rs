@@ -33,9 +33,18 @@ impl RecvChannel<'_> {
         Endpoint::Channel(self.id)
     }
 
-    fn read(&mut self, buf: &mut [u8], when: &'static str) -> Result<bool> {
+    /// Reads the rest of a header that was cut `when`: a clean EOF here
+    /// is still the peer closing in the middle.
+    fn read_rest(&mut self, buf: &mut [u8], when: &'static str) -> Result<()> {
         let r = self.conn.read_exact_or_eof(buf);
-        self.read_result(r, when)
+        if self.read_result(r, when)? {
+            Ok(())
+        } else {
+            Err(Error::PeerClosed {
+                endpoint: self.endpoint(),
+                when,
+            })
+        }
     }
 
     /// Reads the next packet's header: at least the common part, and as much
@@ -77,13 +86,8 @@ impl RecvChannel<'_> {
                     let mut rest = [0u8; DEVICE_STATE_HEADER_SIZE];
                     let have = got.min(DEVICE_STATE_HEADER_SIZE);
                     rest[..have].copy_from_slice(&header[..have]);
-                    if have < DEVICE_STATE_HEADER_SIZE
-                        && !self.read(&mut rest[have..], "inside a device-state header")?
-                    {
-                        return Err(Error::PeerClosed {
-                            endpoint: ep,
-                            when: "inside a device-state header",
-                        });
+                    if have < DEVICE_STATE_HEADER_SIZE {
+                        self.read_rest(&mut rest[have..], "inside a device-state header")?;
                     }
                     let ds = DeviceStateHeader::decode(&rest).map_err(|e| Error::wire(ep, e))?;
                     return Err(Error::Unsupported(format!(
@@ -93,13 +97,8 @@ impl RecvChannel<'_> {
                 }
                 PacketKind::Ram => {}
             }
-            if got < RAM_PACKET_HEADER_SIZE
-                && !self.read(&mut header[got..], "inside a packet header")?
-            {
-                return Err(Error::PeerClosed {
-                    endpoint: ep,
-                    when: "inside a packet header",
-                });
+            if got < RAM_PACKET_HEADER_SIZE {
+                self.read_rest(&mut header[got..], "inside a packet header")?;
             }
             let hdr = RamPacketHeader::decode(&header).map_err(|e| Error::wire(ep, e))?;
             self.progress.add(

@@ -69,25 +69,8 @@ fn check_name_and_len(name: &str, len: u64) -> Result<usize> {
 impl RamBlock {
     /// Anonymous, zero-filled memory.
     pub fn anonymous(name: &str, len: u64) -> Result<Self> {
-        let size = check_name_and_len(name, len)?;
-        let region = MmapRegion::build(
-            None,
-            size,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-        )
-        .map_err(|e| Error::Map {
-            name: name.to_owned(),
-            reason: e.to_string(),
-        })?;
-        Ok(Self::from_region(
-            name,
-            len,
-            region,
-            Access::ReadWrite,
-            true,
-            None,
-        ))
+        let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
+        Self::map(name, len, None, Access::ReadWrite, true, flags)
     }
 
     /// Maps an existing file of exactly `len` bytes (or any length when
@@ -143,45 +126,39 @@ impl RamBlock {
         starts_zeroed: bool,
         populate: bool,
     ) -> Result<Self> {
-        let size = check_name_and_len(name, len)?;
         // MAP_POPULATE: one kernel pass sets up every page-table entry,
         // instead of one fault per page later on the channel threads
         // (first-touch faults dominate a loopback migration here). A fresh
         // sparse file is never populated: that would allocate it whole.
         let populate = if populate { libc::MAP_POPULATE } else { 0 };
+        let flags = libc::MAP_SHARED | libc::MAP_NORESERVE | populate;
+        Self::map(name, len, Some((file, path)), access, starts_zeroed, flags)
+    }
+
+    /// Maps `len` bytes of `backing` (a file and its path) or of anonymous
+    /// memory, with mmap `flags`.
+    fn map(
+        name: &str,
+        len: u64,
+        backing: Option<(File, &Path)>,
+        access: Access,
+        starts_zeroed: bool,
+        flags: libc::c_int,
+    ) -> Result<Self> {
+        let size = check_name_and_len(name, len)?;
         let prot = match access {
             Access::ReadOnly => libc::PROT_READ,
             Access::ReadWrite => libc::PROT_READ | libc::PROT_WRITE,
         };
-        let region = MmapRegion::build(
-            Some(FileOffset::new(file, 0)),
-            size,
-            prot,
-            libc::MAP_SHARED | libc::MAP_NORESERVE | populate,
-        )
-        .map_err(|e| Error::Map {
+        let (file, path) = match backing {
+            Some((file, path)) => (Some(FileOffset::new(file, 0)), Some(path.to_owned())),
+            None => (None, None),
+        };
+        let region = MmapRegion::build(file, size, prot, flags).map_err(|e| Error::Map {
             name: name.to_owned(),
             reason: e.to_string(),
         })?;
-        Ok(Self::from_region(
-            name,
-            len,
-            region,
-            access,
-            starts_zeroed,
-            Some(path.to_owned()),
-        ))
-    }
-
-    fn from_region(
-        name: &str,
-        len: u64,
-        region: MmapRegion<()>,
-        access: Access,
-        starts_zeroed: bool,
-        path: Option<PathBuf>,
-    ) -> Self {
-        Self {
+        Ok(Self {
             name: name.to_owned(),
             len,
             region,
@@ -189,7 +166,7 @@ impl RamBlock {
             starts_zeroed,
             path,
             received: ReceivedBitmap::new(len / PAGE_SIZE_U64),
-        }
+        })
     }
 
     /// The block's id (QEMU's RAMBlock idstr).

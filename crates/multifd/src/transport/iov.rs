@@ -45,21 +45,23 @@ unsafe impl Send for IoSliceMut<'_> {}
 // SAFETY: as for Send; `&IoSliceMut` gives no access to the bytes.
 unsafe impl Sync for IoSliceMut<'_> {}
 
+/// Shows where a vector points and how long it is (never its bytes).
+fn debug_iov(name: &str, iov: &libc::iovec, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+    f.debug_struct(name)
+        .field("base", &iov.iov_base)
+        .field("len", &iov.iov_len)
+        .finish()
+}
+
 impl std::fmt::Debug for IoSlice<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("IoSlice")
-            .field("base", &self.iov.iov_base)
-            .field("len", &self.iov.iov_len)
-            .finish()
+        debug_iov("IoSlice", &self.iov, f)
     }
 }
 
 impl std::fmt::Debug for IoSliceMut<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("IoSliceMut")
-            .field("base", &self.iov.iov_base)
-            .field("len", &self.iov.iov_len)
-            .finish()
+        debug_iov("IoSliceMut", &self.iov, f)
     }
 }
 
