@@ -189,7 +189,7 @@ pub fn raw_send(a: RawArgs) -> Result<()> {
             .map(|((off, len), (roff, rlen))| {
                 let (uri, src) = (&uri, &src);
                 s.spawn(move || -> Result<()> {
-                    let mut c = Connection::connect(uri, Duration::from_secs(5))?;
+                    let mut c = Connection::connect(uri, Duration::from_secs(5), None)?;
                     c.write_all(&[off.to_be_bytes(), len.to_be_bytes()].concat())?;
                     let chunks = len.div_ceil(128 * 4096).max(1);
                     let mut read_to = roff;

@@ -146,7 +146,8 @@ impl Common {
                 None => [0; 16],
             },
             handshake_timeout: Duration::from_secs_f64(self.handshake_timeout),
-            connect_timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(10),
+            ..MigrationConfig::default()
         };
         cfg.validate()?;
         Ok(cfg)

@@ -78,8 +78,13 @@ pub struct MigrationConfig {
     /// once the first one did, and how long the main stream may then take
     /// to deliver its setup (header, configuration, the `ram` block list).
     pub handshake_timeout: Duration,
-    /// How long a sender retries a refused connection.
+    /// How long a sender tries to connect: refused connections are
+    /// retried, a host that does not answer fails when it runs out.
     pub connect_timeout: Duration,
+    /// A migration fails when no byte moves on any of its connections for
+    /// this long ([`Error::Stalled`](crate::Error::Stalled)); zero: never
+    /// (for a source that pauses before switchover).
+    pub idle_timeout: Duration,
 }
 
 impl Default for MigrationConfig {
@@ -91,7 +96,8 @@ impl Default for MigrationConfig {
             flush_mode: FlushMode::default(),
             uuid: [0; 16],
             handshake_timeout: Duration::from_secs(5),
-            connect_timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
         }
     }
 }

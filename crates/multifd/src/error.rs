@@ -74,6 +74,15 @@ pub enum Error {
         /// In what state.
         when: &'static str,
     },
+    /// A connection attempt got no answer in time (a host that drops SYNs,
+    /// or none at that address).
+    #[error("connecting to {address}: no answer within {timeout_ms} ms")]
+    ConnectTimeout {
+        /// The address tried.
+        address: String,
+        /// The configured timeout.
+        timeout_ms: u64,
+    },
     /// A connection did not complete its handshake in time.
     #[error("{endpoint}: no handshake within {timeout_ms} ms")]
     HandshakeTimeout {
@@ -82,8 +91,8 @@ pub enum Error {
         /// The configured timeout.
         timeout_ms: u64,
     },
-    /// A connection stayed open but sent nothing within a deadline.
-    #[error("{endpoint}: the peer sent nothing for {after_ms} ms {when}")]
+    /// A connection stayed open but nothing moved within a deadline.
+    #[error("{endpoint}: stalled, nothing moved for {after_ms} ms {when}")]
     Stalled {
         /// Which connection.
         endpoint: Endpoint,
@@ -109,6 +118,22 @@ pub enum Error {
         received: String,
         /// Our UUID.
         expected: String,
+    },
+    /// The source's configuration section names another VM UUID than ours.
+    #[error("the source's VM uuid is {received} but ours is {expected}")]
+    SourceUuidMismatch {
+        /// UUID on the wire.
+        received: String,
+        /// Our UUID.
+        expected: String,
+    },
+    /// The source announces more guest RAM than this receiver accepts.
+    #[error("the source announces {announced} bytes of RAM, more than the limit of {limit}")]
+    RamLimit {
+        /// Sum of the announced block lengths.
+        announced: u64,
+        /// The configured limit.
+        limit: u64,
     },
     /// A packet or record names a RAM block we do not have.
     #[error("{endpoint}: unknown RAM block {name:?}")]

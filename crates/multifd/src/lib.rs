@@ -77,11 +77,10 @@
 //! before an error is returned.
 #![deny(unsafe_code)]
 
-mod abort;
-mod cancel;
 mod config;
 mod destination;
 mod error;
+mod lifecycle;
 mod method;
 mod ram;
 pub mod snapshot;
@@ -89,12 +88,12 @@ mod source;
 mod stats;
 mod transport;
 
-pub use cancel::Cancel;
 pub use config::{
     FlushMode, MethodConfig, MigrationConfig, ZeroPageDetection, format_uuid, parse_uuid,
 };
 pub use destination::{Incoming, RamProvider, ReceiveOptions, receive};
 pub use error::{Endpoint, Error, Result};
+pub use lifecycle::Cancel;
 pub use multifd_wire::packet::Compression;
 pub use multifd_wire::stream::{Configuration, RamBlockInfo};
 pub use ram::{Access, GuestRam, RamBlock};

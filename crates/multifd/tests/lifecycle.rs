@@ -104,6 +104,7 @@ impl Plan {
             uuid: [0x42; 16],
             handshake_timeout: self.handshake,
             connect_timeout: Duration::from_secs(2),
+            ..MigrationConfig::default()
         }
     }
 

@@ -13,9 +13,9 @@ use multifd_wire::WireError;
 use multifd_wire::packet::{INIT_PACKET_SIZE, InitPacket, MULTIFD_MAGIC};
 use multifd_wire::stream::QEVM_MAGIC;
 
-use crate::abort::Abort;
 use crate::config::{MigrationConfig, format_uuid};
 use crate::error::{Endpoint, Error, Result};
+use crate::lifecycle::Abort;
 use crate::transport::{Connection, Listener};
 
 /// The classified connections of one migration.
@@ -169,39 +169,4 @@ pub(super) fn accept_all(
             .map(|c| c.expect("all present"))
             .collect(),
     })
-}
-
-/// Fails if a further multifd or main connection is waiting on the
-/// listener: the source opened more channels than we are configured for,
-/// and pages sent on them would be silently lost. (QEMU ignores extra
-/// connections and finds out only when the migration breaks.) Other
-/// connections are dropped, as QEMU does.
-pub(super) fn reject_extra_channels(listener: &Listener, cfg: &MigrationConfig) -> Result<()> {
-    while let Some(mut conn) = listener.accept(Some(Duration::ZERO))? {
-        let wait = Duration::from_millis(200);
-        conn.set_read_timeout(Some(wait))
-            .map_err(|e| Error::io("setting handshake timeout", e))?;
-        let mut init = [0u8; INIT_PACKET_SIZE];
-        if read_handshake(&mut conn, &mut init[..4], wait, Endpoint::Unclassified).is_err() {
-            continue;
-        }
-        match u32::from_be_bytes(init[..4].try_into().expect("4 bytes")) {
-            MULTIFD_MAGIC => {
-                let id = read_handshake(&mut conn, &mut init[4..], wait, Endpoint::Unclassified)
-                    .ok()
-                    .and_then(|()| InitPacket::decode(&init).ok())
-                    .map_or_else(|| "?".to_owned(), |p| p.id.to_string());
-                return Err(Error::Mismatch(format!(
-                    "the source opened multifd channel {id}, but {} channels are configured \
-                     (multifd-channels differs between the sides)",
-                    cfg.channels
-                )));
-            }
-            QEVM_MAGIC => {
-                return Err(Error::Mismatch("a second main channel arrived".into()));
-            }
-            _ => tracing::warn!("extra incoming connection ignored"),
-        }
-    }
-    Ok(())
 }

@@ -7,12 +7,15 @@
 //! arrived, then releases them all. So no channel applies a round-k+1 page
 //! before every channel finished round k. Abort wakes everyone with an
 //! error; a channel that ended (EOF) can never arrive, so the main loader
-//! fails instead of waiting forever.
+//! fails instead of waiting forever; and once the main stream is over the
+//! barrier is *closed*: a channel that arrives then (or is still waiting)
+//! sent a SYNC the main stream has no flush point for, a typed mismatch
+//! instead of a wait that nothing would end.
 
 use std::sync::{Condvar, Mutex};
 
-use crate::abort::Wake;
-use crate::error::{Error, Result};
+use crate::error::{Endpoint, Error, Result};
+use crate::lifecycle::Wake;
 
 #[derive(Debug, Default)]
 struct State {
@@ -20,6 +23,9 @@ struct State {
     ended: usize,
     generation: u64,
     aborted: bool,
+    closed: bool,
+    /// Whether the main loader is waiting (for tests that order events).
+    main_waiting: bool,
 }
 
 /// Barrier between N channel threads and the main loader.
@@ -29,6 +35,14 @@ pub(super) struct SyncBarrier {
     state: Mutex<State>,
     main_cv: Condvar,
     chan_cv: Condvar,
+}
+
+/// The error of a channel whose SYNC has no flush point.
+fn extra_sync(channel: u8) -> Error {
+    Error::Mismatch(format!(
+        "multifd channel {channel} sent more SYNC packets than the main stream has flush \
+         points (flush mode mismatch: multifd-flush-after-each-section?)"
+    ))
 }
 
 impl SyncBarrier {
@@ -45,24 +59,30 @@ impl SyncBarrier {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Called by a channel thread after a SYNC packet: waits for release.
-    pub(super) fn arrive_and_wait(&self) -> Result<()> {
+    /// Called by channel `channel` after a SYNC packet: waits for release.
+    pub(super) fn arrive_and_wait(&self, channel: u8) -> Result<()> {
         let mut s = self.lock();
         if s.aborted {
             return Err(Error::Aborted);
+        }
+        if s.closed {
+            return Err(extra_sync(channel));
         }
         s.arrived += 1;
         let generation = s.generation;
         if s.arrived == self.channels {
             self.main_cv.notify_all();
         }
-        while s.generation == generation && !s.aborted {
+        while s.generation == generation && !s.aborted && !s.closed {
             s = self.chan_cv.wait(s).unwrap_or_else(|p| p.into_inner());
         }
-        if s.generation == generation {
-            return Err(Error::Aborted);
+        if s.generation != generation {
+            Ok(())
+        } else if s.aborted {
+            Err(Error::Aborted)
+        } else {
+            Err(extra_sync(channel))
         }
-        Ok(())
     }
 
     /// Called by a channel thread that reached a clean end of its stream.
@@ -76,15 +96,18 @@ impl SyncBarrier {
     /// then releases them.
     pub(super) fn wait_all_and_release(&self) -> Result<()> {
         let mut s = self.lock();
+        s.main_waiting = true;
         while s.arrived < self.channels && !s.aborted {
             if s.ended > 0 {
+                s.main_waiting = false;
                 return Err(Error::PeerClosed {
-                    endpoint: crate::error::Endpoint::Unclassified,
+                    endpoint: Endpoint::Unclassified,
                     when: "on a multifd channel before its SYNC packet for a flush point",
                 });
             }
             s = self.main_cv.wait(s).unwrap_or_else(|p| p.into_inner());
         }
+        s.main_waiting = false;
         if s.aborted {
             return Err(Error::Aborted);
         }
@@ -94,9 +117,24 @@ impl SyncBarrier {
         Ok(())
     }
 
-    /// Channels currently waiting for a release.
-    pub(super) fn waiting(&self) -> usize {
-        self.lock().arrived
+    /// The main stream is over: no flush point will come. A channel still
+    /// waiting, or arriving from now on, fails with a mismatch.
+    pub(super) fn close(&self) {
+        let mut s = self.lock();
+        s.closed = true;
+        self.chan_cv.notify_all();
+    }
+
+    /// Whether [`SyncBarrier::close`] was called.
+    pub(super) fn is_closed(&self) -> bool {
+        self.lock().closed
+    }
+
+    /// Channels waiting for a release, and whether the main loader waits.
+    #[cfg(test)]
+    fn waiting(&self) -> (usize, bool) {
+        let s = self.lock();
+        (s.arrived, s.main_waiting)
     }
 }
 
@@ -114,17 +152,30 @@ mod tests {
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
+    /// Waits (bounded) until the barrier is in state `want`: the order of
+    /// events is then certain, with no guess at how long a thread takes.
+    fn until(barrier: &SyncBarrier, want: (usize, bool)) {
+        for _ in 0..100_000 {
+            if barrier.waiting() == want {
+                return;
+            }
+            std::thread::yield_now();
+        }
+        panic!("barrier never reached {want:?}: {:?}", barrier.waiting());
+    }
+
     #[test]
     fn no_channel_passes_round_k_before_all_arrived() {
         let n = 4;
         let barrier = SyncBarrier::new(n);
         let arrivals = AtomicUsize::new(0);
         std::thread::scope(|s| {
-            for _ in 0..n {
-                s.spawn(|| {
+            for c in 0..n as u8 {
+                let (barrier, arrivals) = (&barrier, &arrivals);
+                s.spawn(move || {
                     for k in 0..50 {
                         arrivals.fetch_add(1, Ordering::SeqCst);
-                        barrier.arrive_and_wait().unwrap();
+                        barrier.arrive_and_wait(c).unwrap();
                         assert!(arrivals.load(Ordering::SeqCst) >= n * (k + 1));
                     }
                 });
@@ -139,12 +190,12 @@ mod tests {
     fn abort_wakes_both_sides() {
         let barrier = SyncBarrier::new(2);
         std::thread::scope(|s| {
-            let h = s.spawn(|| barrier.arrive_and_wait());
+            let h = s.spawn(|| barrier.arrive_and_wait(0));
             let m = s.spawn(|| barrier.wait_all_and_release());
-            std::thread::sleep(std::time::Duration::from_millis(20));
+            until(&barrier, (1, true));
             barrier.wake_for_abort();
-            assert!(h.join().unwrap().is_err());
-            assert!(m.join().unwrap().is_err());
+            assert!(matches!(h.join().unwrap(), Err(Error::Aborted)));
+            assert!(matches!(m.join().unwrap(), Err(Error::Aborted)));
         });
     }
 
@@ -153,5 +204,25 @@ mod tests {
         let barrier = SyncBarrier::new(2);
         barrier.channel_ended();
         assert!(barrier.wait_all_and_release().is_err());
+    }
+
+    #[test]
+    fn closing_fails_a_waiting_channel_and_later_arrivals() {
+        let barrier = SyncBarrier::new(2);
+        std::thread::scope(|s| {
+            let h = s.spawn(|| barrier.arrive_and_wait(1));
+            until(&barrier, (1, false));
+            barrier.close();
+            let err = h.join().unwrap().unwrap_err();
+            assert!(
+                matches!(&err, Error::Mismatch(m) if m.contains("channel 1")),
+                "{err}"
+            );
+        });
+        assert!(barrier.is_closed());
+        assert!(matches!(
+            barrier.arrive_and_wait(0),
+            Err(Error::Mismatch(_))
+        ));
     }
 }

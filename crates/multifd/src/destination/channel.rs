@@ -59,11 +59,8 @@ impl RecvChannel<'_> {
     fn read_result<T>(&self, r: std::io::Result<T>, when: &'static str) -> Result<T> {
         let endpoint = self.endpoint();
         r.map_err(|e| {
-            Error::from_read(e, endpoint, when, |_| Error::Stalled {
-                endpoint,
-                when: "after the main stream ended (it did not close its connection)",
-                after_ms: 0,
-            })
+            let context = format!("{endpoint}: read failed {when}");
+            Error::from_read(e, endpoint, when, |e| Error::io(context, e))
         })
     }
 
@@ -106,6 +103,11 @@ impl RecvChannel<'_> {
                 (RAM_PACKET_HEADER_SIZE as u64) + u64::from(hdr.next_packet_size),
             );
             if hdr.page_count() > 0 {
+                if self.barrier.is_closed() {
+                    return Err(Error::Mismatch(format!(
+                        "{ep} sent pages after the main stream ended"
+                    )));
+                }
                 if hdr.compression != self.method_cfg.compression {
                     return Err(Error::Mismatch(format!(
                         "{ep}: packet compressed with {} but {} is configured",
@@ -143,7 +145,7 @@ impl RecvChannel<'_> {
                     .add(&self.progress.zero_pages, u64::from(hdr.zero_pages));
             }
             if hdr.is_sync() {
-                self.barrier.arrive_and_wait()?;
+                self.barrier.arrive_and_wait(self.id)?;
             }
         }
     }

@@ -22,24 +22,26 @@ mod barrier;
 mod channel;
 mod main_loop;
 mod main_stream;
+mod strays;
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use multifd_wire::stream::{Configuration, RamBlockInfo};
 
-use crate::abort::Abort;
-use crate::cancel::{self, Cancel};
-use crate::config::MigrationConfig;
-use crate::error::{Error, Result};
+use crate::config::{MigrationConfig, format_uuid};
+use crate::error::{Endpoint, Error, Result};
+use crate::lifecycle::{self, Abort, Cancel, Watchdog};
 use crate::method;
 use crate::ram::GuestRam;
 use crate::stats::{Progress, Stats};
-use crate::transport::Listener;
+use crate::transport::{Connection, Listener};
 use barrier::SyncBarrier;
 use channel::RecvChannel;
 use main_loop::MainLoop;
 use main_stream::{Setup, StreamReader};
+use strays::StrayGuard;
 
 /// Supplies the RAM blocks a source announces (`--ram` files, snapshot
 /// files, or the embedding VMM's memory).
@@ -57,6 +59,10 @@ pub struct ReceiveOptions {
     pub accept_timeout: Option<Duration>,
     /// Longest opaque tail (device state + vmdesc) accepted.
     pub max_tail: usize,
+    /// Most guest RAM a source may announce, in bytes, checked against its
+    /// block list before anything is mapped or created (default: this
+    /// host's physical memory).
+    pub max_ram: u64,
     /// Stops the migration from another thread (also while waiting for
     /// connections).
     pub cancel: Option<Arc<Cancel>>,
@@ -71,7 +77,8 @@ impl Default for ReceiveOptions {
         Self {
             config: MigrationConfig::default(),
             accept_timeout: None,
-            max_tail: 256 << 20,
+            max_tail: 32 << 20,
+            max_ram: crate::ram::physical_memory(),
             cancel: None,
             require_vmdesc: true,
         }
@@ -110,7 +117,7 @@ pub fn receive(
     let barrier = SyncBarrier::new(opts.config.channels.into());
     let abort = Abort::new();
     abort.register_waker(&barrier);
-    let result = cancel::watched(
+    let result = lifecycle::watched(
         opts.cancel.as_deref(),
         || abort.fail(Error::Cancelled),
         || receive_inner(listener, opts, provider, progress, &abort, &barrier),
@@ -134,116 +141,263 @@ fn receive_inner(
 ) -> Result<Incoming> {
     let cfg = &opts.config;
     let accepted = accept::accept_all(listener, cfg, opts.accept_timeout, abort)?;
-    accept::reject_extra_channels(listener, cfg)?;
     let started = Instant::now();
     tracing::info!(channels = cfg.channels, "all channels connected");
-    let mut reader = StreamReader::new(accepted.main, accepted.main_head, cfg.handshake_timeout);
-
-    // The main stream up to the block list, which must come promptly.
-    let Setup {
-        configuration,
-        ram_section_id,
-        blocks,
-    } = reader.read_setup()?;
-    let ram = provider.provide(&blocks)?;
-    for info in &blocks {
-        match ram.get(&info.idstr) {
-            Some(b) if b.len() == info.used_length => {}
-            _ => {
-                return Err(Error::Config(format!(
-                    "the RAM provider did not supply block {:?} of {} bytes",
-                    info.idstr, info.used_length
-                )));
-            }
-        }
+    let watchdog = Watchdog::new(Some(cfg.idle_timeout));
+    watchdog.watch(Endpoint::Main, &accepted.main);
+    for (id, conn) in accepted.channels.iter().enumerate() {
+        watchdog.watch(Endpoint::Channel(id as u8), conn);
     }
-
-    let mut outcome = None;
-    let channel_conns = accepted.channels;
-    let mut drain_handles = Vec::new();
-    for c in &channel_conns {
-        drain_handles.push(
-            c.try_clone()
-                .map_err(|e| Error::io("duplicating a socket handle", e))?,
-        );
-    }
+    let short = cfg.handshake_timeout.min(SHORT_WAIT);
+    let strays = StrayGuard::new(listener, short)?;
+    let reader = StreamReader::new(accepted.main, accepted.main_head, cfg.handshake_timeout);
+    let migration = Migration {
+        opts,
+        progress,
+        abort,
+        barrier,
+        watchdog: &watchdog,
+        drain: short,
+    };
     std::thread::scope(|s| {
-        let mut handles = Vec::new();
-        for (id, conn) in channel_conns.into_iter().enumerate() {
-            let id = id as u8;
-            let Some(method) = abort.guard(|| method::new_recv(&cfg.method, id)) else {
-                break;
-            };
-            let ch = RecvChannel {
-                id,
-                conn,
-                method,
-                method_cfg: cfg.method,
-                ram: &ram,
-                barrier,
-                progress,
-            };
-            match std::thread::Builder::new()
-                .name(format!("multifd-recv-{id}"))
-                .spawn_scoped(s, move || abort.guard(|| ch.run()))
-            {
-                Ok(h) => handles.push(h),
-                Err(e) => {
-                    abort.fail(Error::io("spawning a channel thread", e));
-                    break;
+        let dog = lifecycle::spawn(s, "multifd-watchdog".into(), abort, || {
+            watchdog.run(abort);
+            Ok(())
+        })
+        .map_err(|e| abort.fail(e));
+        let guard = lifecycle::spawn(s, "multifd-strays".into(), abort, || strays.run(abort))
+            .map_err(|e| abort.fail(e));
+        let incoming = lifecycle::catch_panic(abort, "multifd-recv-main", || {
+            migration.run(reader, accepted.channels, provider)
+        });
+        // A success stands only once the connections that queued up behind
+        // the migration's own were looked at (bounded).
+        strays.finish();
+        if let Ok(h) = guard {
+            let _ = h.join();
+        }
+        watchdog.stop();
+        if let Ok(h) = dog {
+            let _ = h.join();
+        }
+        // The point of no return: from here a cancel is too late.
+        match incoming {
+            Some(mut inc) if abort.complete() => {
+                inc.stats = progress.stats(started.elapsed());
+                Ok(inc)
+            }
+            _ => Err(Error::Aborted),
+        }
+    })
+}
+
+/// How long a late connection may take to identify itself, and the drain
+/// of channels after the main stream ended, at most.
+const SHORT_WAIT: Duration = Duration::from_secs(1);
+
+/// One incoming migration after its connections were accepted.
+struct Migration<'a, 'w> {
+    opts: &'a ReceiveOptions,
+    progress: &'a Progress,
+    abort: &'a Abort<'w>,
+    barrier: &'a SyncBarrier,
+    watchdog: &'a Watchdog,
+    /// How long channels may stay open after the main stream ended.
+    drain: Duration,
+}
+
+impl Migration<'_, '_> {
+    fn run(
+        &self,
+        mut reader: StreamReader,
+        channels: Vec<Connection>,
+        provider: &mut dyn RamProvider,
+    ) -> Result<Incoming> {
+        let cfg = &self.opts.config;
+        // The main stream up to the block list, which must come promptly.
+        let Setup {
+            configuration,
+            ram_section_id,
+            blocks,
+        } = reader.read_setup()?;
+        check_uuid(&configuration, cfg)?;
+        let announced = blocks
+            .iter()
+            .try_fold(0u64, |sum, b| sum.checked_add(b.used_length))
+            .unwrap_or(u64::MAX);
+        if announced > self.opts.max_ram {
+            return Err(Error::RamLimit {
+                announced,
+                limit: self.opts.max_ram,
+            });
+        }
+        let ram = {
+            let _work = self.watchdog.hold();
+            provider.provide(&blocks)?
+        };
+        for info in &blocks {
+            match ram.get(&info.idstr) {
+                Some(b) if b.len() == info.used_length => {}
+                _ => {
+                    return Err(Error::Config(format!(
+                        "the RAM provider did not supply block {:?} of {} bytes",
+                        info.idstr, info.used_length
+                    )));
                 }
             }
         }
-        if !abort.is_aborted() {
-            outcome = abort.guard(|| {
+        let (tail, flushes, switchover_start) = self.transfer(&mut reader, channels, &ram)?;
+        Ok(Incoming {
+            ram,
+            configuration,
+            prefix: reader.take_prefix(),
+            tail,
+            ram_section_id,
+            switchover_start,
+            flushes,
+            stats: self.progress.stats(Duration::ZERO),
+        })
+    }
+
+    /// Runs the channel threads and the main loop to the end of the
+    /// stream; returns the tail, the sync points seen and whether
+    /// SWITCHOVER_START came.
+    fn transfer(
+        &self,
+        reader: &mut StreamReader,
+        channels: Vec<Connection>,
+        ram: &GuestRam,
+    ) -> Result<(Vec<u8>, u64, bool)> {
+        let cfg = &self.opts.config;
+        let abort = self.abort;
+        let mut cut_handles = Vec::with_capacity(channels.len());
+        for c in &channels {
+            cut_handles.push(
+                c.try_clone()
+                    .map_err(|e| Error::io("duplicating a socket handle", e))?,
+            );
+        }
+        let finished = Countdown::new(channels.len());
+        let ended: Vec<AtomicBool> = channels.iter().map(|_| AtomicBool::new(false)).collect();
+        std::thread::scope(|s| {
+            // An error here must reach the abort path before the scope
+            // joins, or the channel threads would wait for data forever.
+            let body = || -> Result<(Vec<u8>, u64, bool)> {
+                for (id, conn) in channels.into_iter().enumerate() {
+                    let ch = RecvChannel {
+                        id: id as u8,
+                        conn,
+                        method: method::new_recv(&cfg.method, id as u8)?,
+                        method_cfg: cfg.method,
+                        ram,
+                        barrier: self.barrier,
+                        progress: self.progress,
+                    };
+                    let (finished, ended) = (&finished, &ended[id]);
+                    lifecycle::spawn(s, format!("multifd-recv-{id}"), abort, move || {
+                        let _done = finished.on_drop(ended);
+                        ch.run()
+                    })?;
+                }
                 let mut main = MainLoop {
-                    reader: &mut reader,
-                    ram: &ram,
-                    barrier,
+                    reader,
+                    ram,
+                    barrier: self.barrier,
                     cfg,
-                    progress,
+                    progress: self.progress,
                     flushes: 0,
                     switchover_start: false,
                 };
-                let result = main.run(opts.max_tail, opts.require_vmdesc)?;
-                // The source closes the channels right after the main
-                // stream; give them a bounded time to reach EOF.
-                for c in &drain_handles {
-                    let _ = c.set_read_timeout(Some(cfg.handshake_timeout));
+                // On an error, the abort path wakes the channels (and the
+                // error stays the first one).
+                let tail = main.run(self.opts.max_tail, self.opts.require_vmdesc)?;
+                // The stream ended well and no flush point comes any more: a
+                // channel waiting for one, or sending one, is out of step.
+                self.barrier.close();
+                // The source closes its channels right after the main stream.
+                // One that stays open is given a short drain, then cut: if it
+                // was between packets (its last SYNC is in, so all its pages
+                // are), it ends cleanly; if it was inside one, that is an error.
+                if !finished.wait(self.drain) {
+                    for (id, handle) in cut_handles.iter().enumerate() {
+                        if !ended[id].load(Ordering::Acquire) {
+                            tracing::debug!(
+                                channel = id,
+                                "cutting a channel left open after the end"
+                            );
+                            handle.shutdown_read();
+                        }
+                    }
                 }
-                Ok((result, main.flushes, main.switchover_start))
-            });
+                Ok((tail, main.flushes, main.switchover_start))
+            };
+            body().map_err(|e| {
+                abort.fail(e);
+                Error::Aborted
+            })
+        })
+    }
+}
+
+/// The source's VM UUID (sent with QEMU's `validate-uuid`) must be ours,
+/// if we have one; QEMU's destination only warns when it has none.
+fn check_uuid(configuration: &Configuration, cfg: &MigrationConfig) -> Result<()> {
+    let Some(theirs) = configuration.uuid else {
+        return Ok(());
+    };
+    if cfg.uuid == [0; 16] {
+        tracing::warn!(
+            uuid = %format_uuid(&theirs),
+            "the source names its VM's UUID but none is configured here"
+        );
+        return Ok(());
+    }
+    if theirs != cfg.uuid {
+        return Err(Error::SourceUuidMismatch {
+            received: format_uuid(&theirs),
+            expected: format_uuid(&cfg.uuid),
+        });
+    }
+    Ok(())
+}
+
+/// Counts threads down; a waiter learns when all are done.
+struct Countdown {
+    left: Mutex<usize>,
+    cv: Condvar,
+}
+
+/// Counts its thread down (and marks it ended) on every way out.
+struct CountOnDrop<'a>(&'a Countdown, &'a AtomicBool);
+
+impl Drop for CountOnDrop<'_> {
+    fn drop(&mut self) {
+        self.1.store(true, Ordering::Release);
+        let mut left = self.0.left.lock().unwrap_or_else(|p| p.into_inner());
+        *left -= 1;
+        self.0.cv.notify_all();
+    }
+}
+
+impl Countdown {
+    fn new(n: usize) -> Self {
+        Self {
+            left: Mutex::new(n),
+            cv: Condvar::new(),
         }
-        for h in handles {
-            if h.join().is_err() {
-                abort.fail(Error::Panicked("multifd-recv".into()));
-            }
-        }
-    });
-    if abort.is_aborted() {
-        return Err(Error::Aborted);
     }
-    let (tail, flushes, switchover_start) = outcome.ok_or(Error::Aborted)?;
-    // Pages on channels we never read would be lost: refuse to call it done.
-    accept::reject_extra_channels(listener, cfg)?;
-    if !abort.complete() {
-        return Err(Error::Aborted);
+
+    fn on_drop<'a>(&'a self, ended: &'a AtomicBool) -> CountOnDrop<'a> {
+        CountOnDrop(self, ended)
     }
-    if barrier.waiting() != 0 {
-        return Err(Error::Mismatch(
-            "multifd channels sent more SYNC packets than the main stream has flush points \
-             (flush mode mismatch: multifd-flush-after-each-section?)"
-                .into(),
-        ));
+
+    /// Waits until every thread is done, at most `timeout`; true if they are.
+    fn wait(&self, timeout: Duration) -> bool {
+        let left = self.left.lock().unwrap_or_else(|p| p.into_inner());
+        let (left, _) = self
+            .cv
+            .wait_timeout_while(left, timeout, |left| *left > 0)
+            .unwrap_or_else(|p| p.into_inner());
+        *left == 0
     }
-    Ok(Incoming {
-        ram,
-        configuration,
-        prefix: reader.take_prefix(),
-        tail,
-        ram_section_id,
-        switchover_start,
-        flushes,
-        stats: progress.stats(started.elapsed()),
-    })
 }

@@ -273,3 +273,19 @@ impl RamBlock {
         }
     }
 }
+
+/// This host's physical memory in bytes (`u64::MAX` when unknown).
+pub(crate) fn physical_memory() -> u64 {
+    // SAFETY: sysconf only reads system configuration; these names are
+    // valid on every Linux system.
+    let (pages, size) = unsafe {
+        (
+            libc::sysconf(libc::_SC_PHYS_PAGES),
+            libc::sysconf(libc::_SC_PAGESIZE),
+        )
+    };
+    match (u64::try_from(pages), u64::try_from(size)) {
+        (Ok(p), Ok(s)) if p > 0 && s > 0 => p.saturating_mul(s),
+        _ => u64::MAX,
+    }
+}

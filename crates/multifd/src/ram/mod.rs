@@ -19,6 +19,7 @@ mod page;
 mod received;
 mod zero;
 
+pub(crate) use block::physical_memory;
 pub use block::{Access, RamBlock};
 pub(crate) use page::{PageBatch, PageList};
 

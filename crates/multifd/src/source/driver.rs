@@ -21,10 +21,9 @@ use multifd_wire::stream::{Command, Configuration};
 use super::dispatch::{Dispatcher, Job};
 use super::main_stream::MainStream;
 use super::{SourceOptions, SourceVm};
-use crate::abort::Abort;
-use crate::cancel::Cancel;
 use crate::config::{FlushMode, ZeroPageDetection};
 use crate::error::{Error, Result};
+use crate::lifecycle::{Abort, Cancel, Watchdog};
 use crate::ram::{GuestRam, PageBatch, RamBlock};
 use crate::stats::Progress;
 
@@ -48,6 +47,8 @@ pub(super) struct Driver<'a, 'w> {
     pub(super) progress: &'a Progress,
     pub(super) cancel: Option<&'a Cancel>,
     pub(super) abort: &'a Abort<'w>,
+    /// Told when the caller's VM is working (its time is not idleness).
+    pub(super) watchdog: &'a Watchdog,
 }
 
 impl<'a> Driver<'a, '_> {
@@ -90,7 +91,10 @@ impl<'a> Driver<'a, '_> {
         loop {
             self.check_cancel()?;
             dirty.iter_mut().for_each(Vec::clear);
-            vm.collect_dirty(self.ram, &mut dirty)?;
+            {
+                let _vm_work = self.watchdog.hold();
+                vm.collect_dirty(self.ram, &mut dirty)?;
+            }
             let count: usize = dirty.iter().map(Vec::len).sum();
             let fits = (count as f64) <= rate_pages_per_s * self.opts.downtime_limit.as_secs_f64();
             if count == 0 || fits || rounds >= self.opts.max_rounds {
@@ -105,10 +109,13 @@ impl<'a> Driver<'a, '_> {
         }
 
         // Completion: pause, send what is still dirty, then device state.
-        vm.pause()?;
-        // What was collected above is still unsent; add what came since.
         let mut more: Vec<Vec<u64>> = vec![Vec::new(); self.ram.blocks().len()];
-        vm.collect_dirty(self.ram, &mut more)?;
+        {
+            let _vm_work = self.watchdog.hold();
+            vm.pause()?;
+            // What was collected above is still unsent; add what came since.
+            vm.collect_dirty(self.ram, &mut more)?;
+        }
         for (last, extra) in dirty.iter_mut().zip(more) {
             last.extend(extra);
             last.sort_unstable();
@@ -128,7 +135,10 @@ impl<'a> Driver<'a, '_> {
         match &self.opts.plan.tail {
             Some(tail) => self.main.encode(|e| e.verbatim_tail(tail))?,
             None => {
-                let devices = vm.device_state()?;
+                let devices = {
+                    let _vm_work = self.watchdog.hold();
+                    vm.device_state()?
+                };
                 self.main.encode(|e| {
                     e.device_state(&devices)?;
                     e.eof(Some(EMPTY_VMDESC))

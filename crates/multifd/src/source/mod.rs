@@ -24,10 +24,9 @@ use multifd_wire::packet::InitPacket;
 
 pub use plan::StreamPlan;
 
-use crate::abort::Abort;
-use crate::cancel::{self, Cancel};
 use crate::config::MigrationConfig;
-use crate::error::{Error, Result};
+use crate::error::{Endpoint, Error, Result};
+use crate::lifecycle::{self, Abort, Cancel, Watchdog};
 use crate::method;
 use crate::ram::GuestRam;
 use crate::stats::{Progress, Stats};
@@ -124,7 +123,7 @@ pub fn migrate(
     let started = Instant::now();
     let abort = Abort::new();
     let cancel = opts.cancel.as_deref();
-    let result = cancel::watched(
+    let result = lifecycle::watched(
         cancel,
         || abort.fail(Error::Cancelled),
         || migrate_inner(uri, ram, vm, opts, progress, &abort),
@@ -155,11 +154,11 @@ fn migrate_inner(
 
     // Main channel first (a TLS destination classifies by order), then the
     // multifd channels, each opening with its initial packet.
-    let main = Connection::connect(uri, cfg.connect_timeout)?;
+    let main = Connection::connect(uri, cfg.connect_timeout, abort.wake_fd())?;
     abort.register_socket(&main)?;
     let mut channels = Vec::with_capacity(cfg.channels.into());
     for id in 0..cfg.channels {
-        let mut conn = Connection::connect(uri, cfg.connect_timeout)?;
+        let mut conn = Connection::connect(uri, cfg.connect_timeout, abort.wake_fd())?;
         abort.register_socket(&conn)?;
         let init = InitPacket { uuid: cfg.uuid, id }.encode();
         std::io::Write::write_all(&mut conn, &init)
@@ -173,34 +172,58 @@ fn migrate_inner(
     let done: Vec<AtomicBool> = (0..=channels.len())
         .map(|_| AtomicBool::new(false))
         .collect();
+    let watchdog = Watchdog::new(Some(cfg.idle_timeout));
+    watchdog.watch(Endpoint::Main, &main);
+    for (id, conn) in channels.iter().enumerate() {
+        watchdog.watch(Endpoint::Channel(id as u8), conn);
+    }
     let (stop_r, stop_w) =
         std::io::pipe().map_err(|e| Error::io("creating the peer-watch pipe", e))?;
     std::thread::scope(|s| {
         // Ends the peer watch on every way out of this scope.
         let _stop_watch = StopOnDrop(stop_w);
         let done = &done;
-        std::thread::Builder::new()
-            .name("multifd-peer-watch".into())
-            .spawn_scoped(s, move || watch_peer(abort, done, &stop_r))
-            .map_err(|e| Error::io("spawning the peer-watch thread", e))?;
-        let (dispatcher, queues) = dispatch::queues(channels.len(), QUEUE_DEPTH);
-        let mut handles = Vec::with_capacity(channels.len());
-        for ((id, conn), jobs) in channels.drain(..).enumerate().zip(queues) {
-            let worker = ChannelWorker {
-                id: id as u8,
-                conn,
-                method: method::new_send(&cfg.method)?,
-                zero_pages: cfg.zero_page_detection,
-                packet_num: &packet_num,
-                progress,
-                done: &done[1 + id],
-            };
-            let handle = std::thread::Builder::new()
-                .name(format!("multifd-send-{id}"))
-                .spawn_scoped(s, move || abort.guard(|| worker.run(jobs)))
-                .map_err(|e| Error::io("spawning a channel thread", e))?;
-            handles.push(handle);
-        }
+        let watchdog = &watchdog;
+        // An error before the channels are all running must reach the
+        // abort path before the scope joins the threads already started.
+        let started = || -> Result<_> {
+            lifecycle::spawn(s, "multifd-peer-watch".into(), abort, move || {
+                watch_peer(abort, done, &stop_r);
+                Ok(())
+            })?;
+            lifecycle::spawn(s, "multifd-watchdog".into(), abort, move || {
+                watchdog.run(abort);
+                Ok(())
+            })?;
+            let (dispatcher, queues) = dispatch::queues(channels.len(), QUEUE_DEPTH);
+            let mut handles = Vec::with_capacity(queues.len());
+            for ((id, conn), jobs) in channels.drain(..).enumerate().zip(queues) {
+                let worker = ChannelWorker {
+                    id: id as u8,
+                    conn,
+                    method: method::new_send(&cfg.method)?,
+                    zero_pages: cfg.zero_page_detection,
+                    packet_num: &packet_num,
+                    progress,
+                    done: &done[1 + id],
+                };
+                handles.push(lifecycle::spawn(
+                    s,
+                    format!("multifd-send-{id}"),
+                    abort,
+                    move || worker.run(jobs),
+                )?);
+            }
+            Ok((dispatcher, handles))
+        };
+        let (dispatcher, handles) = match started() {
+            Ok(d) => d,
+            Err(e) => {
+                abort.fail(e);
+                watchdog.stop();
+                return Ok(());
+            }
+        };
         let mut driver = Driver {
             ram,
             opts,
@@ -209,27 +232,25 @@ fn migrate_inner(
             progress,
             cancel,
             abort,
+            watchdog,
         };
-        let driven = driver.run(vm);
+        let driven = lifecycle::catch_panic(abort, "multifd-driver", || driver.run(vm));
         // Closing the queues lets the channels drain and end.
         let Driver {
             dispatcher, main, ..
         } = driver;
         drop(dispatcher);
-        if let Err(e) = driven {
-            abort.fail(e);
-        }
+        // The channels end once their queues are empty (a panic or error
+        // in one was already turned into the migration's error).
         for h in handles {
-            if h.join().is_err() {
-                abort.fail(Error::Panicked("multifd-send".into()));
-            }
+            let _ = h.join();
         }
-        if abort.is_aborted() {
-            return Ok(());
+        if driven.is_some() && !abort.is_aborted() {
+            // All channel data is written: end the main stream.
+            done[0].store(true, Ordering::Release);
+            lifecycle::catch_panic(abort, "multifd-driver", || main.finish());
         }
-        // All channel data is written: end the main stream.
-        done[0].store(true, Ordering::Release);
-        abort.guard(|| main.finish());
+        watchdog.stop();
         Ok(())
     })
 }

@@ -11,7 +11,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use crate::abort::Abort;
+use crate::lifecycle::Abort;
 
 /// Writes to the watch's stop pipe when dropped, so the watch ends on
 /// every way out of the scope that runs it.

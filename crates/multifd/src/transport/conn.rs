@@ -1,13 +1,17 @@
 //! One connected byte stream.
 
 use std::io::{self, Read, Write};
-use std::net::{Shutdown, TcpStream, ToSocketAddrs};
+use std::net::{Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use socket2::{Domain, Protocol, SockRef, Socket, TcpKeepalive, Type};
+
+use super::activity::Activity;
 use super::iov::{IoSlice, IoSliceMut};
-use super::sys;
+use super::sys::{self, Readiness};
 use super::uri::Uri;
 use crate::error::{Error, Result};
 
@@ -21,50 +25,121 @@ enum Stream {
 #[derive(Debug)]
 pub struct Connection {
     stream: Stream,
+    activity: Arc<Activity>,
 }
 
 /// How long to wait between connection attempts while the listener is not up.
 const CONNECT_RETRY: Duration = Duration::from_millis(20);
 
+/// Keepalive on every TCP connection: an idle connection whose host died
+/// is noticed after `KEEPALIVE_IDLE + KEEPALIVE_PROBES * KEEPALIVE_INTERVAL`
+/// (25 s); a live but paused peer answers the probes.
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(10);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
+const KEEPALIVE_PROBES: u32 = 3;
+/// `TCP_USER_TIMEOUT`: data that stays unacknowledged this long fails the
+/// connection (a host that died while we were sending).
+const USER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Sets what every engine TCP socket has: no Nagle delay, keepalive and a
+/// user timeout, so a dead host is noticed.
+fn tune_tcp(s: &TcpStream) -> io::Result<()> {
+    s.set_nodelay(true)?;
+    let sock = SockRef::from(s);
+    sock.set_tcp_keepalive(
+        &TcpKeepalive::new()
+            .with_time(KEEPALIVE_IDLE)
+            .with_interval(KEEPALIVE_INTERVAL)
+            .with_retries(KEEPALIVE_PROBES),
+    )?;
+    sock.set_tcp_user_timeout(Some(USER_TIMEOUT))
+}
+
+/// How one connection attempt ended.
+enum Attempt {
+    Connected(Connection),
+    /// Nobody listens (yet): try again until the deadline.
+    Refused(io::Error),
+}
+
 impl Connection {
     /// Connects to `uri`, retrying refused connections until `timeout` has
     /// passed (a receiver started a moment later still gets the migration).
-    pub fn connect(uri: &Uri, timeout: Duration) -> Result<Self> {
+    /// A peer that does not answer at all (a host dropping SYNs) fails with
+    /// [`Error::ConnectTimeout`] once `timeout` has passed. When `wake`
+    /// becomes readable (the abort path writes to it) the attempt ends at
+    /// once with [`Error::Aborted`].
+    pub fn connect(uri: &Uri, timeout: Duration, wake: Option<&dyn AsRawFd>) -> Result<Self> {
         let deadline = Instant::now() + timeout;
+        let wake = wake.map(AsRawFd::as_raw_fd);
+        let timed_out = || Error::ConnectTimeout {
+            address: uri.to_string(),
+            timeout_ms: timeout.as_millis() as u64,
+        };
         loop {
+            let left = deadline.saturating_duration_since(Instant::now());
             let attempt = match uri {
-                Uri::Tcp { host, port } => connect_tcp(host, *port),
-                Uri::Unix(path) => UnixStream::connect(path).map(|s| Self {
-                    stream: Stream::Unix(s),
-                }),
-            };
-            match attempt {
-                Ok(c) => return Ok(c),
-                Err(e)
-                    if Instant::now() < deadline
-                        && matches!(
+                Uri::Tcp { host, port } => connect_tcp(host, *port, left, wake),
+                Uri::Unix(path) => match UnixStream::connect(path) {
+                    Ok(s) => Ok(Attempt::Connected(Self::from_unix(s))),
+                    Err(e)
+                        if matches!(
                             e.kind(),
                             io::ErrorKind::ConnectionRefused | io::ErrorKind::NotFound
                         ) =>
-                {
-                    std::thread::sleep(CONNECT_RETRY);
+                    {
+                        Ok(Attempt::Refused(e))
+                    }
+                    Err(e) => Err(ConnectFailure::Os(e)),
+                },
+            };
+            match attempt {
+                Ok(Attempt::Connected(c)) => return Ok(c),
+                Ok(Attempt::Refused(e)) => {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return Err(Error::io(format!("connecting to {uri}"), e));
+                    }
+                    // Sleep before the next attempt, unless woken.
+                    if let Some(w) = wake {
+                        let pause = Some(CONNECT_RETRY.min(left));
+                        if sys::poll_readable(w, None, pause)
+                            .map_err(|e| Error::io("waiting to connect again", e))?
+                            == Readiness::Ready
+                        {
+                            return Err(Error::Aborted);
+                        }
+                    } else {
+                        std::thread::sleep(CONNECT_RETRY.min(left));
+                    }
                 }
-                Err(e) => return Err(Error::io(format!("connecting to {uri}"), e)),
+                Err(ConnectFailure::TimedOut) => return Err(timed_out()),
+                Err(ConnectFailure::Woken) => return Err(Error::Aborted),
+                Err(ConnectFailure::Os(e)) => {
+                    return Err(Error::io(format!("connecting to {uri}"), e));
+                }
             }
         }
     }
 
     pub(super) fn from_tcp(s: TcpStream) -> io::Result<Self> {
-        s.set_nodelay(true)?;
+        tune_tcp(&s)?;
         Ok(Self {
             stream: Stream::Tcp(s),
+            activity: Arc::default(),
         })
     }
 
     pub(super) fn from_unix(s: UnixStream) -> Self {
         Self {
             stream: Stream::Unix(s),
+            activity: Arc::default(),
         }
+    }
+
+    /// Bytes moved and blocking state, shared with the idle watchdog.
+    pub(crate) fn activity(&self) -> &Arc<Activity> {
+        &self.activity
     }
 
     /// A second handle to the same socket (to shut it down from another thread).
@@ -74,6 +149,7 @@ impl Connection {
                 Stream::Tcp(s) => Stream::Tcp(s.try_clone()?),
                 Stream::Unix(s) => Stream::Unix(s.try_clone()?),
             },
+            activity: Arc::clone(&self.activity),
         })
     }
 
@@ -94,6 +170,23 @@ impl Connection {
         };
     }
 
+    /// Makes reads and writes return `WouldBlock` instead of waiting.
+    pub(crate) fn set_nonblocking(&self, nonblocking: bool) -> io::Result<()> {
+        match &self.stream {
+            Stream::Tcp(s) => s.set_nonblocking(nonblocking),
+            Stream::Unix(s) => s.set_nonblocking(nonblocking),
+        }
+    }
+
+    /// Shuts the reading direction down: a read blocked on any handle of
+    /// this socket returns end-of-file at once.
+    pub(crate) fn shutdown_read(&self) {
+        let _ = match &self.stream {
+            Stream::Tcp(s) => s.shutdown(Shutdown::Read),
+            Stream::Unix(s) => s.shutdown(Shutdown::Read),
+        };
+    }
+
     /// Sets (or clears) the timeout of blocking reads.
     pub fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
         match &self.stream {
@@ -104,13 +197,13 @@ impl Connection {
 
     /// Writes all bytes of `iovs` with as few system calls as possible.
     pub fn writev_all(&mut self, iovs: &mut [IoSlice<'_>]) -> io::Result<()> {
-        sys::writev_all(self.as_raw_fd(), iovs)
+        sys::writev_all(self.as_raw_fd(), iovs, &self.activity)
     }
 
     /// Fills all of `iovs`. `Ok(false)`: the peer closed the connection
     /// cleanly before the first byte.
     pub fn readv_exact(&mut self, iovs: &mut [IoSliceMut<'_>]) -> io::Result<bool> {
-        sys::readv_exact(self.as_raw_fd(), iovs)
+        sys::readv_exact(self.as_raw_fd(), iovs, &self.activity)
     }
 
     /// Fills `buf`. `Ok(false)`: clean EOF before the first byte.
@@ -140,15 +233,76 @@ impl Connection {
     }
 }
 
-fn connect_tcp(host: &str, port: u16) -> io::Result<Connection> {
+/// Why a connection attempt failed for good.
+enum ConnectFailure {
+    /// No answer before the deadline.
+    TimedOut,
+    /// The wake descriptor became readable.
+    Woken,
+    /// Anything else the OS said.
+    Os(io::Error),
+}
+
+/// One attempt at every address of `host:port` within `left`.
+fn connect_tcp(
+    host: &str,
+    port: u16,
+    left: Duration,
+    wake: Option<RawFd>,
+) -> std::result::Result<Attempt, ConnectFailure> {
+    let addrs: Vec<SocketAddr> = (host, port)
+        .to_socket_addrs()
+        .map_err(ConnectFailure::Os)?
+        .collect();
+    let deadline = Instant::now() + left;
+    let mut refused = None;
     let mut last = io::Error::new(io::ErrorKind::NotFound, "host has no address");
-    for addr in (host, port).to_socket_addrs()? {
-        match TcpStream::connect(addr) {
-            Ok(s) => return Connection::from_tcp(s),
-            Err(e) => last = e,
+    for addr in addrs {
+        match connect_addr(addr, deadline, wake) {
+            Ok(s) => {
+                let conn = Connection::from_tcp(s).map_err(ConnectFailure::Os)?;
+                return Ok(Attempt::Connected(conn));
+            }
+            Err(ConnectFailure::Os(e)) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                refused = Some(e);
+            }
+            Err(ConnectFailure::Os(e)) => last = e,
+            Err(other) => return Err(other),
         }
     }
-    Err(last)
+    match refused {
+        Some(e) => Ok(Attempt::Refused(e)),
+        None => Err(ConnectFailure::Os(last)),
+    }
+}
+
+/// A non-blocking connect to `addr`, waited for until `deadline` or `wake`.
+fn connect_addr(
+    addr: SocketAddr,
+    deadline: Instant,
+    wake: Option<RawFd>,
+) -> std::result::Result<TcpStream, ConnectFailure> {
+    let os = ConnectFailure::Os;
+    let sock =
+        Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP)).map_err(os)?;
+    sock.set_nonblocking(true).map_err(os)?;
+    match sock.connect(&addr.into()) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match sys::poll_writable(sock.as_raw_fd(), wake, Some(left)).map_err(os)? {
+                Readiness::Timeout => return Err(ConnectFailure::TimedOut),
+                Readiness::Woken => return Err(ConnectFailure::Woken),
+                Readiness::Ready => {}
+            }
+            if let Some(e) = sock.take_error().map_err(os)? {
+                return Err(os(e));
+            }
+        }
+        Err(e) => return Err(os(e)),
+    }
+    sock.set_nonblocking(false).map_err(os)?;
+    Ok(sock.into())
 }
 
 impl AsRawFd for Connection {
@@ -162,26 +316,23 @@ impl AsRawFd for Connection {
 
 impl Read for Connection {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        match &mut self.stream {
+        let n = self.activity.waiting(|| match &mut self.stream {
             Stream::Tcp(s) => s.read(buf),
             Stream::Unix(s) => s.read(buf),
-        }
+        })?;
+        self.activity.moved(n);
+        Ok(n)
     }
 }
 
 impl Write for Connection {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        match &mut self.stream {
+        let n = self.activity.waiting(|| match &mut self.stream {
             Stream::Tcp(s) => s.write(buf),
             Stream::Unix(s) => s.write(buf),
-        }
-    }
-
-    fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
-        match &mut self.stream {
-            Stream::Tcp(s) => s.write_vectored(bufs),
-            Stream::Unix(s) => s.write_vectored(bufs),
-        }
+        })?;
+        self.activity.moved(n);
+        Ok(n)
     }
 
     fn flush(&mut self) -> io::Result<()> {

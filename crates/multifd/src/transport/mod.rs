@@ -6,12 +6,14 @@
 //! without a copy, and a `shutdown` that makes any blocked read or write on
 //! it return: the abort path uses that to stop every thread promptly.
 
+mod activity;
 mod conn;
 mod iov;
 mod listen;
 pub(crate) mod sys;
 mod uri;
 
+pub(crate) use activity::Activity;
 pub use conn::Connection;
 pub use iov::{IoSlice, IoSliceMut};
 pub use listen::Listener;

@@ -5,6 +5,7 @@ use std::io;
 use std::os::fd::RawFd;
 use std::time::Duration;
 
+use super::activity::Activity;
 use super::iov::{IoSlice, IoSliceMut, Vector};
 
 /// Most iovecs one `writev`/`readv` takes (Linux `UIO_MAXIOV`).
@@ -29,7 +30,7 @@ fn drop_done<V: Vector>(iovs: &mut [V], mut n: usize) -> usize {
 /// `Ok(false)` if the call returned 0 before the first byte (for reads: the
 /// peer closed cleanly), and `UnexpectedEof` / `WriteZero` if that happened
 /// in the middle.
-fn transfer_all<V: Vector>(fd: RawFd, mut iovs: &mut [V]) -> io::Result<bool> {
+fn transfer_all<V: Vector>(fd: RawFd, mut iovs: &mut [V], activity: &Activity) -> io::Result<bool> {
     let mut raw: Vec<libc::iovec> = Vec::with_capacity(iovs.len().min(IOV_MAX));
     let mut moved_any = false;
     loop {
@@ -51,13 +52,13 @@ fn transfer_all<V: Vector>(fd: RawFd, mut iovs: &mut [V]) -> io::Result<bool> {
         //   only for `IoSliceMut`, made from exclusively borrowed buffers or
         //   writable guest memory no reference points into, and `readv`
         //   writes at most `iov_len` bytes into each.
-        let n = unsafe {
+        let n = activity.waiting(|| unsafe {
             if V::KERNEL_READS {
                 libc::writev(fd, raw.as_ptr(), count)
             } else {
                 libc::readv(fd, raw.as_ptr(), count)
             }
-        };
+        });
         if n < 0 {
             let err = io::Error::last_os_error();
             if err.kind() == io::ErrorKind::Interrupted {
@@ -73,21 +74,30 @@ fn transfer_all<V: Vector>(fd: RawFd, mut iovs: &mut [V]) -> io::Result<bool> {
             };
         }
         moved_any = true;
+        activity.moved(n as usize);
         let first = drop_done(iovs, n as usize);
         iovs = &mut iovs[first..];
     }
 }
 
 /// Writes every byte of `iovs` to `fd`.
-pub(super) fn writev_all(fd: RawFd, iovs: &mut [IoSlice<'_>]) -> io::Result<()> {
-    transfer_all(fd, iovs).map(drop)
+pub(super) fn writev_all(
+    fd: RawFd,
+    iovs: &mut [IoSlice<'_>],
+    activity: &Activity,
+) -> io::Result<()> {
+    transfer_all(fd, iovs, activity).map(drop)
 }
 
 /// Fills every byte of `iovs` from `fd`. Returns `Ok(false)` when the peer
 /// closed the connection before the first byte (a clean end), and an
 /// `UnexpectedEof` error when it closed in the middle.
-pub(super) fn readv_exact(fd: RawFd, iovs: &mut [IoSliceMut<'_>]) -> io::Result<bool> {
-    transfer_all(fd, iovs)
+pub(super) fn readv_exact(
+    fd: RawFd,
+    iovs: &mut [IoSliceMut<'_>],
+    activity: &Activity,
+) -> io::Result<bool> {
+    transfer_all(fd, iovs, activity)
 }
 
 /// What [`poll_readable`] saw.
@@ -108,11 +118,33 @@ pub(super) fn poll_readable(
     wake: Option<RawFd>,
     timeout: Option<Duration>,
 ) -> io::Result<Readiness> {
-    let ms = timeout.map_or(-1, |t| t.as_millis().min(i32::MAX as u128) as libc::c_int);
+    poll_one(fd, libc::POLLIN, wake, timeout)
+}
+
+/// Waits until `fd` is writable (a non-blocking connect finished, well or
+/// not), at most `timeout`, or until `wake` (if any) is readable.
+pub(super) fn poll_writable(
+    fd: RawFd,
+    wake: Option<RawFd>,
+    timeout: Option<Duration>,
+) -> io::Result<Readiness> {
+    poll_one(fd, libc::POLLOUT, wake, timeout)
+}
+
+fn poll_one(
+    fd: RawFd,
+    events: libc::c_short,
+    wake: Option<RawFd>,
+    timeout: Option<Duration>,
+) -> io::Result<Readiness> {
+    // Round up: a wait of 0.3 ms must not become a busy poll of 0 ms.
+    let ms = timeout.map_or(-1, |t| {
+        t.as_micros().div_ceil(1000).min(i32::MAX as u128) as libc::c_int
+    });
     let mut pfds = [
         libc::pollfd {
             fd,
-            events: libc::POLLIN,
+            events,
             revents: 0,
         },
         libc::pollfd {
@@ -139,6 +171,34 @@ pub(super) fn poll_readable(
         } else {
             Readiness::Ready
         });
+    }
+}
+
+/// Waits until any of `fds` is readable (or hung up), at most `timeout`
+/// (forever when `None`); returns which are.
+pub(crate) fn poll_readable_set(fds: &[RawFd], timeout: Option<Duration>) -> io::Result<Vec<bool>> {
+    let ms = timeout.map_or(-1, |t| {
+        t.as_micros().div_ceil(1000).min(i32::MAX as u128) as libc::c_int
+    });
+    let mut pfds: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|&fd| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    loop {
+        // SAFETY: `pfds` holds `pfds.len()` valid pollfd entries.
+        let rc = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, ms) };
+        if rc < 0 {
+            let err = io::Error::last_os_error();
+            if err.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(err);
+        }
+        return Ok(pfds.iter().map(|p| p.revents != 0).collect());
     }
 }
 

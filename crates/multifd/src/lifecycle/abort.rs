@@ -143,17 +143,6 @@ impl<'w> Abort<'w> {
         true
     }
 
-    /// Runs `f`; an error from it aborts the migration.
-    pub(crate) fn guard<T>(&self, f: impl FnOnce() -> Result<T, Error>) -> Option<T> {
-        match f() {
-            Ok(v) => Some(v),
-            Err(e) => {
-                self.fail(e);
-                None
-            }
-        }
-    }
-
     /// The first error, if any part failed.
     pub(crate) fn take_error(&self) -> Option<Error> {
         let mut first = self.first.lock().unwrap_or_else(|p| p.into_inner());

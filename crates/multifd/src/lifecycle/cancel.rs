@@ -77,6 +77,14 @@ pub(crate) fn watched<T>(
     let Some(cancel) = cancel else {
         return body();
     };
+    /// Releases the watcher on every way out of the body, a panic included
+    /// (the scope would otherwise wait for the watcher forever).
+    struct EndOnDrop<'c>(&'c Cancel);
+    impl Drop for EndOnDrop<'_> {
+        fn drop(&mut self) {
+            self.0.migration_ended();
+        }
+    }
     let epoch = cancel.epoch();
     std::thread::scope(|s| {
         let watcher = std::thread::Builder::new()
@@ -86,8 +94,9 @@ pub(crate) fn watched<T>(
                     on_cancel();
                 }
             });
+        let ended = EndOnDrop(cancel);
         let out = body();
-        cancel.migration_ended();
+        drop(ended);
         if let Ok(w) = watcher {
             let _ = w.join();
         }
