@@ -12,7 +12,8 @@
 //!   the vmdesc trailer), decoded incrementally from a byte buffer.
 //! * [`mapped_ram`]: the file format of `migrate file:` with the `mapped-ram`
 //!   capability: the per-block header, where each block's bitmap and pages
-//!   are in the file, and the bitmap itself.
+//!   are in the file, and the bitmap itself ([`stream::file`] reads the main
+//!   stream of such a file).
 //!
 //! Byte order is big-endian throughout, as on QEMU's wire (except the
 //! mapped-ram bitmap, which is in the source host's order).

@@ -42,6 +42,9 @@
 //! [`encode`] appends elements to a `Vec<u8>`. [`Decoder`] is an incremental
 //! decoder: hand it the unconsumed bytes; it returns one [`Event`] and how
 //! many bytes it used, or asks for more bytes without changing its state.
+//! The main stream of a mapped-ram migration file, whose block list is
+//! interleaved with the blocks' bitmaps and pages, is read with
+//! [`file::FileDecoder`] instead.
 
 use crate::WireError;
 
@@ -50,6 +53,7 @@ mod config;
 mod cursor;
 mod decode;
 pub mod encode;
+pub mod file;
 mod ram;
 mod tail;
 #[cfg(test)]
