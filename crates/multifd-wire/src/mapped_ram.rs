@@ -549,7 +549,10 @@ pub struct BitmapBuf {
 
 impl BitmapBuf {
     /// An empty bitmap for a block of `used_length` bytes (a non-zero
-    /// multiple of the page size).
+    /// multiple of the page size). Allocates [`bitmap_len`] bytes at once:
+    /// meant for a writer's own blocks. A reader gets the bitmap's bytes
+    /// from the file (bounded by the file's length) and views them with
+    /// [`Bitmap`].
     pub fn for_length(used_length: u64) -> Result<Self, WireError> {
         let len =
             usize::try_from(bitmap_len(used_length)?).map_err(|_| WireError::InvalidField {
