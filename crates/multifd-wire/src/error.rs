@@ -205,4 +205,74 @@ pub enum WireError {
         /// Where the stream was.
         state: &'static str,
     },
+
+    // --- mapped-ram files -----------------------------------------------
+    /// The end of a region of a mapped-ram file (start + length) does not
+    /// fit in a 64-bit file offset.
+    #[error(
+        "mapped-ram {region} at {start:#x} with length {len:#x} overflows a 64-bit file offset"
+    )]
+    RegionOverflow {
+        /// The region: "header", "bitmap" or "pages".
+        region: &'static str,
+        /// Its start offset in the file.
+        start: u64,
+        /// Its length in bytes.
+        len: u64,
+    },
+    /// A region of a mapped-ram file starts before the region that must
+    /// precede it has ended (they overlap or are out of order).
+    #[error(
+        "mapped-ram {region} at {start:#x} starts before the end of the {previous} at {previous_end:#x}"
+    )]
+    RegionOverlap {
+        /// The region that starts too early.
+        region: &'static str,
+        /// Its start offset in the file.
+        start: u64,
+        /// The region it runs into.
+        previous: &'static str,
+        /// Where that region ends (exclusive).
+        previous_end: u64,
+    },
+    /// A region of a mapped-ram file extends past the end of the file.
+    #[error("mapped-ram {region} ends at {end:#x}, past the end of the file at {file_len:#x}")]
+    RegionPastEof {
+        /// The region: "header", "bitmap" or "pages".
+        region: &'static str,
+        /// Its end offset (exclusive).
+        end: u64,
+        /// Length of the file.
+        file_len: u64,
+    },
+    /// A RAM block named by the stream does not exist here.
+    #[error("unknown RAM block {name:?}")]
+    UnknownRamBlock {
+        /// The block id from the stream.
+        name: String,
+    },
+    /// A RAM block of the stream has another length than the local one.
+    #[error("RAM block {name:?} is {listed:#x} bytes in the stream but {local:#x} here")]
+    RamBlockLengthMismatch {
+        /// The block id.
+        name: String,
+        /// Its used_length in the stream.
+        listed: u64,
+        /// Its length here.
+        local: u64,
+    },
+    /// A capability that must be on (or off) on both sides is not announced
+    /// the same way by the stream's configuration section.
+    #[error("capability {name:?} is {} here but {} in the stream", on_off(*.expected), on_off(!*.expected))]
+    CapabilityMismatch {
+        /// Capability name.
+        name: &'static str,
+        /// Whether this side has it on.
+        expected: bool,
+    },
+}
+
+/// "on" or "off".
+fn on_off(on: bool) -> &'static str {
+    if on { "on" } else { "off" }
 }

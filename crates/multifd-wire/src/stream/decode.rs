@@ -199,6 +199,37 @@ impl Decoder {
         self.ram_section_id
     }
 
+    /// Whether the next record is the `MEM_SIZE` list of the ram START (for
+    /// the mapped-ram file decoder, which reads that list itself).
+    pub(super) fn at_mem_size(&self) -> bool {
+        matches!(
+            self.state,
+            State::Records {
+                chunk: Chunk::Start,
+                first: true,
+                ..
+            }
+        )
+    }
+
+    /// The caller has read the `MEM_SIZE` list itself (mapped-ram files):
+    /// continue with the next record of the ram START. Does nothing unless
+    /// [`at_mem_size`](Self::at_mem_size).
+    pub(super) fn skip_mem_size(&mut self) {
+        if let State::Records {
+            section_id,
+            chunk: Chunk::Start,
+            first: true,
+        } = self.state
+        {
+            self.state = State::Records {
+                section_id,
+                chunk: Chunk::Start,
+                first: false,
+            };
+        }
+    }
+
     /// Decodes the next item from the front of `buf`.
     ///
     /// On [`Decoded::NeedMore`] nothing changed: call again with the same

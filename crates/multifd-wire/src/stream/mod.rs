@@ -45,6 +45,9 @@
 //! write a stream the grammar forbids. [`Decoder`] is an incremental
 //! decoder: hand it the unconsumed bytes; it returns one [`Event`] and how
 //! many bytes it used, or asks for more bytes without changing its state.
+//! The main stream of a mapped-ram migration file, whose block list is
+//! interleaved with the blocks' bitmaps and pages, is read with
+//! [`file::FileDecoder`] instead.
 
 use crate::WireError;
 
@@ -54,6 +57,7 @@ mod cursor;
 mod decode;
 pub mod encode;
 mod encoder;
+pub mod file;
 mod ram;
 mod tail;
 #[cfg(test)]
