@@ -15,11 +15,13 @@
 mod block;
 mod iov;
 mod received;
+mod write_tracker;
 mod zero;
 
 pub use block::{Access, RamBlock};
 pub use iov::IoVec;
 pub use received::ReceivedBitmap;
+pub use write_tracker::{WriteTracker, WriteTrackerError};
 
 use crate::error::{Error, Result};
 use multifd_wire::stream::RamBlockInfo;
