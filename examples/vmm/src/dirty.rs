@@ -242,8 +242,9 @@ impl RingSet {
 
 /// [`DirtyLog`] over the KVM dirty rings.
 pub struct RingLog {
-    pub(crate) core: Arc<Core>,
+    // Rings first: dropped before the last `Core` (and guest RAM) can go.
     pub(crate) rings: Arc<Mutex<RingSet>>,
+    pub(crate) core: Arc<Core>,
 }
 
 impl DirtyLog for RingLog {

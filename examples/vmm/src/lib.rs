@@ -32,6 +32,15 @@
 //!   plain ring), one ring per vCPU mapped from the vCPU fd; harvested on
 //!   `collect_dirty` and on `KVM_EXIT_DIRTY_RING_FULL`, then
 //!   `KVM_RESET_DIRTY_RINGS`.
+//!
+//!   On `kvm_pvm` hosts (KVM without hardware virtualisation, e.g. inside
+//!   a cloud VM) the kernel does not stop the vCPU at the ring's soft limit
+//!   and pushes past a full ring (a "should never get full" warning from
+//!   virt/kvm/dirty_ring.c), overwriting entries. The VMM reports a ring
+//!   found full as an error rather than lose pages, and
+//!   [`DirtyTracking::Auto`] picks the bitmap there ([`ring_overflows`]).
+//!   The ring is still correct when collected before it fills (65536
+//!   entries, the maximum, last ~200 ms against this guest there).
 //! * [`DirtyTracking::Bitmap`]: `KVM_GET_DIRTY_LOG` (get and clear).
 //! * [`DirtyTracking::WriteProtect`]: the engine's
 //!   [`multifd::ram::WriteTracker`] (userfaultfd asynchronous write-protect

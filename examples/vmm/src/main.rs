@@ -44,7 +44,8 @@ struct Args {
     /// killed, or until --pause-after-markers).
     #[arg(long)]
     run_secs: Option<f64>,
-    /// Pause the vCPU after this many markers, print the state and exit.
+    /// Pause the vCPU after this many markers, print the marker count and
+    /// exit.
     #[arg(long)]
     pause_after_markers: Option<u64>,
     /// Dirty-page tracking.

@@ -292,10 +292,11 @@ impl Vm {
             memory_size: cfg.mem_size,
             userspace_addr: region.as_ptr() as u64,
         };
-        // SAFETY: the slot maps `region`, which `Core` keeps mapped until
-        // after the VM fd, the vCPU fd and the ring mappings (everything
-        // that keeps the kernel VM alive) are closed: it is Core's last
-        // field and every other owner of it outlives nothing that uses it.
+        // SAFETY: the slot makes KVM access `region` on the guest's behalf.
+        // `Core` holds an Arc to it as its last field, so it is unmapped
+        // only after Core's vCPU fd, ring mappings and VM fd (all that keep
+        // the kernel VM, and so the slot, alive) are closed; the other
+        // Arcs (GuestMemoryMmap, a WriteTracker) can only delay the unmap.
         unsafe { vm_fd.set_user_memory_region(slot) }.context("KVM_SET_USER_MEMORY_REGION")?;
 
         let vcpu = vm_fd.create_vcpu(0).context("KVM_CREATE_VCPU")?;
@@ -336,8 +337,8 @@ impl Vm {
         });
         let dirty_log: Option<Box<dyn DirtyLog>> = match dirty {
             DirtyTracking::Ring => Some(Box::new(RingLog {
-                core: core.clone(),
                 rings: core.rings.clone().expect("ring mode has rings"),
+                core: core.clone(),
             })),
             DirtyTracking::Bitmap => Some(Box::new(BitmapLog { core: core.clone() })),
             DirtyTracking::WriteProtect => Some(Box::new(WriteProtectLog {
