@@ -157,6 +157,28 @@ fn a_second_tracker_on_the_same_range_is_refused() {
     WriteTracker::new(region).expect("after drop");
 }
 
+#[test]
+fn a_read_only_file_mapping_is_refused() {
+    let dir = tempfile::tempdir_in("/dev/shm").expect("/dev/shm");
+    let path = dir.path().join("ro");
+    std::fs::write(&path, vec![0u8; 4 * PAGE as usize]).expect("file");
+    let file = std::fs::File::open(&path).expect("open");
+    let region = Arc::new(
+        MmapRegion::<()>::build(
+            Some(FileOffset::new(file, 0)),
+            4 * PAGE as usize,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+        )
+        .expect("mmap"),
+    );
+    match WriteTracker::new(region) {
+        Err(WriteTrackerError::InvalidRange { .. }) => {}
+        Err(WriteTrackerError::Unsupported { .. }) => eprintln!("SKIPPED: unsupported kernel"),
+        other => panic!("expected InvalidRange, got {other:?}"),
+    }
+}
+
 /// A writer thread races with the collects. Every write is logged with the
 /// collect epoch read before it started and after it completed; the write
 /// must be reported by a collect in `[before, after + 1]` (the collect in

@@ -312,7 +312,9 @@ impl WriteTracker {
                 Some(libc::EINVAL) | Some(libc::ENOMEM) => bad(&format!(
                     "not a mapping that supports userfaultfd write-protect ({e})"
                 )),
-                Some(libc::EPERM) => WriteTrackerError::PermissionDenied(e),
+                // The descriptor was granted; EPERM here is a mapping that
+                // can never be written (a file opened read-only).
+                Some(libc::EPERM) => bad(&format!("a mapping that cannot be written ({e})")),
                 _ => WriteTrackerError::Io {
                     op: "UFFDIO_REGISTER",
                     source: e,
