@@ -11,6 +11,10 @@
 ; other bytes of those pages stay zero. The checker is
 ; crates/multifd-cli/tests/common/checker.rs.
 ;
+; Without a BIOS (examples/vmm) the sector is loaded at 0x7c00 and either
+; run from `start` in real mode, or entered at `pm32` in protected mode
+; through the trailer at byte 502.
+;
 ; Defaults: 16 MiB .. 48 MiB of guest-physical memory (8192 pages), which
 ; fits a 64 MiB+ guest below the PCI hole of q35 / pc.
 
@@ -84,5 +88,11 @@ gdt_desc:
         dw gdt_desc - gdt - 1
         dd gdt
 
-        times 510 - ($ - $$) db 0
+        ; Trailer for a VMM without a BIOS (examples/vmm): "PM32" and the
+        ; 32-bit entry point, so it can start the vCPU at pm32 in protected
+        ; mode (flat code 0x08 / data 0x10 as in gdt above). A BIOS never
+        ; reads these bytes; the program is the same either way.
+        times 502 - ($ - $$) db 0
+        db "PM32"
+        dd pm32
         dw 0xaa55

@@ -96,7 +96,7 @@ pub use error::{Endpoint, Error, Result};
 pub use lifecycle::Cancel;
 pub use multifd_wire::packet::Compression;
 pub use multifd_wire::stream::{Configuration, RamBlockInfo};
-pub use ram::{Access, GuestRam, RamBlock};
+pub use ram::{Access, GuestRam, RamBlock, WriteTracker, WriteTrackerError};
 pub use source::{SourceOptions, SourceVm, StaticRam, StreamPlan, migrate};
 pub use stats::{Progress, Stats};
 pub use transport::{Connection, IoSlice, IoSliceMut, Listener, Uri};

@@ -17,11 +17,13 @@
 mod block;
 mod page;
 mod received;
+mod write_tracker;
 mod zero;
 
 pub(crate) use block::physical_memory;
 pub use block::{Access, RamBlock};
 pub(crate) use page::{PageBatch, PageList};
+pub use write_tracker::{WriteTracker, WriteTrackerError};
 
 use crate::error::{Error, Result};
 use multifd_wire::stream::RamBlockInfo;
