@@ -1,4 +1,4 @@
-//! How the tests print and classify the engine's errors.
+//! How the tests print, classify and assert the engine's errors.
 
 use multifd::Error;
 
@@ -20,3 +20,20 @@ pub fn variant(e: &Error) -> String {
     let s = format!("{e:?}");
     s.split([' ', '{', '(']).next().unwrap_or("").to_owned()
 }
+
+/// Asserts that an error matches a pattern (and its guard), printing the
+/// context and the error otherwise:
+/// `assert_err!(o.err, Error::Cancelled, "{t:?} {what}")`.
+#[allow(unused_macros)] // not every test binary asserts errors
+macro_rules! assert_err {
+    ($err:expr, $pat:pat $(if $guard:expr)?, $($context:tt)+) => {{
+        let err = &$err;
+        assert!(
+            matches!(err, $pat $(if $guard)?),
+            "{}: {err:?}",
+            format_args!($($context)+)
+        );
+    }};
+}
+#[allow(unused_imports)]
+pub(crate) use assert_err;

@@ -7,8 +7,9 @@
 //! - [`wire`]: hand-made main-stream and channel bytes;
 //! - [`peer`]: a scripted source that writes those bytes;
 //! - [`receiver`]: the real receiver on a watched thread;
+//! - [`scenario`]: a receiver against a scripted peer, in a few lines;
 //! - [`proxy`]: a fault-injecting proxy for real sender/receiver pairs;
-//! - [`errors`]: how errors are printed and asserted;
+//! - [`errors`]: how errors are printed, classified and asserted;
 //! - [`rng`]: a small PRNG and the seed of randomised tests.
 #![allow(dead_code, missing_docs)]
 
@@ -19,13 +20,15 @@ mod proxy;
 mod ram;
 mod receiver;
 mod rng;
+mod scenario;
 mod transport;
 mod wire;
 
 // Each test binary uses a subset of these.
 #[allow(unused_imports)]
 pub use self::{
-    errors::*, leak::*, peer::*, proxy::*, ram::*, receiver::*, rng::*, transport::*, wire::*,
+    errors::*, leak::*, peer::*, proxy::*, ram::*, receiver::*, rng::*, scenario::*, transport::*,
+    wire::*,
 };
 
 use std::time::Duration;

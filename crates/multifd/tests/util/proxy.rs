@@ -170,13 +170,10 @@ impl Proxy {
         self.shared.kill_all();
     }
 
-    /// Stops accepting, shuts everything down and joins all proxy threads.
-    pub fn finish(mut self) {
-        self.shared.stop.store(true, Ordering::Release);
-        self.shared.kill_all();
-        if let Some(h) = self.accept.take() {
-            let _ = h.join();
-        }
+    /// Stops accepting, shuts everything down and joins all proxy threads
+    /// (what dropping the proxy does).
+    pub fn finish(self) {
+        drop(self);
     }
 }
 

@@ -9,9 +9,8 @@ use multifd_wire::stream::{Configuration, RamBlockInfo, encode};
 
 pub const RAM_SECTION: u32 = 1;
 
-/// Main stream up to the end of the `ram` START section: header,
-/// configuration (`none`), START, MEM_SIZE, FLUSH (per-round), EOS, footer.
-pub fn main_setup(blocks: &[(&str, u64)]) -> Vec<u8> {
+/// The start of every main stream: header and configuration (`none`).
+pub fn main_head() -> Vec<u8> {
     let mut out = Vec::new();
     encode::header(&mut out);
     encode::configuration(
@@ -22,6 +21,13 @@ pub fn main_setup(blocks: &[(&str, u64)]) -> Vec<u8> {
         },
     )
     .unwrap();
+    out
+}
+
+/// Main stream up to the end of the `ram` START section: [`main_head`],
+/// START, MEM_SIZE, FLUSH (per-round), EOS, footer.
+pub fn main_setup(blocks: &[(&str, u64)]) -> Vec<u8> {
+    let mut out = main_head();
     encode::section_start(&mut out, RAM_SECTION, "ram", 0, 4).unwrap();
     let infos: Vec<RamBlockInfo> = blocks
         .iter()
@@ -31,9 +37,7 @@ pub fn main_setup(blocks: &[(&str, u64)]) -> Vec<u8> {
         })
         .collect();
     encode::mem_size(&mut out, &infos).unwrap();
-    encode::flush(&mut out);
-    encode::eos(&mut out);
-    encode::section_footer(&mut out, RAM_SECTION);
+    flush_and_close(&mut out);
     out
 }
 
@@ -41,9 +45,7 @@ pub fn main_setup(blocks: &[(&str, u64)]) -> Vec<u8> {
 pub fn main_part() -> Vec<u8> {
     let mut out = Vec::new();
     encode::section_part(&mut out, RAM_SECTION);
-    encode::flush(&mut out);
-    encode::eos(&mut out);
-    encode::section_footer(&mut out, RAM_SECTION);
+    flush_and_close(&mut out);
     out
 }
 
@@ -51,12 +53,17 @@ pub fn main_part() -> Vec<u8> {
 pub fn main_end() -> Vec<u8> {
     let mut out = Vec::new();
     encode::section_end(&mut out, RAM_SECTION);
-    encode::flush(&mut out);
-    encode::eos(&mut out);
-    encode::section_footer(&mut out, RAM_SECTION);
+    flush_and_close(&mut out);
     encode::eof(&mut out);
     encode::vmdesc(&mut out, br#"{"page_size": 4096, "devices": []}"#).unwrap();
     out
+}
+
+/// The end of every `ram` section here: one FLUSH, EOS, the footer.
+fn flush_and_close(out: &mut Vec<u8>) {
+    encode::flush(out);
+    encode::eos(out);
+    encode::section_footer(out, RAM_SECTION);
 }
 
 pub fn init_packet(uuid: [u8; 16], id: u8) -> Vec<u8> {
