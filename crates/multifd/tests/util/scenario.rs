@@ -9,7 +9,7 @@
 //!     .main_setup()                 // a proper main stream setup, held open
 //!     .channel(0, body, End::Hold)  // initial packet, then `body`
 //!     .silent_channels()            // channel 1 identifies itself, then nothing
-//!     .fails();                     // the receiver's error, asserted typed and fast
+//!     .fails();                     // the receiver's error, after the common checks
 //! ```
 
 use std::collections::BTreeSet;
@@ -27,7 +27,8 @@ use super::{
 
 /// Handshake timeout of a scenario's receiver unless told otherwise.
 pub const HS: Duration = Duration::from_millis(300);
-/// The one RAM block a scenario's main stream announces, and its size.
+/// The one RAM block a scenario's main stream announces, its pages and
+/// its length in bytes.
 pub const BLOCK: &str = "pc.ram";
 pub const PAGES: u64 = 64;
 pub const LEN: u64 = PAGES * 4096;
@@ -147,12 +148,13 @@ impl Scenario {
 
     /// Every channel the receiver expects that the script does not connect
     /// yet identifies itself and stays silent.
-    pub fn silent_channels(self) -> Self {
-        (0..self.opts.config.channels)
-            .filter(|id| !self.ids.contains(id))
-            .collect::<Vec<_>>()
-            .into_iter()
-            .fold(self, Self::silent)
+    pub fn silent_channels(mut self) -> Self {
+        for id in 0..self.opts.config.channels {
+            if !self.ids.contains(&id) {
+                self = self.silent(id);
+            }
+        }
+        self
     }
 
     /// Takes the leak baseline, binds, starts the receiver and the peer.
@@ -199,7 +201,8 @@ pub struct Running {
 }
 
 impl Running {
-    /// Whether the receiver is still at work after waiting `wait`.
+    /// Whether the receiver is still at work after waiting `wait`. For
+    /// asserting that it is: a result that came in is dropped.
     pub fn still_running_after(&self, wait: Duration) -> bool {
         self.receiving.wait(wait).is_none()
     }
