@@ -3,14 +3,16 @@
 //! The destination must end byte-identical to the source, for every method
 //! and zero-page mode.
 
+mod util;
+
 use std::time::Duration;
 
+use multifd::ReceiveOptions;
 use multifd::{Compression, FlushMode, MethodConfig, MigrationConfig, Progress, ZeroPageDetection};
 use multifd::{GuestRam, RamBlock};
 use multifd::{Listener, Uri};
-use multifd::{RamProvider, ReceiveOptions};
 use multifd::{SourceOptions, SourceVm};
-use multifd_wire::stream::RamBlockInfo;
+use util::AnonRam;
 
 const PAGE: u64 = 4096;
 
@@ -80,18 +82,6 @@ impl SourceVm for BusyGuest {
     }
 }
 
-/// Destination RAM: anonymous blocks of the announced sizes.
-struct Anonymous;
-impl RamProvider for Anonymous {
-    fn provide(&mut self, blocks: &[RamBlockInfo]) -> multifd::Result<GuestRam> {
-        let mut ram = GuestRam::new();
-        for b in blocks {
-            ram.push(RamBlock::anonymous(&b.idstr, b.used_length)?)?;
-        }
-        Ok(ram)
-    }
-}
-
 fn source_ram(seed: u64) -> GuestRam {
     let mut ram = GuestRam::new();
     let mut rng = Rng(seed);
@@ -146,7 +136,7 @@ fn live_migration(config: MigrationConfig, uri: Uri) {
     };
     let (rp, sp) = (Progress::default(), Progress::default());
     let (sent, received) = std::thread::scope(|s| {
-        let r = s.spawn(|| multifd::receive(&listener, &ropts, &mut Anonymous, &rp));
+        let r = s.spawn(|| multifd::receive(&listener, &ropts, &mut AnonRam, &rp));
         let sent = multifd::migrate(&uri, &src, &mut guest, &sopts, &sp);
         (sent, r.join().unwrap())
     });

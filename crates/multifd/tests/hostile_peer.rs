@@ -10,7 +10,8 @@
 //! thread joined and every socket closed (thread and fd counts of the
 //! process back at their baseline; the tests of this binary are serialised
 //! so those counts are meaningful), and without any write to guest RAM
-//! outside the pages a valid packet addressed.
+//! outside the pages a valid packet addressed. Receiver-side cases are
+//! `util::Scenario`s, whose `fails()` asserts the common part.
 
 mod util;
 
@@ -20,8 +21,7 @@ use std::time::{Duration, Instant};
 
 use multifd::Endpoint;
 use multifd::GuestRam;
-use multifd::RamProvider;
-use multifd::{Cancel, Compression, Error, MethodConfig, MigrationConfig, Progress};
+use multifd::{Cancel, Compression, Error, MigrationConfig, Progress};
 use multifd::{Connection, Listener, Uri};
 use multifd::{SourceOptions, StaticRam, migrate};
 use multifd_wire::WireError;
@@ -29,111 +29,20 @@ use multifd_wire::packet::{DeviceStateHeader, MULTIFD_MAGIC, flags};
 use proptest::prelude::*;
 use util::*;
 
-const HS: Duration = Duration::from_millis(300);
-const BLOCK: &str = "pc.ram";
-const PAGES: u64 = 64;
-const LEN: u64 = PAGES * 4096;
-const UUID: [u8; 16] = [0; 16];
-
 // ---------------------------------------------------------------------------
-// Harness
+// Harness (the rest is in `util::scenario`)
 
-struct Outcome {
-    err: Error,
-    took: Duration,
-}
-
-/// Runs `receive` against a scripted peer; returns the receiver's error.
-/// Asserts: it fails (no hang, no success) within 5 s, it closes every
-/// connection the peer held, and no thread or fd is left behind.
-fn hostile(
-    t: Transport,
-    opts: multifd::ReceiveOptions,
-    provider: Box<dyn RamProvider + Send>,
-    conns: Vec<Conn>,
-) -> Outcome {
-    let base = Baseline::take();
-    let Bound { listener, uri, dir } = bind(t);
-    let receiving = start_receiver(listener, opts, provider);
-    let peer = scripted_peer(uri, conns);
-    let Some((res, took)) = receiving.wait(FAST) else {
-        // The peer gives up holding its connections after 10 s; then the
-        // receiver sees EOF and ends, so the process stays usable.
-        let _ = peer.join();
-        let late = receiving.wait(Duration::from_secs(30));
-        let _ = receiving.handle.join();
-        panic!(
-            "{t:?}: receiver did not return within {FAST:?} (hang); after the peer \
-             closed its sockets it returned {:?}",
-            late.map(|(r, d)| (r.map(|_| ()), d))
-        );
-    };
-    let report = peer.join().expect("peer thread");
-    receiving.handle.join().expect("receiver thread");
-    drop(dir);
-    let err = match res {
-        Ok(_) => panic!("{t:?}: migration from a hostile peer succeeded"),
-        Err(e) => e,
-    };
-    assert!(took < FAST, "{t:?}: error after {took:?}: {err}");
-    assert!(
-        report.all_closed_by_receiver,
-        "{t:?}: the receiver failed ({err}) but left a peer connection open"
-    );
-    assert!(!err.to_string().is_empty());
-    base.check(&format!("{t:?}: {err}"));
-    Outcome { err, took }
-}
-
-fn main_conn() -> Conn {
-    Conn::new(main_setup(&[(BLOCK, LEN)]), vec![], End::Hold)
-}
-
-fn chan(id: u8, body: Vec<u8>, end: End) -> Conn {
-    Conn::new(init_packet(UUID, id), body, end)
-}
-
-fn silent_chan(id: u8) -> Conn {
-    chan(id, vec![], End::Hold)
-}
-
-fn file_ram(dir: &tempfile::TempDir) -> Box<FileRam> {
-    Box::new(FileRam {
-        dir: dir.path().to_owned(),
-    })
-}
-
-fn read_block(dir: &tempfile::TempDir) -> Vec<u8> {
-    std::fs::read(dir.path().join(format!("{BLOCK}.ram"))).expect("block file exists")
-}
-
-/// A receiver of `channels` channels with method `comp`, fed a proper main
-/// stream setup; channel 0 sends `body` then ends as told, the other
-/// channels stay silent. Returns the error and the RAM block's contents
-/// after the failure.
-fn packet_case_with(
-    t: Transport,
-    channels: u8,
-    comp: Compression,
-    body: Vec<u8>,
-    end: End,
-) -> (Outcome, Vec<u8>) {
-    let dir = tempdir();
-    let mut opts = recv_opts(channels, HS);
-    opts.config.method = MethodConfig {
-        compression: comp,
-        ..MethodConfig::default()
-    };
-    let mut conns = vec![main_conn(), chan(0, body, end)];
-    conns.extend((1..channels).map(silent_chan));
-    let o = hostile(t, opts, file_ram(&dir), conns);
-    let ram = read_block(&dir);
-    assert_eq!(ram.len() as u64, LEN);
-    (o, ram)
-}
-
-fn packet_case(t: Transport, body: Vec<u8>, end: End) -> (Outcome, Vec<u8>) {
-    packet_case_with(t, 2, Compression::None, body, end)
+/// A receiver of two channels with file-backed RAM, fed a proper main
+/// stream setup; channel 0 sends `body` then ends as told, channel 1 stays
+/// silent.
+fn packet_case(t: Transport, body: &[u8], end: End) -> Outcome {
+    Scenario::new(t)
+        .channels(2)
+        .file_ram()
+        .main_setup()
+        .channel(0, body, end)
+        .silent_channels()
+        .fails()
 }
 
 fn assert_all_zero(ram: &[u8], what: &str) {
@@ -142,16 +51,11 @@ fn assert_all_zero(ram: &[u8], what: &str) {
     }
 }
 
-fn is_wire(e: &Error, ep: Endpoint, f: impl Fn(&WireError) -> bool) -> bool {
-    matches!(e, Error::Wire { endpoint, source } if *endpoint == ep && f(source))
-}
-
 fn invalid_field(e: &Error, name: &str) -> bool {
-    is_wire(
-        e,
-        Endpoint::Channel(0),
-        |w| matches!(w, WireError::InvalidField { field, .. } if *field == name),
-    )
+    matches!(e, Error::Wire {
+        endpoint: Endpoint::Channel(0),
+        source: WireError::InvalidField { field, .. },
+    } if *field == name)
 }
 
 // ---------------------------------------------------------------------------
@@ -161,22 +65,14 @@ fn invalid_field(e: &Error, name: &str) -> bool {
 fn silent_connection_times_out() {
     let _g = serial();
     for t in TRANSPORTS {
-        let o = hostile(
-            t,
-            recv_opts(1, HS),
-            Box::new(AnonRam),
-            vec![Conn::new(vec![], vec![], End::Hold)],
-        );
-        assert!(
-            matches!(
-                o.err,
-                Error::HandshakeTimeout {
-                    endpoint: Endpoint::Unclassified,
-                    timeout_ms: 300
-                }
-            ),
-            "{t:?}: {:?}",
-            o.err
+        let o = Scenario::new(t).connect(&[], End::Hold).fails();
+        assert_err!(
+            o.err,
+            Error::HandshakeTimeout {
+                endpoint: Endpoint::Unclassified,
+                timeout_ms: 300
+            },
+            "{t:?}"
         );
         assert!(
             o.took >= Duration::from_millis(250),
@@ -190,19 +86,14 @@ fn silent_connection_times_out() {
 fn no_connection_at_all_times_out() {
     let _g = serial();
     for t in TRANSPORTS {
-        let mut opts = recv_opts(1, HS);
-        opts.accept_timeout = Some(HS);
-        let o = hostile(t, opts, Box::new(AnonRam), vec![]);
-        assert!(
-            matches!(
-                o.err,
-                Error::HandshakeTimeout {
-                    endpoint: Endpoint::Main,
-                    ..
-                }
-            ),
-            "{t:?}: {:?}",
-            o.err
+        let o = Scenario::new(t).accept_timeout(Some(HS)).fails();
+        assert_err!(
+            o.err,
+            Error::HandshakeTimeout {
+                endpoint: Endpoint::Main,
+                ..
+            },
+            "{t:?}"
         );
     }
 }
@@ -211,22 +102,14 @@ fn no_connection_at_all_times_out() {
 fn two_bytes_then_silence_times_out() {
     let _g = serial();
     for t in TRANSPORTS {
-        let o = hostile(
-            t,
-            recv_opts(1, HS),
-            Box::new(AnonRam),
-            vec![Conn::new(vec![0x11, 0x22], vec![], End::Hold)],
-        );
-        assert!(
-            matches!(
-                o.err,
-                Error::HandshakeTimeout {
-                    endpoint: Endpoint::Unclassified,
-                    ..
-                }
-            ),
-            "{t:?}: {:?}",
-            o.err
+        let o = Scenario::new(t).connect(&[0x11, 0x22], End::Hold).fails();
+        assert_err!(
+            o.err,
+            Error::HandshakeTimeout {
+                endpoint: Endpoint::Unclassified,
+                ..
+            },
+            "{t:?}"
         );
     }
 }
@@ -235,16 +118,11 @@ fn two_bytes_then_silence_times_out() {
 fn two_bytes_then_close_is_peer_closed() {
     let _g = serial();
     for t in TRANSPORTS {
-        let o = hostile(
-            t,
-            recv_opts(1, HS),
-            Box::new(AnonRam),
-            vec![Conn::new(vec![0x11, 0x22], vec![], End::Close)],
-        );
-        assert!(
-            matches!(o.err, Error::PeerClosed { endpoint: Endpoint::Unclassified, when } if when.contains("handshake")),
-            "{t:?}: {:?}",
-            o.err
+        let o = Scenario::new(t).connect(&[0x11, 0x22], End::Close).fails();
+        assert_err!(
+            o.err,
+            Error::PeerClosed { endpoint: Endpoint::Unclassified, when } if when.contains("handshake"),
+            "{t:?}"
         );
     }
 }
@@ -253,16 +131,11 @@ fn two_bytes_then_close_is_peer_closed() {
 fn close_without_a_byte_is_peer_closed() {
     let _g = serial();
     for t in TRANSPORTS {
-        let o = hostile(
-            t,
-            recv_opts(1, HS),
-            Box::new(AnonRam),
-            vec![Conn::new(vec![], vec![], End::Close)],
-        );
-        assert!(
-            matches!(o.err, Error::PeerClosed { endpoint: Endpoint::Unclassified, when } if when.contains("identifying")),
-            "{t:?}: {:?}",
-            o.err
+        let o = Scenario::new(t).connect(&[], End::Close).fails();
+        assert_err!(
+            o.err,
+            Error::PeerClosed { endpoint: Endpoint::Unclassified, when } if when.contains("identifying"),
+            "{t:?}"
         );
     }
 }
@@ -270,44 +143,31 @@ fn close_without_a_byte_is_peer_closed() {
 #[test]
 fn truncated_init_packet() {
     let _g = serial();
+    let init = init_packet(UUID, 0);
     for t in TRANSPORTS {
         for cut in [4usize, 5, 24, 63] {
-            let init = init_packet(UUID, 0);
             // Peer closes in the middle of the initial packet.
-            let o = hostile(
-                t,
-                recv_opts(1, HS),
-                Box::new(AnonRam),
-                vec![
-                    main_conn(),
-                    Conn::new(init[..cut].to_vec(), vec![], End::Close),
-                ],
-            );
-            assert!(
-                matches!(o.err, Error::PeerClosed { endpoint: Endpoint::Unclassified, when } if when.contains("handshake")),
-                "{t:?} cut at {cut}: {:?}",
-                o.err
+            let o = Scenario::new(t)
+                .main_setup()
+                .connect(&init[..cut], End::Close)
+                .fails();
+            assert_err!(
+                o.err,
+                Error::PeerClosed { endpoint: Endpoint::Unclassified, when } if when.contains("handshake"),
+                "{t:?} cut at {cut}"
             );
             // Peer stops in the middle of it and stays silent.
-            let o = hostile(
-                t,
-                recv_opts(1, HS),
-                Box::new(AnonRam),
-                vec![
-                    main_conn(),
-                    Conn::new(init[..cut].to_vec(), vec![], End::Hold),
-                ],
-            );
-            assert!(
-                matches!(
-                    o.err,
-                    Error::HandshakeTimeout {
-                        endpoint: Endpoint::Unclassified,
-                        ..
-                    }
-                ),
-                "{t:?} stalled at {cut}: {:?}",
-                o.err
+            let o = Scenario::new(t)
+                .main_setup()
+                .connect(&init[..cut], End::Hold)
+                .fails();
+            assert_err!(
+                o.err,
+                Error::HandshakeTimeout {
+                    endpoint: Endpoint::Unclassified,
+                    ..
+                },
+                "{t:?} stalled at {cut}"
             );
         }
     }
@@ -316,45 +176,36 @@ fn truncated_init_packet() {
 #[test]
 fn bad_magic_on_first_bytes() {
     let _g = serial();
+    let mut init = init_packet(UUID, 0);
+    init[0] = 0x12;
     for t in TRANSPORTS {
-        let mut init = init_packet(UUID, 0);
-        init[0] = 0x12;
-        let o = hostile(
-            t,
-            recv_opts(1, HS),
-            Box::new(AnonRam),
-            vec![main_conn(), Conn::new(init, vec![], End::Hold)],
-        );
-        assert!(
-            is_wire(&o.err, Endpoint::Unclassified, |w| matches!(
-                w,
-                WireError::BadMagic {
+        let o = Scenario::new(t)
+            .main_setup()
+            .connect(&init, End::Hold)
+            .fails();
+        assert_err!(
+            o.err,
+            Error::Wire {
+                endpoint: Endpoint::Unclassified,
+                source: WireError::BadMagic {
                     found: 0x1222_3344,
                     ..
-                }
-            )),
-            "{t:?}: {:?}",
-            o.err
+                },
+            },
+            "{t:?}"
         );
         assert!(message(&o.err).contains("magic"), "{}", o.err);
         // HTTP instead of a migration.
-        let o = hostile(
-            t,
-            recv_opts(1, HS),
-            Box::new(AnonRam),
-            vec![Conn::new(
-                b"GET / HTTP/1.1\r\n\r\n".to_vec(),
-                vec![],
-                End::Hold,
-            )],
-        );
-        assert!(
-            is_wire(&o.err, Endpoint::Unclassified, |w| matches!(
-                w,
-                WireError::BadMagic { .. }
-            )),
-            "{t:?}: {:?}",
-            o.err
+        let o = Scenario::new(t)
+            .connect(b"GET / HTTP/1.1\r\n\r\n", End::Hold)
+            .fails();
+        assert_err!(
+            o.err,
+            Error::Wire {
+                endpoint: Endpoint::Unclassified,
+                source: WireError::BadMagic { .. }
+            },
+            "{t:?}"
         );
     }
 }
@@ -362,26 +213,24 @@ fn bad_magic_on_first_bytes() {
 #[test]
 fn init_packet_bad_version() {
     let _g = serial();
+    let mut init = init_packet(UUID, 0);
+    set_u32(&mut init, 4, 2);
     for t in TRANSPORTS {
-        let mut init = init_packet(UUID, 0);
-        set_u32(&mut init, 4, 2);
-        let o = hostile(
-            t,
-            recv_opts(1, HS),
-            Box::new(AnonRam),
-            vec![main_conn(), Conn::new(init, vec![], End::Hold)],
-        );
-        assert!(
-            is_wire(&o.err, Endpoint::Unclassified, |w| matches!(
-                w,
-                WireError::BadVersion {
+        let o = Scenario::new(t)
+            .main_setup()
+            .connect(&init, End::Hold)
+            .fails();
+        assert_err!(
+            o.err,
+            Error::Wire {
+                endpoint: Endpoint::Unclassified,
+                source: WireError::BadVersion {
                     found: 2,
                     expected: 1,
                     ..
-                }
-            )),
-            "{t:?}: {:?}",
-            o.err
+                },
+            },
+            "{t:?}"
         );
         assert!(message(&o.err).contains("version"), "{}", o.err);
     }
@@ -390,20 +239,15 @@ fn init_packet_bad_version() {
 #[test]
 fn wrong_uuid() {
     let _g = serial();
+    let mut theirs = [0x11; 16];
+    theirs[15] = 0x12;
     for t in TRANSPORTS {
-        let mut opts = recv_opts(2, HS);
-        opts.config.uuid = [0x11; 16];
-        let mut theirs = [0x11; 16];
-        theirs[15] = 0x12;
-        let o = hostile(
-            t,
-            opts,
-            Box::new(AnonRam),
-            vec![
-                main_conn(),
-                Conn::new(init_packet(theirs, 1), vec![], End::Hold),
-            ],
-        );
+        let o = Scenario::new(t)
+            .channels(2)
+            .uuid([0x11; 16])
+            .main_setup()
+            .connect(&init_packet(theirs, 1), End::Hold)
+            .fails();
         match &o.err {
             Error::UuidMismatch {
                 id: 1,
@@ -424,17 +268,13 @@ fn channel_id_not_below_channel_count() {
     let _g = serial();
     for t in TRANSPORTS {
         for bad in [2u8, 3, 255] {
-            let o = hostile(
-                t,
-                recv_opts(2, HS),
-                Box::new(AnonRam),
-                vec![main_conn(), silent_chan(0), silent_chan(bad)],
-            );
-            assert!(
-                matches!(o.err, Error::BadChannelId { id, .. } if id == bad),
-                "{t:?} id {bad}: {:?}",
-                o.err
-            );
+            let o = Scenario::new(t)
+                .channels(2)
+                .main_setup()
+                .silent(0)
+                .silent(bad)
+                .fails();
+            assert_err!(o.err, Error::BadChannelId { id, .. } if *id == bad, "{t:?} id {bad}");
             assert!(message(&o.err).contains("channel"), "{}", o.err);
         }
     }
@@ -444,16 +284,16 @@ fn channel_id_not_below_channel_count() {
 fn duplicate_channel_id() {
     let _g = serial();
     for t in TRANSPORTS {
-        let o = hostile(
-            t,
-            recv_opts(3, HS),
-            Box::new(AnonRam),
-            vec![silent_chan(1), main_conn(), silent_chan(1)],
-        );
-        assert!(
-            matches!(o.err, Error::BadChannelId { id: 1, reason } if reason.contains("already")),
-            "{t:?}: {:?}",
-            o.err
+        let o = Scenario::new(t)
+            .channels(3)
+            .silent(1)
+            .main_setup()
+            .silent(1)
+            .fails();
+        assert_err!(
+            o.err,
+            Error::BadChannelId { id: 1, reason } if reason.contains("already"),
+            "{t:?}"
         );
     }
 }
@@ -462,13 +302,12 @@ fn duplicate_channel_id() {
 fn second_main_channel() {
     let _g = serial();
     for t in TRANSPORTS {
-        let o = hostile(
-            t,
-            recv_opts(2, HS),
-            Box::new(AnonRam),
-            vec![main_conn(), main_conn()],
-        );
-        assert!(matches!(o.err, Error::Unsupported(_)), "{t:?}: {:?}", o.err);
+        let o = Scenario::new(t)
+            .channels(2)
+            .main_setup()
+            .main_setup()
+            .fails();
+        assert_err!(o.err, Error::Unsupported(_), "{t:?}");
     }
 }
 
@@ -477,12 +316,12 @@ fn second_main_channel() {
 fn missing_channel_times_out() {
     let _g = serial();
     for t in TRANSPORTS {
-        let o = hostile(
-            t,
-            recv_opts(3, HS),
-            Box::new(AnonRam),
-            vec![main_conn(), silent_chan(0), silent_chan(2)],
-        );
+        let o = Scenario::new(t)
+            .channels(3)
+            .main_setup()
+            .silent(0)
+            .silent(2)
+            .fails();
         // The receiver names the channel that never came.
         match &o.err {
             Error::Mismatch(m) => assert!(m.contains("missing ids 1"), "{t:?}: {m}"),
@@ -506,22 +345,17 @@ fn main_stream_garbage_after_header() {
             let mut main = Vec::new();
             multifd_wire::stream::encode::header(&mut main);
             main.extend_from_slice(&garbage);
-            let o = hostile(
-                t,
-                recv_opts(1, HS),
-                Box::new(AnonRam),
-                vec![Conn::new(main, vec![], End::Hold), silent_chan(0)],
-            );
-            assert!(
-                matches!(
-                    &o.err,
-                    Error::Wire {
-                        endpoint: Endpoint::Main,
-                        ..
-                    }
-                ),
-                "{t:?} garbage {garbage:02x?}: {:?}",
-                o.err
+            let o = Scenario::new(t)
+                .connect(&main, End::Hold)
+                .silent_channels()
+                .fails();
+            assert_err!(
+                o.err,
+                Error::Wire {
+                    endpoint: Endpoint::Main,
+                    ..
+                },
+                "{t:?} garbage {garbage:02x?}"
             );
         }
     }
@@ -534,22 +368,17 @@ fn main_stream_bad_version() {
         for version in [2u32, 4] {
             let mut main = main_setup(&[(BLOCK, LEN)]);
             set_u32(&mut main, 4, version);
-            let o = hostile(
-                t,
-                recv_opts(1, HS),
-                Box::new(AnonRam),
-                vec![Conn::new(main, vec![], End::Hold), silent_chan(0)],
-            );
-            assert!(
-                matches!(
-                    &o.err,
-                    Error::Wire {
-                        endpoint: Endpoint::Main,
-                        ..
-                    }
-                ),
-                "{t:?} version {version}: {:?}",
-                o.err
+            let o = Scenario::new(t)
+                .connect(&main, End::Hold)
+                .silent_channels()
+                .fails();
+            assert_err!(
+                o.err,
+                Error::Wire {
+                    endpoint: Endpoint::Main,
+                    ..
+                },
+                "{t:?} version {version}"
             );
         }
     }
@@ -563,40 +392,26 @@ fn main_stream_bad_version() {
 fn main_stream_never_sends_block_list() {
     let _g = serial();
     let full = main_setup(&[(BLOCK, LEN)]);
-    let mut header_and_config = Vec::new();
-    multifd_wire::stream::encode::header(&mut header_and_config);
-    multifd_wire::stream::encode::configuration(
-        &mut header_and_config,
-        &multifd_wire::stream::Configuration {
-            machine: "none".into(),
-            ..Default::default()
-        },
-    )
-    .unwrap();
-    let stops: [(&str, Vec<u8>); 4] = [
-        ("magic only", full[..4].to_vec()),
-        ("header only", full[..8].to_vec()),
-        ("header and configuration", header_and_config),
-        ("inside MEM_SIZE", full[..full.len() - 30].to_vec()),
+    let header_and_config = main_head();
+    let stops: [(&str, &[u8]); 4] = [
+        ("magic only", &full[..4]),
+        ("header only", &full[..8]),
+        ("header and configuration", &header_and_config),
+        ("inside MEM_SIZE", &full[..full.len() - 30]),
     ];
     for t in TRANSPORTS {
-        for (what, main) in &stops {
-            let o = hostile(
-                t,
-                recv_opts(1, HS),
-                Box::new(AnonRam),
-                vec![Conn::new(main.clone(), vec![], End::Hold), silent_chan(0)],
-            );
-            assert!(
-                matches!(
-                    o.err,
-                    Error::HandshakeTimeout {
-                        endpoint: Endpoint::Main,
-                        ..
-                    }
-                ),
-                "{t:?} {what}: {:?}",
-                o.err
+        for (what, main) in stops {
+            let o = Scenario::new(t)
+                .connect(main, End::Hold)
+                .silent_channels()
+                .fails();
+            assert_err!(
+                o.err,
+                Error::HandshakeTimeout {
+                    endpoint: Endpoint::Main,
+                    ..
+                },
+                "{t:?} {what}"
             );
         }
     }
@@ -610,25 +425,17 @@ fn main_stream_closes_before_block_list() {
         // Cuts before the end of the MEM_SIZE block list (FLUSH, EOS and
         // the footer, 21 bytes, follow it).
         for cut in [4usize, 8, 20, full.len() - 22] {
-            let o = hostile(
-                t,
-                recv_opts(1, HS),
-                Box::new(AnonRam),
-                vec![
-                    Conn::new(full[..cut].to_vec(), vec![], End::Close),
-                    silent_chan(0),
-                ],
-            );
-            assert!(
-                matches!(
-                    o.err,
-                    Error::PeerClosed {
-                        endpoint: Endpoint::Main,
-                        ..
-                    }
-                ),
-                "{t:?} cut at {cut}: {:?}",
-                o.err
+            let o = Scenario::new(t)
+                .connect(&full[..cut], End::Close)
+                .silent_channels()
+                .fails();
+            assert_err!(
+                o.err,
+                Error::PeerClosed {
+                    endpoint: Endpoint::Main,
+                    ..
+                },
+                "{t:?} cut at {cut}"
             );
         }
     }
@@ -642,53 +449,36 @@ fn main_stream_closes_before_block_list() {
 #[test]
 fn main_stream_cut_inside_vmdesc_is_not_success() {
     let _g = serial();
-    let mut ch0 = sync_packet(0);
-    ch0.extend(sync_packet(1));
-    ch0.extend(sync_packet(2));
-    let mut full = main_setup(&[(BLOCK, LEN)]);
-    full.extend(main_part());
-    full.extend(main_end());
+    let ch0 = [sync_packet(0), sync_packet(1), sync_packet(2)].concat();
+    let full = whole_main_stream();
     // main_end() ends with EOF, 0x06, a 4-byte length and 34 bytes of JSON.
     let json = 34;
     let mut bad = Vec::new();
     for t in TRANSPORTS {
         for missing in [json + 1, json + 2, json + 3] {
-            let base = Baseline::take();
-            let Bound { listener, uri, dir } = bind(t);
-            let receiving = start_receiver(listener, recv_opts(1, HS), Box::new(AnonRam));
-            let main = full[..full.len() - missing].to_vec();
-            let peer = scripted_peer(
-                uri,
-                vec![
-                    Conn::new(main, vec![], End::Close),
-                    chan(0, ch0.clone(), End::Close),
-                ],
-            );
-            let (res, took) = receiving.wait(FAST).expect("receiver hangs");
-            peer.join().unwrap();
-            receiving.handle.join().unwrap();
-            drop(dir);
-            assert!(took < FAST);
-            match res {
+            let run = Scenario::new(t)
+                .connect(&full[..full.len() - missing], End::Close)
+                .channel(0, &ch0, End::Close)
+                .ends_within(FAST);
+            assert!(run.took < FAST);
+            match &run.result {
                 Ok(inc) => bad.push(format!(
                     "{t:?}: stream missing its last {missing} bytes accepted, tail {:02x?}",
                     inc.tail
                 )),
-                Err(e) => assert!(
-                    matches!(
-                        &e,
-                        Error::PeerClosed {
-                            endpoint: Endpoint::Main,
-                            ..
-                        } | Error::Wire {
-                            endpoint: Endpoint::Main,
-                            ..
-                        }
-                    ),
-                    "{t:?}: {e:?}"
+                Err(e) => assert_err!(
+                    e,
+                    Error::PeerClosed {
+                        endpoint: Endpoint::Main,
+                        ..
+                    } | Error::Wire {
+                        endpoint: Endpoint::Main,
+                        ..
+                    },
+                    "{t:?}"
                 ),
             }
-            base.check("cut inside vmdesc");
+            run.finish("cut inside vmdesc");
         }
     }
     assert!(bad.is_empty(), "ENGINE BUG:\n{}", bad.join("\n"));
@@ -703,19 +493,16 @@ fn truncated_packet_header() {
     let pkt = nocomp_packet(BLOCK, &[0, 4096], 2, 0xAB, 0);
     for t in TRANSPORTS {
         for cut in [1usize, 5, 11, 12, 13, 700, 1343] {
-            let (o, ram) = packet_case(t, pkt[..cut].to_vec(), End::Close);
-            assert!(
-                matches!(
-                    o.err,
-                    Error::PeerClosed {
-                        endpoint: Endpoint::Channel(0),
-                        ..
-                    }
-                ),
-                "{t:?} cut at {cut}: {:?}",
-                o.err
+            let o = packet_case(t, &pkt[..cut], End::Close);
+            assert_err!(
+                o.err,
+                Error::PeerClosed {
+                    endpoint: Endpoint::Channel(0),
+                    ..
+                },
+                "{t:?} cut at {cut}"
             );
-            assert_all_zero(&ram, "truncated header");
+            assert_all_zero(o.ram(), "truncated header");
         }
     }
 }
@@ -726,75 +513,69 @@ fn truncated_payload() {
     let pkt = nocomp_packet(BLOCK, &[0, 4096, 8192], 3, 0xAB, 0);
     for t in TRANSPORTS {
         for cut in [1344usize + 1, 1344 + 4096, 1344 + 5000, pkt.len() - 1] {
-            let (o, _) = packet_case(t, pkt[..cut].to_vec(), End::Close);
-            assert!(
-                matches!(
-                    o.err,
-                    Error::PeerClosed {
-                        endpoint: Endpoint::Channel(0),
-                        ..
-                    }
-                ),
-                "{t:?} cut at {cut}: {:?}",
-                o.err
-            );
-        }
-        // Header complete, not one payload byte.
-        let (o, ram) = packet_case(t, pkt[..1344].to_vec(), End::Close);
-        assert!(
-            matches!(
+            let o = packet_case(t, &pkt[..cut], End::Close);
+            assert_err!(
                 o.err,
                 Error::PeerClosed {
                     endpoint: Endpoint::Channel(0),
                     ..
-                }
-            ),
-            "{t:?} no payload: {:?}",
-            o.err
+                },
+                "{t:?} cut at {cut}"
+            );
+        }
+        // Header complete, not one payload byte.
+        let o = packet_case(t, &pkt[..1344], End::Close);
+        assert_err!(
+            o.err,
+            Error::PeerClosed {
+                endpoint: Endpoint::Channel(0),
+                ..
+            },
+            "{t:?} no payload"
         );
-        assert_all_zero(&ram, "no payload");
+        assert_all_zero(o.ram(), "no payload");
     }
 }
 
 #[test]
 fn packet_bad_magic() {
     let _g = serial();
+    let mut pkt = nocomp_packet(BLOCK, &[0], 1, 0xAB, 0);
+    set_u32(&mut pkt, field::MAGIC, 0xdead_beef);
     for t in TRANSPORTS {
-        let mut pkt = nocomp_packet(BLOCK, &[0], 1, 0xAB, 0);
-        set_u32(&mut pkt, field::MAGIC, 0xdead_beef);
-        let (o, ram) = packet_case(t, pkt, End::Hold);
-        assert!(
-            is_wire(&o.err, Endpoint::Channel(0), |w| matches!(
-                w,
-                WireError::BadMagic {
+        let o = packet_case(t, &pkt, End::Hold);
+        assert_err!(
+            o.err,
+            Error::Wire {
+                endpoint: Endpoint::Channel(0),
+                source: WireError::BadMagic {
                     found: 0xdead_beef,
                     ..
-                }
-            )),
-            "{t:?}: {:?}",
-            o.err
+                },
+            },
+            "{t:?}"
         );
         assert!(message(&o.err).contains("multifd channel 0"), "{}", o.err);
-        assert_all_zero(&ram, "bad magic");
+        assert_all_zero(o.ram(), "bad magic");
     }
 }
 
 #[test]
 fn packet_bad_version() {
     let _g = serial();
+    let mut pkt = nocomp_packet(BLOCK, &[0], 1, 0xAB, 0);
+    set_u32(&mut pkt, field::VERSION, 0);
     for t in TRANSPORTS {
-        let mut pkt = nocomp_packet(BLOCK, &[0], 1, 0xAB, 0);
-        set_u32(&mut pkt, field::VERSION, 0);
-        let (o, ram) = packet_case(t, pkt, End::Hold);
-        assert!(
-            is_wire(&o.err, Endpoint::Channel(0), |w| matches!(
-                w,
-                WireError::BadVersion { found: 0, .. }
-            )),
-            "{t:?}: {:?}",
-            o.err
+        let o = packet_case(t, &pkt, End::Hold);
+        assert_err!(
+            o.err,
+            Error::Wire {
+                endpoint: Endpoint::Channel(0),
+                source: WireError::BadVersion { found: 0, .. },
+            },
+            "{t:?}"
         );
-        assert_all_zero(&ram, "bad version");
+        assert_all_zero(o.ram(), "bad version");
     }
 }
 
@@ -805,17 +586,16 @@ fn packet_unknown_flag_bits() {
         for extra in [0x80u32, 0x100, 0x8000_0000, 0xFFFF_FF80] {
             let mut pkt = nocomp_packet(BLOCK, &[0], 1, 0xAB, 0);
             set_u32(&mut pkt, field::FLAGS, extra);
-            let (o, ram) = packet_case(t, pkt, End::Hold);
-            assert!(
-                is_wire(
-                    &o.err,
-                    Endpoint::Channel(0),
-                    |w| matches!(w, WireError::BadFlags { flags, .. } if *flags == u64::from(extra))
-                ),
-                "{t:?} flags {extra:#x}: {:?}",
-                o.err
+            let o = packet_case(t, &pkt, End::Hold);
+            assert_err!(
+                o.err,
+                Error::Wire {
+                    endpoint: Endpoint::Channel(0),
+                    source: WireError::BadFlags { flags, .. },
+                } if *flags == u64::from(extra),
+                "{t:?} flags {extra:#x}"
             );
-            assert_all_zero(&ram, "unknown flags");
+            assert_all_zero(o.ram(), "unknown flags");
         }
     }
 }
@@ -832,16 +612,16 @@ fn packet_two_compression_bits() {
         ] {
             let mut pkt = nocomp_packet(BLOCK, &[0], 1, 0xAB, 0);
             set_u32(&mut pkt, field::FLAGS, fl);
-            let (o, ram) = packet_case(t, pkt, End::Hold);
-            assert!(
-                is_wire(&o.err, Endpoint::Channel(0), |w| matches!(
-                    w,
-                    WireError::BadFlags { .. }
-                )),
-                "{t:?} flags {fl:#x}: {:?}",
-                o.err
+            let o = packet_case(t, &pkt, End::Hold);
+            assert_err!(
+                o.err,
+                Error::Wire {
+                    endpoint: Endpoint::Channel(0),
+                    source: WireError::BadFlags { .. }
+                },
+                "{t:?} flags {fl:#x}"
             );
-            assert_all_zero(&ram, "two compression bits");
+            assert_all_zero(o.ram(), "two compression bits");
         }
     }
 }
@@ -856,33 +636,32 @@ fn offset_past_block_end_rejected_before_any_write() {
         for bad in bad_offsets {
             // As a normal page, after two valid ones (payload present).
             let pkt = nocomp_packet(BLOCK, &[0, 4096, bad], 3, 0xAB, 0);
-            let (o, ram) = packet_case(t, pkt, End::Hold);
-            assert!(
-                is_wire(
-                    &o.err,
-                    Endpoint::Channel(0),
-                    |w| matches!(w, WireError::InvalidField { field: "page offset", value, .. } if *value == bad)
-                ),
-                "{t:?} offset {bad:#x}: {:?}",
-                o.err
+            let o = packet_case(t, &pkt, End::Hold);
+            assert_err!(
+                o.err,
+                Error::Wire {
+                    endpoint: Endpoint::Channel(0),
+                    source: WireError::InvalidField { field: "page offset", value, .. },
+                } if *value == bad,
+                "{t:?} offset {bad:#x}"
             );
             assert!(message(&o.err).contains("past the end"), "{}", o.err);
-            assert_all_zero(&ram, "offset past end (normal page)");
+            assert_all_zero(o.ram(), "offset past end (normal page)");
             // As a zero page after a valid normal page.
             let pkt = nocomp_packet(BLOCK, &[8192, bad], 1, 0xAB, 0);
-            let (o, ram) = packet_case(t, pkt, End::Hold);
+            let o = packet_case(t, &pkt, End::Hold);
             assert!(
                 invalid_field(&o.err, "page offset"),
                 "{t:?} zero offset {bad:#x}: {:?}",
                 o.err
             );
-            assert_all_zero(&ram, "offset past end (zero page)");
+            assert_all_zero(o.ram(), "offset past end (zero page)");
         }
         // The last page is fine, one byte more is not (exact boundary).
         let pkt = nocomp_packet(BLOCK, &[LEN - 4096, LEN], 2, 0xAB, 0);
-        let (o, ram) = packet_case(t, pkt, End::Hold);
+        let o = packet_case(t, &pkt, End::Hold);
         assert!(invalid_field(&o.err, "page offset"), "{t:?}: {:?}", o.err);
-        assert_all_zero(&ram, "boundary");
+        assert_all_zero(o.ram(), "boundary");
     }
 }
 
@@ -893,18 +672,17 @@ fn unaligned_offset() {
         for bad in [1u64, 4095, 4097, LEN - 1] {
             let mut pkt = nocomp_packet(BLOCK, &[0, 4096], 2, 0xAB, 0);
             set_u64(&mut pkt, field::OFFSET + 8, bad);
-            let (o, ram) = packet_case(t, pkt, End::Hold);
-            assert!(
-                is_wire(
-                    &o.err,
-                    Endpoint::Channel(0),
-                    |w| matches!(w, WireError::InvalidField { field: "page offset", value, .. } if *value == bad)
-                ),
-                "{t:?} offset {bad:#x}: {:?}",
-                o.err
+            let o = packet_case(t, &pkt, End::Hold);
+            assert_err!(
+                o.err,
+                Error::Wire {
+                    endpoint: Endpoint::Channel(0),
+                    source: WireError::InvalidField { field: "page offset", value, .. },
+                } if *value == bad,
+                "{t:?} offset {bad:#x}"
             );
             assert!(message(&o.err).contains("aligned"), "{}", o.err);
-            assert_all_zero(&ram, "unaligned offset");
+            assert_all_zero(o.ram(), "unaligned offset");
         }
     }
 }
@@ -929,14 +707,14 @@ fn page_counts_over_128() {
                 // Keep next_packet_size consistent so only the count is wrong.
                 set_u32(&mut pkt, field::NEXT_PACKET_SIZE, value.wrapping_mul(4096));
             }
-            let (o, ram) = packet_case(t, pkt, End::Hold);
+            let o = packet_case(t, &pkt, End::Hold);
             assert!(
                 invalid_field(&o.err, name),
                 "{t:?} {name}={value}: {:?}",
                 o.err
             );
             assert!(message(&o.err).contains(name), "{}", o.err);
-            assert_all_zero(&ram, name);
+            assert_all_zero(o.ram(), name);
         }
     }
 }
@@ -944,43 +722,43 @@ fn page_counts_over_128() {
 #[test]
 fn nocomp_payload_size_mismatch() {
     let _g = serial();
+    let mut pkt = nocomp_packet(BLOCK, &[0], 1, 0xAB, 0);
+    set_u32(&mut pkt, field::NEXT_PACKET_SIZE, 4095);
     for t in TRANSPORTS {
-        let mut pkt = nocomp_packet(BLOCK, &[0], 1, 0xAB, 0);
-        set_u32(&mut pkt, field::NEXT_PACKET_SIZE, 4095);
-        let (o, ram) = packet_case(t, pkt, End::Hold);
+        let o = packet_case(t, &pkt, End::Hold);
         assert!(
             invalid_field(&o.err, "next_packet_size"),
             "{t:?}: {:?}",
             o.err
         );
-        assert_all_zero(&ram, "size mismatch");
+        assert_all_zero(o.ram(), "size mismatch");
     }
 }
 
 #[test]
 fn unknown_block_name() {
     let _g = serial();
+    let unknown = nocomp_packet("pc.ram2", &[0], 1, 0xAB, 0);
+    // A name without its NUL terminator.
+    let mut unterminated = nocomp_packet(BLOCK, &[0], 1, 0xAB, 0);
+    unterminated[field::RAMBLOCK..field::RAMBLOCK + 256].fill(b'x');
     for t in TRANSPORTS {
-        let pkt = nocomp_packet("pc.ram2", &[0], 1, 0xAB, 0);
-        let (o, ram) = packet_case(t, pkt, End::Hold);
-        assert!(
-            matches!(&o.err, Error::UnknownBlock { endpoint: Endpoint::Channel(0), name } if name == "pc.ram2"),
-            "{t:?}: {:?}",
-            o.err
+        let o = packet_case(t, &unknown, End::Hold);
+        assert_err!(
+            o.err,
+            Error::UnknownBlock { endpoint: Endpoint::Channel(0), name } if name == "pc.ram2",
+            "{t:?}"
         );
         assert!(message(&o.err).contains("pc.ram2"), "{}", o.err);
-        assert_all_zero(&ram, "unknown block");
-        // A name without its NUL terminator.
-        let mut pkt = nocomp_packet(BLOCK, &[0], 1, 0xAB, 0);
-        pkt[field::RAMBLOCK..field::RAMBLOCK + 256].fill(b'x');
-        let (o, _) = packet_case(t, pkt, End::Hold);
-        assert!(
-            is_wire(&o.err, Endpoint::Channel(0), |w| matches!(
-                w,
-                WireError::BadName { .. }
-            )),
-            "{t:?}: {:?}",
-            o.err
+        assert_all_zero(o.ram(), "unknown block");
+        let o = packet_case(t, &unterminated, End::Hold);
+        assert_err!(
+            o.err,
+            Error::Wire {
+                endpoint: Endpoint::Channel(0),
+                source: WireError::BadName { .. }
+            },
+            "{t:?}"
         );
     }
 }
@@ -988,38 +766,32 @@ fn unknown_block_name() {
 #[test]
 fn compression_mismatch() {
     let _g = serial();
+    let pkt = [
+        ram_header(Compression::Zlib, BLOCK, &[0], 1, 10, 0),
+        vec![0; 10],
+    ]
+    .concat();
     for t in TRANSPORTS {
-        let mut pkt = ram_header(Compression::Zlib, BLOCK, &[0], 1, 10, 0);
-        pkt.extend_from_slice(&[0; 10]);
-        let (o, ram) = packet_case(t, pkt, End::Hold);
-        assert!(
-            matches!(&o.err, Error::Mismatch(m) if m.contains("zlib")),
-            "{t:?}: {:?}",
-            o.err
-        );
-        assert_all_zero(&ram, "compression mismatch");
+        let o = packet_case(t, &pkt, End::Hold);
+        assert_err!(o.err, Error::Mismatch(m) if m.contains("zlib"), "{t:?}");
+        assert_all_zero(o.ram(), "compression mismatch");
     }
 }
 
 #[test]
 fn device_state_packet_is_unsupported() {
     let _g = serial();
+    let ds = DeviceStateHeader {
+        idstr: "0000:00:02.0/vfio".into(),
+        instance_id: 0,
+        next_packet_size: 16,
+    }
+    .encode()
+    .unwrap();
+    let body = [&ds[..], &[0; 16]].concat();
     for t in TRANSPORTS {
-        let ds = DeviceStateHeader {
-            idstr: "0000:00:02.0/vfio".into(),
-            instance_id: 0,
-            next_packet_size: 16,
-        }
-        .encode()
-        .unwrap();
-        let mut body = ds.to_vec();
-        body.extend_from_slice(&[0; 16]);
-        let (o, _) = packet_case(t, body, End::Hold);
-        assert!(
-            matches!(&o.err, Error::Unsupported(m) if m.contains("vfio")),
-            "{t:?}: {:?}",
-            o.err
-        );
+        let o = packet_case(t, &body, End::Hold);
+        assert_err!(o.err, Error::Unsupported(m) if m.contains("vfio"), "{t:?}");
     }
 }
 
@@ -1028,14 +800,13 @@ fn device_state_packet_is_unsupported() {
 #[test]
 fn only_addressed_pages_change_before_a_bad_packet() {
     let _g = serial();
+    let good = nocomp_packet(BLOCK, &[5 * 4096, 2 * 4096, 7 * 4096], 2, 0xCD, 0);
+    let bad = nocomp_packet(BLOCK, &[9 * 4096, LEN], 2, 0xEE, 1);
+    let body = [&good[..], &bad[..1344 + 2 * 4096]].concat();
     for t in TRANSPORTS {
-        let mut body = nocomp_packet(BLOCK, &[5 * 4096, 2 * 4096, 7 * 4096], 2, 0xCD, 0);
-        let mut bad = nocomp_packet(BLOCK, &[9 * 4096, LEN], 2, 0xEE, 1);
-        bad.truncate(1344 + 2 * 4096);
-        body.extend_from_slice(&bad);
-        let (o, ram) = packet_case(t, body, End::Hold);
+        let o = packet_case(t, &body, End::Hold);
         assert!(invalid_field(&o.err, "page offset"), "{t:?}: {:?}", o.err);
-        for (p, page) in ram.chunks(4096).enumerate() {
+        for (p, page) in o.ram().chunks(4096).enumerate() {
             let want = if p == 2 || p == 5 { 0xCD } else { 0 };
             assert!(
                 page.iter().all(|&b| b == want),
@@ -1078,16 +849,36 @@ fn zstd_pages(pages: &[[u8; 4096]]) -> Vec<u8> {
     out
 }
 
+/// A one-channel receiver expecting `comp`, with file-backed RAM and a
+/// proper main stream setup; channel 0 sends one packet of `normal` pages
+/// at `offsets` whose payload is `payload`, and holds the connection.
 fn compressed_case(
     t: Transport,
     comp: Compression,
     offsets: &[u64],
     normal: usize,
     payload: &[u8],
-) -> (Outcome, Vec<u8>) {
-    let mut pkt = ram_header(comp, BLOCK, offsets, normal, payload.len() as u32, 0);
-    pkt.extend_from_slice(payload);
-    packet_case_with(t, 1, comp, pkt, End::Hold)
+) -> Outcome {
+    let header = ram_header(comp, BLOCK, offsets, normal, payload.len() as u32, 0);
+    Scenario::new(t)
+        .method(comp)
+        .file_ram()
+        .main_setup()
+        .channel(0, &[&header[..], payload].concat(), End::Hold)
+        .fails()
+}
+
+/// The compression methods a receiver can expect, and their names.
+const COMPRESSED: [(Compression, &str); 2] =
+    [(Compression::Zlib, "zlib"), (Compression::Zstd, "zstd")];
+
+/// `pages` compressed with `comp` (zlib or zstd) as a source does.
+fn compress(comp: Compression, pages: &[[u8; 4096]]) -> Vec<u8> {
+    match comp {
+        Compression::Zlib => zlib_pages(pages),
+        Compression::Zstd => zstd_pages(pages),
+        other => unreachable!("{other:?} is not a compression"),
+    }
 }
 
 fn is_corrupt(e: &Error, m: &str) -> bool {
@@ -1098,13 +889,13 @@ fn is_corrupt(e: &Error, m: &str) -> bool {
 fn compressed_garbage_is_corrupt() {
     let _g = serial();
     for t in TRANSPORTS {
-        for (comp, name) in [(Compression::Zlib, "zlib"), (Compression::Zstd, "zstd")] {
+        for (comp, name) in COMPRESSED {
             for garbage in [
                 vec![0xFFu8; 100],
                 vec![0u8; 1],
                 (0..=255u8).cycle().take(5000).collect(),
             ] {
-                let (o, ram) = compressed_case(t, comp, &[0, 4096], 2, &garbage);
+                let o = compressed_case(t, comp, &[0, 4096], 2, &garbage);
                 assert!(
                     is_corrupt(&o.err, name),
                     "{t:?} {name} {} bytes: {:?}",
@@ -1112,7 +903,7 @@ fn compressed_garbage_is_corrupt() {
                     o.err
                 );
                 assert!(message(&o.err).contains(name), "{}", o.err);
-                assert_all_zero(&ram, "compressed garbage");
+                assert_all_zero(o.ram(), "compressed garbage");
             }
         }
     }
@@ -1124,14 +915,12 @@ fn compressed_stream_too_short_is_corrupt() {
     let page = [0x5Au8; 4096];
     for t in TRANSPORTS {
         // A valid stream of one page; the header announces two.
-        for (comp, name, payload) in [
-            (Compression::Zlib, "zlib", zlib_pages(&[page])),
-            (Compression::Zstd, "zstd", zstd_pages(&[page])),
-        ] {
-            let (o, ram) = compressed_case(t, comp, &[3 * 4096, 4 * 4096], 2, &payload);
+        for (comp, name) in COMPRESSED {
+            let payload = compress(comp, &[page]);
+            let o = compressed_case(t, comp, &[3 * 4096, 4 * 4096], 2, &payload);
             assert!(is_corrupt(&o.err, name), "{t:?} {name}: {:?}", o.err);
             // Only the addressed pages may have changed.
-            for (p, pg) in ram.chunks(4096).enumerate() {
+            for (p, pg) in o.ram().chunks(4096).enumerate() {
                 if p != 3 && p != 4 {
                     assert!(pg.iter().all(|&b| b == 0), "{t:?} {name}: page {p} written");
                 }
@@ -1145,14 +934,11 @@ fn compressed_trailing_garbage_is_corrupt() {
     let _g = serial();
     let page = [0x5Au8; 4096];
     for t in TRANSPORTS {
-        for (comp, name, mut payload) in [
-            (Compression::Zlib, "zlib", zlib_pages(&[page])),
-            (Compression::Zstd, "zstd", zstd_pages(&[page])),
-        ] {
-            payload.extend_from_slice(&[0xFF; 16]);
-            let (o, ram) = compressed_case(t, comp, &[0], 1, &payload);
+        for (comp, name) in COMPRESSED {
+            let payload = [compress(comp, &[page]), vec![0xFF; 16]].concat();
+            let o = compressed_case(t, comp, &[0], 1, &payload);
             assert!(is_corrupt(&o.err, name), "{t:?} {name}: {:?}", o.err);
-            for (p, pg) in ram.chunks(4096).enumerate().skip(1) {
+            for (p, pg) in o.ram().chunks(4096).enumerate().skip(1) {
                 assert!(pg.iter().all(|&b| b == 0), "{t:?} {name}: page {p} written");
             }
         }
@@ -1165,62 +951,39 @@ fn compressed_trailing_garbage_is_corrupt() {
 #[test]
 fn compressed_zero_only_packet_is_accepted() {
     let _g = serial();
+    let page = [0x5Au8; 4096];
     for t in TRANSPORTS {
-        for comp in [Compression::Zlib, Compression::Zstd] {
-            let base = Baseline::take();
-            let dir = tempdir();
-            let Bound {
-                listener,
-                uri,
-                dir: sdir,
-            } = bind(t);
-            let mut opts = recv_opts(1, HS);
-            opts.config.method.compression = comp;
-            let receiving = start_receiver(listener, opts, file_ram(&dir));
-            let mut ch0 = sync_packet(0);
-            ch0.extend(ram_header(comp, BLOCK, &[0, 4096], 0, 0, 1));
-            let page = [0x5Au8; 4096];
-            let payload = match comp {
-                Compression::Zlib => zlib_pages(&[page]),
-                _ => zstd_pages(&[page]),
-            };
-            ch0.extend(ram_header(
-                comp,
-                BLOCK,
-                &[8192, 12288],
-                1,
-                payload.len() as u32,
-                2,
-            ));
-            ch0.extend(payload);
-            ch0.extend(sync_packet(3));
-            ch0.extend(sync_packet(4));
-            let mut main = main_setup(&[(BLOCK, LEN)]);
-            main.extend(main_part());
-            main.extend(main_end());
-            let peer = scripted_peer(
-                uri,
-                vec![
-                    Conn::new(main, vec![], End::Close),
-                    chan(0, ch0, End::Close),
-                ],
-            );
-            let (res, _) = receiving.wait(FAST).expect("receiver hangs");
-            peer.join().unwrap();
-            receiving.handle.join().unwrap();
-            drop(sdir);
-            let inc = res.unwrap_or_else(|e| panic!("{t:?} {comp:?}: {e}"));
+        for (comp, _) in COMPRESSED {
+            let payload = compress(comp, &[page]);
+            let size = payload.len() as u32;
+            let ch0 = [
+                sync_packet(0),
+                ram_header(comp, BLOCK, &[0, 4096], 0, 0, 1),
+                ram_header(comp, BLOCK, &[8192, 12288], 1, size, 2),
+                payload,
+                sync_packet(3),
+                sync_packet(4),
+            ]
+            .concat();
+            let run = Scenario::new(t)
+                .label(format!("{t:?} {comp:?}"))
+                .method(comp)
+                .file_ram()
+                .main_complete()
+                .channel(0, &ch0, End::Close)
+                .ends_within(FAST);
+            let inc = run.completed();
             for p in [0, 1, 3] {
                 assert!(
                     inc.ram.blocks()[0].is_received(p * 4096),
                     "{t:?} {comp:?}: page {p}"
                 );
             }
-            drop(inc);
-            let ram = read_block(&dir);
+            let ram = run
+                .finish("compressed zero-only packet")
+                .expect("file-backed RAM");
             assert!(ram[8192..12288].iter().all(|&b| b == 0x5A));
             assert!(ram[..8192].iter().chain(&ram[12288..]).all(|&b| b == 0));
-            base.check("compressed zero-only packet");
         }
     }
 }
@@ -1229,41 +992,29 @@ fn compressed_zero_only_packet_is_accepted() {
 #[test]
 fn handmade_stream_completes() {
     let _g = serial();
+    let ch0 = [
+        sync_packet(0),
+        nocomp_packet(BLOCK, &[4096, 0], 1, 0x77, 2),
+        sync_packet(4),
+        sync_packet(6),
+    ]
+    .concat();
+    let ch1 = [sync_packet(1), sync_packet(3), sync_packet(5)].concat();
     for t in TRANSPORTS {
-        let base = Baseline::take();
-        let Bound { listener, uri, dir } = bind(t);
-        let receiving = start_receiver(listener, recv_opts(2, HS), Box::new(AnonRam));
-        let mut ch0 = sync_packet(0);
-        ch0.extend(nocomp_packet(BLOCK, &[4096, 0], 1, 0x77, 2));
-        ch0.extend(sync_packet(4));
-        ch0.extend(sync_packet(6));
-        let mut ch1 = sync_packet(1);
-        ch1.extend(sync_packet(3));
-        ch1.extend(sync_packet(5));
-        let mut main = main_setup(&[(BLOCK, LEN)]);
-        main.extend(main_part());
-        main.extend(main_end());
-        let peer = scripted_peer(
-            uri,
-            vec![
-                Conn::new(main, vec![], End::Close),
-                chan(1, ch1, End::Close),
-                chan(0, ch0, End::Close),
-            ],
-        );
-        let (res, took) = receiving.wait(FAST).expect("hand-made migration hangs");
-        peer.join().unwrap();
-        receiving.handle.join().unwrap();
-        drop(dir);
-        let inc = res.unwrap_or_else(|e| panic!("{t:?}: {e}"));
-        assert!(took < FAST);
+        let run = Scenario::new(t)
+            .channels(2)
+            .main_complete()
+            .channel(1, &ch1, End::Close)
+            .channel(0, &ch0, End::Close)
+            .ends_within(FAST);
+        let inc = run.completed();
+        assert!(run.took < FAST);
         assert_eq!(inc.flushes, 3);
         let mut page = [0u8; 4096];
         inc.ram.blocks()[0].read_page(4096, &mut page).unwrap();
         assert!(page.iter().all(|&b| b == 0x77));
         assert!(inc.ram.blocks()[0].is_received(0) && inc.ram.blocks()[0].is_received(4096));
-        drop(inc);
-        base.check("hand-made stream");
+        run.finish("hand-made stream");
     }
 }
 
@@ -1280,39 +1031,28 @@ proptest! {
     ) {
         let _g = serial();
         let t = if unix { Transport::Unix } else { Transport::Tcp };
-        let base = Baseline::take();
-        let dir = tempdir();
-        let Bound { listener, uri, dir: sdir } = bind(t);
-        let receiving = start_receiver(listener, recv_opts(1, HS), file_ram(&dir));
         let mut pkt = nocomp_packet(BLOCK, &[0, 4096], 2, 0x33, 1);
         for &(at, v) in &edits {
             pkt[at] = v;
         }
-        let mut ch0 = sync_packet(0);
-        ch0.extend(pkt);
-        ch0.extend(sync_packet(2));
-        ch0.extend(sync_packet(3));
-        let mut main = main_setup(&[(BLOCK, LEN)]);
-        main.extend(main_part());
-        main.extend(main_end());
-        let peer = scripted_peer(uri, vec![Conn::new(main, vec![], End::Close), chan(0, ch0, End::Close)]);
-        let (res, took) = receiving.wait(Duration::from_secs(15)).expect("receiver hangs on a corrupted header");
-        peer.join().unwrap();
-        receiving.handle.join().unwrap();
-        drop(sdir);
-        prop_assert!(took < FAST, "took {:?}", took);
-        match res {
-            Ok(inc) => drop(inc),
-            Err(e) => prop_assert!(
+        let ch0 = [sync_packet(0), pkt, sync_packet(2), sync_packet(3)].concat();
+        let run = Scenario::new(t)
+            .label(format!("{t:?}, corrupted header"))
+            .file_ram()
+            .main_complete()
+            .channel(0, &ch0, End::Close)
+            .ends_within(Duration::from_secs(15));
+        prop_assert!(run.took < FAST, "took {:?}", run.took);
+        if let Err(e) = &run.result {
+            prop_assert!(
                 !matches!(e, Error::Aborted | Error::Panicked(_)),
                 "untyped error {:?}", e
-            ),
+            );
         }
-        let ram = read_block(&dir);
+        let ram = run.finish("random header corruption").expect("file-backed RAM");
         for (p, pg) in ram.chunks(4096).enumerate().skip(2) {
             prop_assert!(pg.iter().all(|&b| b == 0), "page {} written by a corrupted packet", p);
         }
-        base.check("random header corruption");
     }
 }
 
@@ -1329,72 +1069,55 @@ fn receiver_cancel_wherever_it_waits() {
     let setup = main_setup(&[(BLOCK, LEN)]);
     let mut partial = nocomp_packet(BLOCK, &[0, 4096], 2, 0xAB, 1);
     partial.truncate(1344 + 100);
-    let mut after_part = setup.clone();
-    after_part.extend(main_part());
-    let mut two_syncs = sync_packet(0);
-    two_syncs.extend(sync_packet(2));
-    let cases: Vec<(&str, Vec<Conn>)> = vec![
-        ("accept, no connection yet", vec![]),
-        ("accept, waiting for a channel", vec![main_conn()]),
-        (
-            "handshake read",
-            vec![Conn::new(vec![0x11], vec![], End::Hold)],
-        ),
-        (
-            "main stream setup",
-            vec![
-                Conn::new(setup[..8].to_vec(), vec![], End::Hold),
-                silent_chan(0),
-            ],
-        ),
-        ("sync barrier", vec![main_conn(), silent_chan(0)]),
-        (
-            "payload read",
-            vec![main_conn(), chan(0, partial, End::Hold)],
-        ),
-        (
-            "main stream mid-migration",
-            vec![
-                Conn::new(after_part, vec![], End::Hold),
-                chan(0, two_syncs, End::Hold),
-            ],
-        ),
+    let after_part = [setup.clone(), main_part()].concat();
+    let two_syncs = [sync_packet(0), sync_packet(2)].concat();
+    let cases: [(&str, &dyn Fn(Scenario) -> Scenario); 7] = [
+        ("accept, no connection yet", &|s| s),
+        ("accept, waiting for a channel", &|s| s.main_setup()),
+        ("handshake read", &|s| s.connect(&[0x11], End::Hold)),
+        ("main stream setup", &|s| {
+            s.connect(&setup[..8], End::Hold).silent(0)
+        }),
+        ("sync barrier", &|s| s.main_setup().silent(0)),
+        ("payload read", &|s| {
+            s.main_setup().channel(0, &partial, End::Hold)
+        }),
+        ("main stream mid-migration", &|s| {
+            s.connect(&after_part, End::Hold)
+                .channel(0, &two_syncs, End::Hold)
+        }),
     ];
     for t in TRANSPORTS {
-        for (what, conns) in &cases {
-            let base = Baseline::take();
-            let Bound { listener, uri, dir } = bind(t);
-            let cancel = Arc::new(multifd::Cancel::new());
-            let mut opts = recv_opts(1, Duration::from_secs(30));
-            opts.accept_timeout = None;
-            opts.cancel = Some(cancel.clone());
-            let receiving = start_receiver(listener, opts, Box::new(AnonRam));
-            let peer = scripted_peer(uri, conns.clone());
+        for (what, script) in cases {
+            let cancel = Arc::new(Cancel::new());
+            let running = script(
+                Scenario::new(t)
+                    .label(format!("{t:?} {what}: cancel"))
+                    .handshake(Duration::from_secs(30))
+                    .accept_timeout(None)
+                    .cancel(&cancel),
+            )
+            .start();
             // Let it reach the wait.
             assert!(
-                receiving.wait(Duration::from_millis(300)).is_none(),
+                running.still_running_after(Duration::from_millis(300)),
                 "{t:?} {what}: ended before the cancel"
             );
             cancel.cancel();
             let cancelled = Instant::now();
-            let (res, _) = receiving
-                .wait(FAST)
-                .unwrap_or_else(|| panic!("{t:?} {what}: cancel did not stop the receiver"));
-            let took = cancelled.elapsed();
-            let report = peer.join().unwrap();
-            receiving.handle.join().unwrap();
-            drop(dir);
+            let run = running.end(FAST);
+            let took = run.returned_at - cancelled;
             assert!(
-                matches!(res, Err(Error::Cancelled)),
+                matches!(run.result, Err(Error::Cancelled)),
                 "{t:?} {what}: {:?}",
-                res.map(|_| ())
+                run.result.as_ref().map(|_| ())
             );
             assert!(took < FAST, "{t:?} {what}: {took:?}");
             assert!(
-                report.all_closed_by_receiver,
+                run.peer.all_closed_by_receiver,
                 "{t:?} {what}: a connection left open"
             );
-            base.check(&format!("{t:?} cancel in {what}"));
+            run.finish(&format!("{t:?} cancel in {what}"));
         }
     }
 }
