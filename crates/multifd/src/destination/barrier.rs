@@ -7,10 +7,12 @@
 //! arrived, then releases them all. So no channel applies a round-k+1 page
 //! before every channel finished round k. Abort wakes everyone with an
 //! error; a channel that ended (EOF) can never arrive, so the main loader
-//! fails instead of waiting forever; and once the main stream is over the
-//! barrier is *closed*: a channel that arrives then (or is still waiting)
-//! sent a SYNC the main stream has no flush point for, a typed mismatch
-//! instead of a wait that nothing would end.
+//! fails instead of waiting forever; and once the ram section is over (the
+//! EOS of its END chunk) the barrier is *closed*: a channel that arrives
+//! then (or is still waiting) sent a SYNC the main stream has no flush
+//! point for, and a channel that applied pages after its last SYNC sent
+//! data nothing orders: typed mismatches, instead of a wait that nothing
+//! would end or a page that might be stale.
 
 use std::sync::{Condvar, Mutex};
 
@@ -19,6 +21,8 @@ use crate::lifecycle::Wake;
 
 #[derive(Debug, Default)]
 struct State {
+    /// Per channel: it began applying pages since its last SYNC.
+    pages_pending: Vec<bool>,
     arrived: usize,
     ended: usize,
     generation: u64,
@@ -45,11 +49,22 @@ fn extra_sync(channel: u8) -> Error {
     ))
 }
 
+/// The error of a channel whose pages come after its last SYNC.
+fn late_pages(channel: u8) -> Error {
+    Error::Mismatch(format!(
+        "multifd channel {channel} sent pages after its last SYNC (after the main stream's \
+         last flush point)"
+    ))
+}
+
 impl SyncBarrier {
     pub(super) fn new(channels: usize) -> Self {
         Self {
             channels,
-            state: Mutex::new(State::default()),
+            state: Mutex::new(State {
+                pages_pending: vec![false; channels],
+                ..State::default()
+            }),
             main_cv: Condvar::new(),
             chan_cv: Condvar::new(),
         }
@@ -68,6 +83,9 @@ impl SyncBarrier {
         if s.closed {
             return Err(extra_sync(channel));
         }
+        if let Some(p) = s.pages_pending.get_mut(usize::from(channel)) {
+            *p = false;
+        }
         s.arrived += 1;
         let generation = s.generation;
         if s.arrived == self.channels {
@@ -83,6 +101,19 @@ impl SyncBarrier {
         } else {
             Err(extra_sync(channel))
         }
+    }
+
+    /// Called by channel `channel` before it applies a packet's pages: fails
+    /// once the barrier is closed (pages after the last flush point).
+    pub(super) fn begin_pages(&self, channel: u8) -> Result<()> {
+        let mut s = self.lock();
+        if s.closed {
+            return Err(late_pages(channel));
+        }
+        if let Some(p) = s.pages_pending.get_mut(usize::from(channel)) {
+            *p = true;
+        }
+        Ok(())
     }
 
     /// Called by a channel thread that reached a clean end of its stream.
@@ -117,17 +148,18 @@ impl SyncBarrier {
         Ok(())
     }
 
-    /// The main stream is over: no flush point will come. A channel still
-    /// waiting, or arriving from now on, fails with a mismatch.
-    pub(super) fn close(&self) {
+    /// The ram section is over: no flush point will come. A channel still
+    /// waiting, or arriving from now on, fails with a mismatch; so does
+    /// closing when a channel applied pages since its last SYNC, and a
+    /// channel that begins applying pages from now on. Idempotent.
+    pub(super) fn close(&self) -> Result<()> {
         let mut s = self.lock();
         s.closed = true;
         self.chan_cv.notify_all();
-    }
-
-    /// Whether [`SyncBarrier::close`] was called.
-    pub(super) fn is_closed(&self) -> bool {
-        self.lock().closed
+        match s.pages_pending.iter().position(|&p| p) {
+            Some(channel) => Err(late_pages(channel as u8)),
+            None => Ok(()),
+        }
     }
 
     /// Channels waiting for a release, and whether the main loader waits.
@@ -207,19 +239,44 @@ mod tests {
     }
 
     #[test]
+    fn pages_after_the_last_sync_fail_whenever_they_come() {
+        // Applied before the close: the close reports them.
+        let barrier = SyncBarrier::new(2);
+        barrier.begin_pages(1).unwrap();
+        let err = barrier.close().unwrap_err();
+        assert!(
+            matches!(&err, Error::Mismatch(m) if m.contains("channel 1")),
+            "{err}"
+        );
+        // Begun after the close: refused.
+        assert!(matches!(barrier.begin_pages(0), Err(Error::Mismatch(_))));
+        // Pages followed by their SYNC are in order.
+        let barrier = SyncBarrier::new(1);
+        std::thread::scope(|s| {
+            let h = s.spawn(|| {
+                barrier.begin_pages(0).unwrap();
+                barrier.arrive_and_wait(0)
+            });
+            until(&barrier, (1, false));
+            barrier.wait_all_and_release().unwrap();
+            h.join().unwrap().unwrap();
+        });
+        barrier.close().unwrap();
+    }
+
+    #[test]
     fn closing_fails_a_waiting_channel_and_later_arrivals() {
         let barrier = SyncBarrier::new(2);
         std::thread::scope(|s| {
             let h = s.spawn(|| barrier.arrive_and_wait(1));
             until(&barrier, (1, false));
-            barrier.close();
+            barrier.close().unwrap();
             let err = h.join().unwrap().unwrap_err();
             assert!(
                 matches!(&err, Error::Mismatch(m) if m.contains("channel 1")),
                 "{err}"
             );
         });
-        assert!(barrier.is_closed());
         assert!(matches!(
             barrier.arrive_and_wait(0),
             Err(Error::Mismatch(_))

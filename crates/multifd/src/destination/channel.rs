@@ -103,11 +103,7 @@ impl RecvChannel<'_> {
                 (RAM_PACKET_HEADER_SIZE as u64) + u64::from(hdr.next_packet_size),
             );
             if hdr.page_count() > 0 {
-                if self.barrier.is_closed() {
-                    return Err(Error::Mismatch(format!(
-                        "{ep} sent pages after the main stream ended"
-                    )));
-                }
+                self.barrier.begin_pages(self.id)?;
                 if hdr.compression != self.method_cfg.compression {
                     return Err(Error::Mismatch(format!(
                         "{ep}: packet compressed with {} but {} is configured",

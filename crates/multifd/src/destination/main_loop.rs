@@ -75,6 +75,11 @@ impl MainLoop<'_, '_> {
                     if !per_round {
                         self.sync_point()?;
                     }
+                    if ended {
+                        // The last sync point is behind: nothing more may
+                        // come on the channels but their end.
+                        self.barrier.close()?;
+                    }
                 }
                 Event::Footer { .. } => {
                     if ended {

@@ -311,9 +311,11 @@ impl Migration<'_, '_> {
                 // On an error, the abort path wakes the channels (and the
                 // error stays the first one).
                 let tail = main.run(self.opts.max_tail, self.opts.require_vmdesc)?;
-                // The stream ended well and no flush point comes any more: a
-                // channel waiting for one, or sending one, is out of step.
-                self.barrier.close();
+                // The stream ended well (the main loop closed the barrier at
+                // the ram END's EOS; a stream without one is closed here): a
+                // channel waiting for a flush point, or sending one, is out
+                // of step.
+                self.barrier.close()?;
                 // The source closes its channels right after the main stream.
                 // One that stays open is given a short drain, then cut: if it
                 // was between packets (its last SYNC is in, so all its pages

@@ -80,24 +80,17 @@ impl Connection {
             let left = deadline.saturating_duration_since(Instant::now());
             let attempt = match uri {
                 Uri::Tcp { host, port } => connect_tcp(host, *port, left, wake),
-                Uri::Unix(path) => match UnixStream::connect(path) {
-                    Ok(s) => Ok(Attempt::Connected(Self::from_unix(s))),
-                    Err(e)
-                        if matches!(
-                            e.kind(),
-                            io::ErrorKind::ConnectionRefused | io::ErrorKind::NotFound
-                        ) =>
-                    {
-                        Ok(Attempt::Refused(e))
-                    }
-                    Err(e) => Err(ConnectFailure::Os(e)),
-                },
+                Uri::Unix(path) => connect_unix(path),
             };
             match attempt {
                 Ok(Attempt::Connected(c)) => return Ok(c),
                 Ok(Attempt::Refused(e)) => {
                     let left = deadline.saturating_duration_since(Instant::now());
                     if left.is_zero() {
+                        // A backlog that stayed full: nobody answered.
+                        if e.kind() == io::ErrorKind::WouldBlock {
+                            return Err(timed_out());
+                        }
                         return Err(Error::io(format!("connecting to {uri}"), e));
                     }
                     // Sleep before the next attempt, unless woken.
@@ -274,6 +267,34 @@ fn connect_tcp(
         Some(e) => Ok(Attempt::Refused(e)),
         None => Err(ConnectFailure::Os(last)),
     }
+}
+
+/// One attempt at a Unix socket. Non-blocking, so a listener whose backlog
+/// is full (which would block a plain connect for as long as it stays
+/// full) counts as refused for now and is retried until the deadline.
+fn connect_unix(path: &std::path::Path) -> std::result::Result<Attempt, ConnectFailure> {
+    let os = ConnectFailure::Os;
+    let sock = Socket::new(Domain::UNIX, Type::STREAM, None).map_err(os)?;
+    sock.set_nonblocking(true).map_err(os)?;
+    let addr = socket2::SockAddr::unix(path).map_err(os)?;
+    match sock.connect(&addr) {
+        Ok(()) => {}
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::ConnectionRefused
+                    | io::ErrorKind::NotFound
+                    | io::ErrorKind::WouldBlock
+            ) =>
+        {
+            return Ok(Attempt::Refused(e));
+        }
+        Err(e) => return Err(os(e)),
+    }
+    sock.set_nonblocking(false).map_err(os)?;
+    Ok(Attempt::Connected(Connection::from_unix(
+        std::os::fd::OwnedFd::from(sock).into(),
+    )))
 }
 
 /// A non-blocking connect to `addr`, waited for until `deadline` or `wake`.

@@ -74,6 +74,11 @@ pub struct Baseline {
 }
 
 impl Baseline {
+    /// Open descriptors at the baseline.
+    pub fn fd_count(&self) -> usize {
+        self.fds.len()
+    }
+
     /// Takes the baseline. Waits a moment first, so the test that held the
     /// serial guard before has finished and the harness has started its
     /// next thread (the harness spawns one only when a test ends).

@@ -103,6 +103,18 @@ impl Scenario {
         self
     }
 
+    /// The receiver's idle timeout (zero: never).
+    pub fn idle(mut self, timeout: Duration) -> Self {
+        self.opts.config.idle_timeout = timeout;
+        self
+    }
+
+    /// The most RAM the receiver accepts a source to announce.
+    pub fn max_ram(mut self, bytes: u64) -> Self {
+        self.opts.max_ram = bytes;
+        self
+    }
+
     /// Lets the receiver be cancelled through `cancel`.
     pub fn cancel(mut self, cancel: &Arc<Cancel>) -> Self {
         self.opts.cancel = Some(cancel.clone());
