@@ -83,6 +83,23 @@ pub enum Error {
         /// The configured timeout.
         timeout_ms: u64,
     },
+    /// A TLS handshake or session failed (a certificate not trusted or not
+    /// for that host, a client not authorized, the peer refused ours).
+    #[error("{endpoint}: TLS: {reason}")]
+    Tls {
+        /// Which connection.
+        endpoint: Endpoint,
+        /// What failed.
+        reason: String,
+    },
+    /// TLS credentials (certificates, keys, `keys.psk`) do not load.
+    #[error("TLS credentials {}: {reason}", path.display())]
+    TlsCredentials {
+        /// The file or directory at fault.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// A connection did not complete its handshake in time.
     #[error("{endpoint}: no handshake within {timeout_ms} ms")]
     HandshakeTimeout {

@@ -99,4 +99,4 @@ pub use multifd_wire::stream::{Configuration, RamBlockInfo};
 pub use ram::{Access, GuestRam, RamBlock, WriteTracker, WriteTrackerError};
 pub use source::{SourceOptions, SourceVm, StaticRam, StreamPlan, migrate};
 pub use stats::{Progress, Stats};
-pub use transport::{Connection, IoSlice, IoSliceMut, Listener, Uri};
+pub use transport::{Connection, IoSlice, IoSliceMut, Listener, TlsClient, TlsServer, Uri};

@@ -36,7 +36,7 @@ use crate::lifecycle::{self, Abort, Cancel, Watchdog};
 use crate::method;
 use crate::ram::GuestRam;
 use crate::stats::{Progress, Stats};
-use crate::transport::{Connection, Listener};
+use crate::transport::{Connection, Listener, TlsServer};
 use barrier::SyncBarrier;
 use channel::RecvChannel;
 use main_loop::MainLoop;
@@ -66,6 +66,14 @@ pub struct ReceiveOptions {
     /// Stops the migration from another thread (also while waiting for
     /// connections).
     pub cancel: Option<Arc<Cancel>>,
+    /// TLS on every connection (QEMU's `tls-creds` on the destination);
+    /// `None`: plain connections.
+    pub tls: Option<TlsServer>,
+    /// Over TLS, a multifd channel that ends without close_notify is an
+    /// error (QEMU's `multifd-clean-tls-termination`, on for 10.0 machine
+    /// types; QEMU 10.0 sources always send it). The main channel may end
+    /// without it either way, as QEMU's does.
+    pub tls_clean_termination: bool,
     /// Require the vmdesc trailer after EOF (QEMU 10 sends it for every x86
     /// machine type, and so do we). A stream cut inside the trailer's length
     /// can otherwise look like a complete stream without one.
@@ -81,6 +89,8 @@ impl Default for ReceiveOptions {
             max_ram: crate::ram::physical_memory(),
             cancel: None,
             require_vmdesc: true,
+            tls: None,
+            tls_clean_termination: true,
         }
     }
 }
@@ -140,7 +150,14 @@ fn receive_inner(
     barrier: &SyncBarrier,
 ) -> Result<Incoming> {
     let cfg = &opts.config;
-    let accepted = accept::accept_all(listener, cfg, opts.accept_timeout, abort)?;
+    let accepted = accept::accept_all(
+        listener,
+        cfg,
+        opts.accept_timeout,
+        opts.tls.as_ref(),
+        opts.tls_clean_termination,
+        abort,
+    )?;
     let started = Instant::now();
     tracing::info!(channels = cfg.channels, "all channels connected");
     let watchdog = Watchdog::new(Some(cfg.idle_timeout));
@@ -280,8 +297,9 @@ impl Migration<'_, '_> {
         let finished = Countdown::new(channels.len());
         let ended: Vec<AtomicBool> = channels.iter().map(|_| AtomicBool::new(false)).collect();
         std::thread::scope(|s| {
-            // An error here must reach the abort path before the scope
-            // joins, or the channel threads would wait for data forever.
+            let mut handles = Vec::with_capacity(channels.len());
+            // An error here must reach the abort path before the threads are
+            // joined, or the channel threads would wait for data forever.
             let body = || -> Result<(Vec<u8>, u64, bool)> {
                 for (id, conn) in channels.into_iter().enumerate() {
                     let ch = RecvChannel {
@@ -294,10 +312,15 @@ impl Migration<'_, '_> {
                         progress: self.progress,
                     };
                     let (finished, ended) = (&finished, &ended[id]);
-                    lifecycle::spawn(s, format!("multifd-recv-{id}"), abort, move || {
-                        let _done = finished.on_drop(ended);
-                        ch.run()
-                    })?;
+                    handles.push(lifecycle::spawn(
+                        s,
+                        format!("multifd-recv-{id}"),
+                        abort,
+                        move || {
+                            let _done = finished.on_drop(ended);
+                            ch.run()
+                        },
+                    )?);
                 }
                 let mut main = MainLoop {
                     reader,
@@ -333,10 +356,14 @@ impl Migration<'_, '_> {
                 }
                 Ok((tail, main.flushes, main.switchover_start))
             };
-            body().map_err(|e| {
+            let out = body().map_err(|e| {
                 abort.fail(e);
                 Error::Aborted
-            })
+            });
+            for h in handles {
+                let _ = h.join();
+            }
+            out
         })
     }
 }

@@ -30,7 +30,7 @@ use crate::lifecycle::{self, Abort, Cancel, Watchdog};
 use crate::method;
 use crate::ram::GuestRam;
 use crate::stats::{Progress, Stats};
-use crate::transport::{Connection, Uri};
+use crate::transport::{Connection, TlsClient, Uri};
 use channel::ChannelWorker;
 use driver::Driver;
 use main_stream::MainStream;
@@ -89,6 +89,9 @@ pub struct SourceOptions {
     /// Stops the migration from another thread, even while it is blocked
     /// writing to a receiver that stopped reading.
     pub cancel: Option<Arc<Cancel>>,
+    /// TLS on every connection (QEMU's `tls-creds` on the source); `None`:
+    /// plain connections.
+    pub tls: Option<TlsClient>,
 }
 
 impl Default for SourceOptions {
@@ -99,6 +102,7 @@ impl Default for SourceOptions {
             downtime_limit: Duration::from_millis(300),
             max_rounds: 30,
             cancel: None,
+            tls: None,
         }
     }
 }
@@ -154,12 +158,21 @@ fn migrate_inner(
 
     // Main channel first (a TLS destination classifies by order), then the
     // multifd channels, each opening with its initial packet.
-    let main = Connection::connect(uri, cfg.connect_timeout, abort.wake_fd())?;
-    abort.register_socket(&main)?;
+    // Over TLS, the main handshake is complete before a channel connects:
+    // a QEMU destination takes the first connection to complete its
+    // handshake as the main channel.
+    let open = |endpoint: Endpoint| -> Result<Connection> {
+        let conn = Connection::connect(uri, cfg.connect_timeout, abort.wake_fd())?;
+        abort.register_socket(&conn)?;
+        match &opts.tls {
+            Some(tls) => conn.start_tls_client(tls, uri, endpoint, cfg.handshake_timeout),
+            None => Ok(conn),
+        }
+    };
+    let main = open(Endpoint::Main)?;
     let mut channels = Vec::with_capacity(cfg.channels.into());
     for id in 0..cfg.channels {
-        let mut conn = Connection::connect(uri, cfg.connect_timeout, abort.wake_fd())?;
-        abort.register_socket(&conn)?;
+        let mut conn = open(Endpoint::Channel(id))?;
         let init = InitPacket { uuid: cfg.uuid, id }.encode();
         std::io::Write::write_all(&mut conn, &init)
             .map_err(|e| Error::io(format!("multifd channel {id}: writing initial packet"), e))?;
@@ -181,22 +194,35 @@ fn migrate_inner(
         std::io::pipe().map_err(|e| Error::io("creating the peer-watch pipe", e))?;
     std::thread::scope(|s| {
         // Ends the peer watch on every way out of this scope.
-        let _stop_watch = StopOnDrop(stop_w);
+        let stop_watch = StopOnDrop(stop_w);
         let done = &done;
         let watchdog = &watchdog;
+        // Every thread is joined explicitly (so it has exited, not only
+        // finished its work, when migrate returns).
+        let mut services = Vec::new();
+        let mut handles = Vec::new();
         // An error before the channels are all running must reach the
         // abort path before the scope joins the threads already started.
         let started = || -> Result<_> {
-            lifecycle::spawn(s, "multifd-peer-watch".into(), abort, move || {
-                watch_peer(abort, done, &stop_r);
-                Ok(())
-            })?;
-            lifecycle::spawn(s, "multifd-watchdog".into(), abort, move || {
-                watchdog.run(abort);
-                Ok(())
-            })?;
+            services.push(lifecycle::spawn(
+                s,
+                "multifd-peer-watch".into(),
+                abort,
+                move || {
+                    watch_peer(abort, done, &stop_r);
+                    Ok(())
+                },
+            )?);
+            services.push(lifecycle::spawn(
+                s,
+                "multifd-watchdog".into(),
+                abort,
+                move || {
+                    watchdog.run(abort);
+                    Ok(())
+                },
+            )?);
             let (dispatcher, queues) = dispatch::queues(channels.len(), QUEUE_DEPTH);
-            let mut handles = Vec::with_capacity(queues.len());
             for ((id, conn), jobs) in channels.drain(..).enumerate().zip(queues) {
                 let worker = ChannelWorker {
                     id: id as u8,
@@ -214,13 +240,24 @@ fn migrate_inner(
                     move || worker.run(jobs),
                 )?);
             }
-            Ok((dispatcher, handles))
+            Ok(dispatcher)
         };
-        let (dispatcher, handles) = match started() {
+        let started = started();
+        let join_services = |services: Vec<std::thread::ScopedJoinHandle<'_, Option<()>>>| {
+            watchdog.stop();
+            drop(stop_watch);
+            for h in services {
+                let _ = h.join();
+            }
+        };
+        let dispatcher = match started {
             Ok(d) => d,
             Err(e) => {
                 abort.fail(e);
-                watchdog.stop();
+                for h in handles {
+                    let _ = h.join();
+                }
+                join_services(services);
                 return Ok(());
             }
         };
@@ -250,7 +287,7 @@ fn migrate_inner(
             done[0].store(true, Ordering::Release);
             lifecycle::catch_panic(abort, "multifd-driver", || main.finish());
         }
-        watchdog.stop();
+        join_services(services);
         Ok(())
     })
 }

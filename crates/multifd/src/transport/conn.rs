@@ -1,68 +1,91 @@
-//! One connected byte stream.
+//! One connected byte stream: a plain socket, or a TLS session over one.
 
 use std::io::{self, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
+use std::net::{Shutdown, TcpStream};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
-
-use socket2::{Domain, Protocol, SockRef, Socket, TcpKeepalive, Type};
+use std::time::Duration;
 
 use super::activity::Activity;
+use super::connect;
 use super::iov::{IoSlice, IoSliceMut};
-use super::sys::{self, Readiness};
+use super::socket::Socket;
+use super::sys;
+use super::tls::{ClientKind, ServerKind, TlsClient, TlsServer, gnutls_dn};
 use super::uri::Uri;
-use crate::error::{Error, Result};
+use crate::error::{Endpoint, Error, Result};
 
-#[derive(Debug)]
-enum Stream {
-    Tcp(TcpStream),
-    Unix(UnixStream),
+/// Plaintext staged at once for a TLS write: records are 16 KiB, and one
+/// large write lets rustls hand the socket many of them per system call.
+const TLS_STAGE: usize = 1 << 20;
+
+/// The TLS session of a connection.
+enum Session {
+    Client(rustls::ClientConnection),
+    Server(rustls::ServerConnection),
+    #[cfg(feature = "tls-psk")]
+    OpenSsl(openssl::ssl::SslStream<Socket>),
 }
 
-/// A TCP or Unix stream socket carrying one migration channel.
-#[derive(Debug)]
+/// A TCP or Unix stream socket carrying one migration channel, in the
+/// clear or over TLS.
 pub struct Connection {
-    stream: Stream,
+    sock: Socket,
+    tls: Option<Box<Session>>,
+    /// A TLS peer may end without close_notify (the main channel: QEMU
+    /// sends none there); otherwise that is an error, not an end.
+    relaxed_eof: bool,
+    /// Plaintext bounce buffer of a TLS connection's vectored I/O.
+    staging: Vec<u8>,
     activity: Arc<Activity>,
 }
 
-/// How long to wait between connection attempts while the listener is not up.
-const CONNECT_RETRY: Duration = Duration::from_millis(20);
-
-/// Keepalive on every TCP connection: an idle connection whose host died
-/// is noticed after `KEEPALIVE_IDLE + KEEPALIVE_PROBES * KEEPALIVE_INTERVAL`
-/// (25 s); a live but paused peer answers the probes.
-const KEEPALIVE_IDLE: Duration = Duration::from_secs(10);
-const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
-const KEEPALIVE_PROBES: u32 = 3;
-/// `TCP_USER_TIMEOUT`: data that stays unacknowledged this long fails the
-/// connection (a host that died while we were sending).
-const USER_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// Sets what every engine TCP socket has: no Nagle delay, keepalive and a
-/// user timeout, so a dead host is noticed.
-fn tune_tcp(s: &TcpStream) -> io::Result<()> {
-    s.set_nodelay(true)?;
-    let sock = SockRef::from(s);
-    sock.set_tcp_keepalive(
-        &TcpKeepalive::new()
-            .with_time(KEEPALIVE_IDLE)
-            .with_interval(KEEPALIVE_INTERVAL)
-            .with_retries(KEEPALIVE_PROBES),
-    )?;
-    sock.set_tcp_user_timeout(Some(USER_TIMEOUT))
+impl std::fmt::Debug for Connection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connection")
+            .field("sock", &self.sock)
+            .field("tls", &self.tls.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
-/// How one connection attempt ended.
-enum Attempt {
-    Connected(Connection),
-    /// Nobody listens (yet): try again until the deadline.
-    Refused(io::Error),
+/// The error of a TLS handshake or session on `endpoint`.
+fn tls_error(endpoint: Endpoint, reason: impl std::fmt::Display) -> Error {
+    Error::Tls {
+        endpoint,
+        reason: reason.to_string(),
+    }
+}
+
+/// Maps an I/O error out of a TLS handshake: a timeout is the handshake's,
+/// a close or reset says the peer refused us (QEMU closes without an
+/// alert), anything rustls or OpenSSL reports is a TLS error.
+fn handshake_error(endpoint: Endpoint, timeout: Duration, e: io::Error) -> Error {
+    match e.kind() {
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => Error::HandshakeTimeout {
+            endpoint,
+            timeout_ms: timeout.as_millis() as u64,
+        },
+        io::ErrorKind::InvalidData | io::ErrorKind::Other => tls_error(endpoint, e),
+        _ => tls_error(
+            endpoint,
+            format!("the peer ended the TLS handshake ({e}); it may have refused our credentials"),
+        ),
+    }
 }
 
 impl Connection {
+    fn plain(sock: Socket) -> Self {
+        Self {
+            sock,
+            tls: None,
+            relaxed_eof: false,
+            staging: Vec::new(),
+            activity: Arc::default(),
+        }
+    }
+
     /// Connects to `uri`, retrying refused connections until `timeout` has
     /// passed (a receiver started a moment later still gets the migration).
     /// A peer that does not answer at all (a host dropping SYNs) fails with
@@ -70,64 +93,16 @@ impl Connection {
     /// becomes readable (the abort path writes to it) the attempt ends at
     /// once with [`Error::Aborted`].
     pub fn connect(uri: &Uri, timeout: Duration, wake: Option<&dyn AsRawFd>) -> Result<Self> {
-        let deadline = Instant::now() + timeout;
-        let wake = wake.map(AsRawFd::as_raw_fd);
-        let timed_out = || Error::ConnectTimeout {
-            address: uri.to_string(),
-            timeout_ms: timeout.as_millis() as u64,
-        };
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let attempt = match uri {
-                Uri::Tcp { host, port } => connect_tcp(host, *port, left, wake),
-                Uri::Unix(path) => connect_unix(path),
-            };
-            match attempt {
-                Ok(Attempt::Connected(c)) => return Ok(c),
-                Ok(Attempt::Refused(e)) => {
-                    let left = deadline.saturating_duration_since(Instant::now());
-                    if left.is_zero() {
-                        // A backlog that stayed full: nobody answered.
-                        if e.kind() == io::ErrorKind::WouldBlock {
-                            return Err(timed_out());
-                        }
-                        return Err(Error::io(format!("connecting to {uri}"), e));
-                    }
-                    // Sleep before the next attempt, unless woken.
-                    if let Some(w) = wake {
-                        let pause = Some(CONNECT_RETRY.min(left));
-                        if sys::poll_readable(w, None, pause)
-                            .map_err(|e| Error::io("waiting to connect again", e))?
-                            == Readiness::Ready
-                        {
-                            return Err(Error::Aborted);
-                        }
-                    } else {
-                        std::thread::sleep(CONNECT_RETRY.min(left));
-                    }
-                }
-                Err(ConnectFailure::TimedOut) => return Err(timed_out()),
-                Err(ConnectFailure::Woken) => return Err(Error::Aborted),
-                Err(ConnectFailure::Os(e)) => {
-                    return Err(Error::io(format!("connecting to {uri}"), e));
-                }
-            }
-        }
+        connect::connect(uri, timeout, wake).map(Self::plain)
     }
 
     pub(super) fn from_tcp(s: TcpStream) -> io::Result<Self> {
-        tune_tcp(&s)?;
-        Ok(Self {
-            stream: Stream::Tcp(s),
-            activity: Arc::default(),
-        })
+        connect::tune_tcp(&s)?;
+        Ok(Self::plain(Socket::Tcp(s)))
     }
 
     pub(super) fn from_unix(s: UnixStream) -> Self {
-        Self {
-            stream: Stream::Unix(s),
-            activity: Arc::default(),
-        }
+        Self::plain(Socket::Unix(s))
     }
 
     /// Bytes moved and blocking state, shared with the idle watchdog.
@@ -135,68 +110,235 @@ impl Connection {
         &self.activity
     }
 
-    /// A second handle to the same socket (to shut it down from another thread).
+    /// Whether the connection runs over TLS.
+    pub fn is_tls(&self) -> bool {
+        self.tls.is_some()
+    }
+
+    /// Lets a TLS peer end this connection without close_notify (QEMU's
+    /// main channel ends so).
+    pub(crate) fn allow_eof_without_close_notify(&mut self) {
+        self.relaxed_eof = true;
+    }
+
+    /// Runs a TLS handshake as the client, within `timeout`: the session
+    /// is complete (our last flight written) when it returns, so a
+    /// connection made after it is seen after it by the server. The
+    /// server's certificate must match `uri`'s host (or the configured
+    /// host name).
+    pub(crate) fn start_tls_client(
+        mut self,
+        tls: &TlsClient,
+        uri: &Uri,
+        endpoint: Endpoint,
+        timeout: Duration,
+    ) -> Result<Self> {
+        self.set_io_timeouts(Some(timeout))?;
+        let session = match tls.kind() {
+            ClientKind::X509(config) => {
+                let host = match uri {
+                    Uri::Tcp { host, .. } => host.as_str(),
+                    Uri::Unix(_) => "localhost",
+                };
+                let name = tls.server_name(host)?;
+                let mut conn = rustls::ClientConnection::new(Arc::clone(config), name)
+                    .map_err(|e| tls_error(endpoint, e))?;
+                while conn.is_handshaking() || conn.wants_write() {
+                    conn.complete_io(&mut self.sock)
+                        .map_err(|e| handshake_error(endpoint, timeout, e))?;
+                }
+                Session::Client(conn)
+            }
+            #[cfg(feature = "tls-psk")]
+            ClientKind::Psk(ctx) => {
+                let ssl = openssl::ssl::Ssl::new(&ctx.ctx).map_err(|e| tls_error(endpoint, e))?;
+                let sock = self
+                    .sock
+                    .try_clone()
+                    .map_err(|e| Error::io("duplicating a socket handle", e))?;
+                let stream = ssl
+                    .connect(sock)
+                    .map_err(|e| openssl_handshake_error(endpoint, timeout, e))?;
+                Session::OpenSsl(stream)
+            }
+        };
+        self.finish_handshake(session)
+    }
+
+    /// Runs a TLS handshake as the server, within `timeout`, then checks
+    /// the client's distinguished name against the authorization list.
+    pub(crate) fn start_tls_server(
+        mut self,
+        tls: &TlsServer,
+        endpoint: Endpoint,
+        timeout: Duration,
+    ) -> Result<Self> {
+        self.set_io_timeouts(Some(timeout))?;
+        let session = match tls.kind() {
+            ServerKind::X509 { config, authz } => {
+                let mut conn = rustls::ServerConnection::new(Arc::clone(config))
+                    .map_err(|e| tls_error(endpoint, e))?;
+                while conn.is_handshaking() || conn.wants_write() {
+                    conn.complete_io(&mut self.sock)
+                        .map_err(|e| handshake_error(endpoint, timeout, e))?;
+                }
+                if let Some(allowed) = authz {
+                    let cert = conn
+                        .peer_certificates()
+                        .and_then(|c| c.first())
+                        .ok_or_else(|| tls_error(endpoint, "the client sent no certificate"))?;
+                    let dn = gnutls_dn(cert)?;
+                    if !allowed.contains(&dn) {
+                        return Err(tls_error(
+                            endpoint,
+                            format!("the client {dn:?} is not in the authorization list"),
+                        ));
+                    }
+                }
+                Session::Server(conn)
+            }
+            #[cfg(feature = "tls-psk")]
+            ServerKind::Psk(ctx) => {
+                let ssl = openssl::ssl::Ssl::new(&ctx.ctx).map_err(|e| tls_error(endpoint, e))?;
+                let sock = self
+                    .sock
+                    .try_clone()
+                    .map_err(|e| Error::io("duplicating a socket handle", e))?;
+                let stream = ssl
+                    .accept(sock)
+                    .map_err(|e| openssl_handshake_error(endpoint, timeout, e))?;
+                Session::OpenSsl(stream)
+            }
+        };
+        self.finish_handshake(session)
+    }
+
+    fn finish_handshake(mut self, mut session: Session) -> Result<Self> {
+        // Whole batches of records per write (measured: 2.6 GB/s instead
+        // of 1.7 with the default 64 KiB limit).
+        match &mut session {
+            Session::Client(c) => c.set_buffer_limit(None),
+            Session::Server(c) => c.set_buffer_limit(None),
+            #[cfg(feature = "tls-psk")]
+            Session::OpenSsl(_) => {}
+        }
+        self.tls = Some(Box::new(session));
+        self.set_io_timeouts(None)?;
+        Ok(self)
+    }
+
+    fn set_io_timeouts(&self, t: Option<Duration>) -> Result<()> {
+        self.sock
+            .set_read_timeout(t)
+            .and_then(|()| self.sock.set_write_timeout(t))
+            .map_err(|e| Error::io("setting the handshake timeout", e))
+    }
+
+    /// A second handle to the same socket, to shut it down or watch it
+    /// from another thread. It carries no TLS session: reading or writing
+    /// through it would bypass TLS.
     pub fn try_clone(&self) -> io::Result<Self> {
-        Ok(Self {
-            stream: match &self.stream {
-                Stream::Tcp(s) => Stream::Tcp(s.try_clone()?),
-                Stream::Unix(s) => Stream::Unix(s.try_clone()?),
-            },
-            activity: Arc::clone(&self.activity),
-        })
+        let mut clone = Self::plain(self.sock.try_clone()?);
+        clone.activity = Arc::clone(&self.activity);
+        Ok(clone)
     }
 
     /// Shuts both directions down: blocked reads and writes on any handle
     /// of this socket return at once. Errors (already closed) are ignored.
     pub fn shutdown(&self) {
-        let _ = match &self.stream {
-            Stream::Tcp(s) => s.shutdown(Shutdown::Both),
-            Stream::Unix(s) => s.shutdown(Shutdown::Both),
-        };
+        self.sock.shutdown(Shutdown::Both);
     }
 
-    /// Ends our sending direction (the peer reads EOF after our last byte).
-    pub fn shutdown_write(&self) {
-        let _ = match &self.stream {
-            Stream::Tcp(s) => s.shutdown(Shutdown::Write),
-            Stream::Unix(s) => s.shutdown(Shutdown::Write),
-        };
+    /// Ends our sending direction (the peer reads EOF after our last
+    /// byte); over TLS, close_notify goes first.
+    pub fn shutdown_write(&mut self) {
+        match self.tls.as_deref_mut() {
+            Some(Session::Client(conn)) => rustls_close(conn, &mut self.sock),
+            Some(Session::Server(conn)) => rustls_close(conn, &mut self.sock),
+            #[cfg(feature = "tls-psk")]
+            Some(Session::OpenSsl(stream)) => {
+                let _ = stream.shutdown();
+            }
+            None => {}
+        }
+        self.sock.shutdown(Shutdown::Write);
     }
 
     /// Makes reads and writes return `WouldBlock` instead of waiting.
     pub(crate) fn set_nonblocking(&self, nonblocking: bool) -> io::Result<()> {
-        match &self.stream {
-            Stream::Tcp(s) => s.set_nonblocking(nonblocking),
-            Stream::Unix(s) => s.set_nonblocking(nonblocking),
-        }
+        self.sock.set_nonblocking(nonblocking)
     }
 
     /// Shuts the reading direction down: a read blocked on any handle of
     /// this socket returns end-of-file at once.
     pub(crate) fn shutdown_read(&self) {
-        let _ = match &self.stream {
-            Stream::Tcp(s) => s.shutdown(Shutdown::Read),
-            Stream::Unix(s) => s.shutdown(Shutdown::Read),
-        };
+        self.sock.shutdown(Shutdown::Read);
     }
 
     /// Sets (or clears) the timeout of blocking reads.
     pub fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
-        match &self.stream {
-            Stream::Tcp(s) => s.set_read_timeout(t),
-            Stream::Unix(s) => s.set_read_timeout(t),
-        }
+        self.sock.set_read_timeout(t)
     }
 
-    /// Writes all bytes of `iovs` with as few system calls as possible.
+    /// Writes all bytes of `iovs` with as few system calls as possible
+    /// (over TLS: copied into batches that are encrypted and sent whole).
     pub fn writev_all(&mut self, iovs: &mut [IoSlice<'_>]) -> io::Result<()> {
-        sys::writev_all(self.as_raw_fd(), iovs, &self.activity)
+        if self.tls.is_none() {
+            return sys::writev_all(self.as_raw_fd(), iovs, &self.activity);
+        }
+        let mut staging = std::mem::take(&mut self.staging);
+        let mut result = Ok(());
+        let mut iovs = iovs.iter().peekable();
+        while iovs.peek().is_some() && result.is_ok() {
+            staging.clear();
+            while let Some(iov) =
+                iovs.next_if(|v| staging.is_empty() || staging.len() + v.len() <= TLS_STAGE)
+            {
+                let at = staging.len();
+                staging.resize(at + iov.len(), 0);
+                iov.copy_to(&mut staging[at..]);
+            }
+            result = self.write_all(&staging);
+        }
+        self.staging = staging;
+        result
     }
 
     /// Fills all of `iovs`. `Ok(false)`: the peer closed the connection
     /// cleanly before the first byte.
     pub fn readv_exact(&mut self, iovs: &mut [IoSliceMut<'_>]) -> io::Result<bool> {
-        sys::readv_exact(self.as_raw_fd(), iovs, &self.activity)
+        if self.tls.is_none() {
+            return sys::readv_exact(self.as_raw_fd(), iovs, &self.activity);
+        }
+        let total: usize = iovs.iter().map(IoSliceMut::len).sum();
+        let mut staging = std::mem::take(&mut self.staging);
+        staging.resize(total, 0);
+        let got = self.read_exact_or_eof_plain(&mut staging);
+        if let Ok(true) = got {
+            let mut at = 0;
+            for iov in iovs.iter_mut() {
+                let n = iov.len();
+                iov.copy_from(&staging[at..at + n]);
+                at += n;
+            }
+        }
+        self.staging = staging;
+        got
+    }
+
+    /// Fills `buf` through `Read`; `Ok(false)` on EOF before the first byte.
+    fn read_exact_or_eof_plain(&mut self, buf: &mut [u8]) -> io::Result<bool> {
+        let mut got = 0;
+        while got < buf.len() {
+            match self.read(&mut buf[got..]) {
+                Ok(0) if got == 0 && !buf.is_empty() => return Ok(false),
+                Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+                Ok(n) => got += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(true)
     }
 
     /// Fills `buf`. `Ok(false)`: clean EOF before the first byte.
@@ -224,135 +366,160 @@ impl Connection {
         }
         Ok(got)
     }
-}
 
-/// Why a connection attempt failed for good.
-enum ConnectFailure {
-    /// No answer before the deadline.
-    TimedOut,
-    /// The wake descriptor became readable.
-    Woken,
-    /// Anything else the OS said.
-    Os(io::Error),
-}
-
-/// One attempt at every address of `host:port` within `left`.
-fn connect_tcp(
-    host: &str,
-    port: u16,
-    left: Duration,
-    wake: Option<RawFd>,
-) -> std::result::Result<Attempt, ConnectFailure> {
-    let addrs: Vec<SocketAddr> = (host, port)
-        .to_socket_addrs()
-        .map_err(ConnectFailure::Os)?
-        .collect();
-    let deadline = Instant::now() + left;
-    let mut refused = None;
-    let mut last = io::Error::new(io::ErrorKind::NotFound, "host has no address");
-    for addr in addrs {
-        match connect_addr(addr, deadline, wake) {
-            Ok(s) => {
-                let conn = Connection::from_tcp(s).map_err(ConnectFailure::Os)?;
-                return Ok(Attempt::Connected(conn));
+    /// Reads plaintext from the TLS session: `Ok(0)` at close_notify (or at
+    /// a bare EOF where that is allowed).
+    fn read_tls(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let relaxed = self.relaxed_eof;
+        let no_close_notify = || {
+            io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the peer closed the connection without TLS close_notify",
+            )
+        };
+        match self.tls.as_deref_mut() {
+            Some(Session::Client(conn)) => {
+                rustls_read(conn, &mut self.sock, buf, relaxed, no_close_notify)
             }
-            Err(ConnectFailure::Os(e)) if e.kind() == io::ErrorKind::ConnectionRefused => {
-                refused = Some(e);
+            Some(Session::Server(conn)) => {
+                rustls_read(conn, &mut self.sock, buf, relaxed, no_close_notify)
             }
-            Err(ConnectFailure::Os(e)) => last = e,
-            Err(other) => return Err(other),
+            #[cfg(feature = "tls-psk")]
+            Some(Session::OpenSsl(stream)) => match stream.read(buf) {
+                Ok(0) if !buf.is_empty() => {
+                    let notified = stream
+                        .get_shutdown()
+                        .contains(openssl::ssl::ShutdownState::RECEIVED);
+                    if notified || relaxed {
+                        Ok(0)
+                    } else {
+                        Err(no_close_notify())
+                    }
+                }
+                other => other,
+            },
+            None => self.sock.read(buf),
         }
     }
-    match refused {
-        Some(e) => Ok(Attempt::Refused(e)),
-        None => Err(ConnectFailure::Os(last)),
+
+    /// Writes plaintext through the TLS session and flushes its records.
+    fn write_tls(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self.tls.as_deref_mut() {
+            Some(Session::Client(conn)) => rustls_write(conn, &mut self.sock, buf),
+            Some(Session::Server(conn)) => rustls_write(conn, &mut self.sock, buf),
+            #[cfg(feature = "tls-psk")]
+            Some(Session::OpenSsl(stream)) => {
+                stream.write_all(buf)?;
+                Ok(buf.len())
+            }
+            None => self.sock.write(buf),
+        }
     }
 }
 
-/// One attempt at a Unix socket. Non-blocking, so a listener whose backlog
-/// is full (which would block a plain connect for as long as it stays
-/// full) counts as refused for now and is retried until the deadline.
-fn connect_unix(path: &std::path::Path) -> std::result::Result<Attempt, ConnectFailure> {
-    let os = ConnectFailure::Os;
-    let sock = Socket::new(Domain::UNIX, Type::STREAM, None).map_err(os)?;
-    sock.set_nonblocking(true).map_err(os)?;
-    let addr = socket2::SockAddr::unix(path).map_err(os)?;
-    match sock.connect(&addr) {
-        Ok(()) => {}
-        Err(e)
-            if matches!(
-                e.kind(),
-                io::ErrorKind::ConnectionRefused
-                    | io::ErrorKind::NotFound
-                    | io::ErrorKind::WouldBlock
-            ) =>
-        {
-            return Ok(Attempt::Refused(e));
+/// Reads plaintext from a rustls session over `sock`; a bare EOF is an end
+/// only when `relaxed`.
+fn rustls_read<C, S>(
+    conn: &mut C,
+    sock: &mut Socket,
+    buf: &mut [u8],
+    relaxed: bool,
+    no_close_notify: impl FnOnce() -> io::Error,
+) -> io::Result<usize>
+where
+    C: std::ops::DerefMut + std::ops::Deref<Target = rustls::ConnectionCommon<S>>,
+    S: rustls::SideData,
+{
+    match rustls::Stream::new(conn, sock).read(buf) {
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+            if relaxed {
+                Ok(0)
+            } else {
+                Err(no_close_notify())
+            }
         }
-        Err(e) => return Err(os(e)),
+        other => other,
     }
-    sock.set_nonblocking(false).map_err(os)?;
-    Ok(Attempt::Connected(Connection::from_unix(
-        std::os::fd::OwnedFd::from(sock).into(),
-    )))
 }
 
-/// A non-blocking connect to `addr`, waited for until `deadline` or `wake`.
-fn connect_addr(
-    addr: SocketAddr,
-    deadline: Instant,
-    wake: Option<RawFd>,
-) -> std::result::Result<TcpStream, ConnectFailure> {
-    let os = ConnectFailure::Os;
-    let sock =
-        Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP)).map_err(os)?;
-    sock.set_nonblocking(true).map_err(os)?;
-    match sock.connect(&addr.into()) {
-        Ok(()) => {}
-        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match sys::poll_writable(sock.as_raw_fd(), wake, Some(left)).map_err(os)? {
-                Readiness::Timeout => return Err(ConnectFailure::TimedOut),
-                Readiness::Woken => return Err(ConnectFailure::Woken),
-                Readiness::Ready => {}
-            }
-            if let Some(e) = sock.take_error().map_err(os)? {
-                return Err(os(e));
+/// Encrypts `buf` and writes every record out.
+fn rustls_write<C, S>(conn: &mut C, sock: &mut Socket, buf: &[u8]) -> io::Result<usize>
+where
+    C: std::ops::DerefMut + std::ops::Deref<Target = rustls::ConnectionCommon<S>>,
+    S: rustls::SideData,
+{
+    let mut stream = rustls::Stream::new(conn, sock);
+    stream.write_all(buf)?;
+    stream.flush()?;
+    Ok(buf.len())
+}
+
+/// Sends close_notify and writes it out (best effort: the peer may be gone).
+fn rustls_close<C, S>(conn: &mut C, sock: &mut Socket)
+where
+    C: std::ops::DerefMut + std::ops::Deref<Target = rustls::ConnectionCommon<S>>,
+    S: rustls::SideData,
+{
+    conn.send_close_notify();
+    while conn.wants_write() {
+        if conn.write_tls(sock).is_err() {
+            break;
+        }
+    }
+}
+
+#[cfg(feature = "tls-psk")]
+fn openssl_handshake_error<S>(
+    endpoint: Endpoint,
+    timeout: Duration,
+    e: openssl::ssl::HandshakeError<S>,
+) -> Error {
+    match e {
+        openssl::ssl::HandshakeError::Failure(mid) => {
+            let err = mid.into_error();
+            match err.io_error() {
+                Some(io)
+                    if matches!(
+                        io.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    Error::HandshakeTimeout {
+                        endpoint,
+                        timeout_ms: timeout.as_millis() as u64,
+                    }
+                }
+                _ => tls_error(endpoint, err),
             }
         }
-        Err(e) => return Err(os(e)),
+        openssl::ssl::HandshakeError::WouldBlock(_) => Error::HandshakeTimeout {
+            endpoint,
+            timeout_ms: timeout.as_millis() as u64,
+        },
+        openssl::ssl::HandshakeError::SetupFailure(e) => tls_error(endpoint, e),
     }
-    sock.set_nonblocking(false).map_err(os)?;
-    Ok(sock.into())
 }
 
 impl AsRawFd for Connection {
     fn as_raw_fd(&self) -> RawFd {
-        match &self.stream {
-            Stream::Tcp(s) => s.as_raw_fd(),
-            Stream::Unix(s) => s.as_raw_fd(),
-        }
+        self.sock.as_raw_fd()
     }
 }
 
 impl Read for Connection {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.activity.waiting(|| match &mut self.stream {
-            Stream::Tcp(s) => s.read(buf),
-            Stream::Unix(s) => s.read(buf),
-        })?;
-        self.activity.moved(n);
+        let activity = Arc::clone(&self.activity);
+        let n = activity.waiting(|| self.read_tls(buf))?;
+        activity.moved(n);
         Ok(n)
     }
 }
 
 impl Write for Connection {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self.activity.waiting(|| match &mut self.stream {
-            Stream::Tcp(s) => s.write(buf),
-            Stream::Unix(s) => s.write(buf),
-        })?;
-        self.activity.moved(n);
+        let activity = Arc::clone(&self.activity);
+        let n = activity.waiting(|| self.write_tls(buf))?;
+        activity.moved(n);
         Ok(n)
     }
 

@@ -19,6 +19,8 @@
 
 use std::marker::PhantomData;
 
+use vm_memory::VolatileSlice;
+
 /// Memory the kernel reads from, borrowed for `'a` (a `struct iovec`).
 #[derive(Clone, Copy)]
 #[repr(transparent)]
@@ -141,6 +143,42 @@ impl<'a> IoSliceMut<'a> {
     /// True when the vector is empty.
     pub fn is_empty(&self) -> bool {
         self.iov.iov_len == 0
+    }
+}
+
+impl IoSlice<'_> {
+    /// Copies the bytes into `out` (exactly [`IoSlice::len`] long) with
+    /// volatile reads: the memory may be guest RAM that a guest writes
+    /// meanwhile (a TLS connection encrypts from a private copy).
+    pub(super) fn copy_to(&self, out: &mut [u8]) {
+        assert_eq!(
+            out.len(),
+            self.len(),
+            "copy of an I/O vector into a buffer of another size"
+        );
+        // SAFETY: the vector's memory is mapped and readable for its
+        // lifetime (the constructors' contracts), and every other access to
+        // guest memory is volatile or by the kernel.
+        let slice = unsafe { VolatileSlice::new(self.iov.iov_base.cast(), self.iov.iov_len) };
+        slice.copy_to(out);
+    }
+}
+
+impl IoSliceMut<'_> {
+    /// Fills the vector from `src` (exactly [`IoSliceMut::len`] long) with
+    /// volatile writes (a TLS connection decrypts into a private buffer
+    /// first).
+    pub(super) fn copy_from(&mut self, src: &[u8]) {
+        assert_eq!(
+            src.len(),
+            self.len(),
+            "copy into an I/O vector from a buffer of another size"
+        );
+        // SAFETY: the vector's memory is mapped and writable for its
+        // lifetime and borrowed exclusively (or guest memory no reference
+        // points into), as its constructors require.
+        let slice = unsafe { VolatileSlice::new(self.iov.iov_base.cast(), self.iov.iov_len) };
+        slice.copy_from(src);
     }
 }
 

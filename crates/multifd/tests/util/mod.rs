@@ -10,12 +10,14 @@
 //! - [`scenario`]: a receiver against a scripted peer, in a few lines;
 //! - [`proxy`]: a fault-injecting proxy for real sender/receiver pairs;
 //! - [`errors`]: how errors are printed, classified and asserted;
+//! - [`pki`]: throw-away TLS credentials in QEMU's directory layout;
 //! - [`rng`]: a small PRNG and the seed of randomised tests.
 #![allow(dead_code, missing_docs)]
 
 mod errors;
 mod leak;
 mod peer;
+mod pki;
 mod proxy;
 mod ram;
 mod receiver;
@@ -27,8 +29,8 @@ mod wire;
 // Each test binary uses a subset of these.
 #[allow(unused_imports)]
 pub use self::{
-    errors::*, leak::*, peer::*, proxy::*, ram::*, receiver::*, rng::*, scenario::*, transport::*,
-    wire::*,
+    errors::*, leak::*, peer::*, pki::*, proxy::*, ram::*, receiver::*, rng::*, scenario::*,
+    transport::*, wire::*,
 };
 
 use std::time::Duration;
