@@ -138,7 +138,7 @@ impl RamProvider for FileRamProvider {
                 }
                 block
             } else if let Some(path) = self.named.get(&info.idstr) {
-                RamBlock::create_file(&info.idstr, path, info.used_length)?
+                RamBlock::create_or_size_empty(&info.idstr, path, info.used_length)?
             } else if let Some(dir) = &self.snapshot_dir {
                 let rel = Path::new("ram").join(file_name_for(&info.idstr));
                 std::fs::create_dir_all(dir.join("ram"))
