@@ -1078,8 +1078,9 @@ fn full_file_system_in_a_mount_namespace() {
 
 /// What reserving space costs a snapshot, and what punching the holes back
 /// gives: a 1 GiB image (40% zero pages, scattered like `multifd
-/// gen-image` makes them, or in 2 MiB runs) received into a snapshot on
-/// tmpfs and on the file system of the temporary directory.
+/// gen-image` makes them, or in 8 MiB runs) received into a snapshot on
+/// tmpfs and on the file system of the temporary directory, three times
+/// each.
 /// `cargo test -p multifd --release --test storage_hostile -- --ignored --nocapture`
 #[test]
 #[ignore = "a measurement: run by hand"]
@@ -1106,7 +1107,10 @@ fn measure_space_reservation() {
             }
         }
         src.push(b).unwrap();
-        for base in [Path::new("/dev/shm").to_owned(), std::env::temp_dir()] {
+        for base in [Path::new("/dev/shm").to_owned(), std::env::temp_dir()]
+            .into_iter()
+            .flat_map(|b| [b.clone(), b.clone(), b])
+        {
             let tmp = tempfile::tempdir_in(&base).unwrap();
             let dir = tmp.path().join("snap");
             let t0 = Instant::now();
