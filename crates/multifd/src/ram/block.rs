@@ -118,8 +118,8 @@ impl RamBlock {
     /// Never writes over anything: when a file or a symbolic link is
     /// already at `path` this is [`Error::FileExists`] (`O_CREAT|O_EXCL|
     /// O_NOFOLLOW`: a link planted there is not followed). When the file
-    /// system cannot hold `len` bytes it is [`Error::NoSpace`], and the
-    /// file is removed again.
+    /// system cannot hold `len` bytes it is [`Error::NoSpace`]; on any
+    /// error the file is removed again.
     pub fn create_file(name: &str, path: &Path, len: u64) -> Result<Self> {
         Self::create(name, path, len, false)
     }
@@ -163,25 +163,27 @@ impl RamBlock {
             }
             Err(e) => return Err(Error::io(ctx(), e)),
         };
-        let sized = file
+        let mapped = file
             .set_len(len)
             .map_err(|e| Error::io(format!("sizing RAM file {}", path.display()), e))
-            .and_then(|()| reserve(&file, path, len));
-        if let Err(e) = sized {
-            drop(file);
-            if ours {
-                // Ours since the exclusive create: give the space back.
-                let _ = std::fs::remove_file(path);
-            } else {
-                // The user's empty file: empty again.
-                let _ = OpenOptions::new()
-                    .write(true)
-                    .open(path)
-                    .and_then(|f| f.set_len(0));
+            .and_then(|()| reserve(&file, path, len))
+            .and_then(|()| Self::map_file(name, path, file, len, Access::ReadWrite, true, false));
+        let block = match mapped {
+            Ok(block) => block,
+            Err(e) => {
+                if ours {
+                    // Ours since the exclusive create: give the space back.
+                    let _ = std::fs::remove_file(path);
+                } else {
+                    // The user's empty file: empty again.
+                    let _ = OpenOptions::new()
+                        .write(true)
+                        .open(path)
+                        .and_then(|f| f.set_len(0));
+                }
+                return Err(e);
             }
-            return Err(e);
-        }
-        let block = Self::map_file(name, path, file, len, Access::ReadWrite, true, false)?;
+        };
         // A new file holds nothing worth reading ahead: a write fault must
         // not read the pages around it in (8 MiB with a large read_ahead_kb),
         // which fills the page cache with zeros and makes reserved but
@@ -212,7 +214,7 @@ impl RamBlock {
         // MAP_POPULATE: one kernel pass sets up every page-table entry,
         // instead of one fault per page later on the channel threads
         // (first-touch faults dominate a loopback migration here). A fresh
-        // sparse file is never populated: that would allocate it whole.
+        // file is never populated: that would read all its zeros in.
         let populate = if populate { libc::MAP_POPULATE } else { 0 };
         let flags = libc::MAP_SHARED | libc::MAP_NORESERVE | populate;
         Self::map(name, len, Some((file, path)), access, starts_zeroed, flags)
