@@ -159,11 +159,12 @@ struct SendArgs {
     /// Receiver: tcp:HOST:PORT or unix:PATH.
     #[arg(long)]
     to: String,
-    /// RAM block images, IDSTR=FILE (repeat or comma-separate).
+    /// RAM block images, IDSTR=FILE (repeat or comma-separate). With
+    /// --snapshot: the files of blocks received outside its directory.
     #[arg(long, value_delimiter = ',', required_unless_present = "snapshot")]
     ram: Vec<String>,
     /// Replay a snapshot directory stored by `receive --snapshot`.
-    #[arg(long, conflicts_with = "ram")]
+    #[arg(long)]
     snapshot: Option<PathBuf>,
     /// Machine type named in the configuration section (without --snapshot).
     #[arg(long, default_value = "none")]
@@ -273,7 +274,7 @@ fn run_send(a: SendArgs) -> Result<()> {
     config.connect_timeout = Duration::from_secs_f64(a.connect_timeout);
     let (ram, plan) = match &a.snapshot {
         Some(dir) => {
-            let (ram, plan, _) = snapshot::open(dir)
+            let (ram, plan, _) = snapshot::open(dir, &parse_ram_args(&a.ram)?)
                 .with_context(|| format!("opening snapshot {}", dir.display()))?;
             (ram, plan)
         }

@@ -199,6 +199,9 @@ fn store_and_forward(name: &str, capture: Params, replay: Params) -> RunReport {
         format!("tcp:127.0.0.1:{port}"),
         "--snapshot".into(),
         snap.display().to_string(),
+        // m0 was received outside the snapshot directory.
+        "--ram".into(),
+        format!("m0={}", snap_m0.display()),
         "--quiet".into(),
     ];
     args.extend(replay.cli_args());

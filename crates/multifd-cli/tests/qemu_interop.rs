@@ -393,7 +393,13 @@ fn q35_store_and_forward_snapshot() {
         &ctx,
         &replay,
         port,
-        &["--snapshot".into(), snap.display().to_string()],
+        &[
+            "--snapshot".into(),
+            snap.display().to_string(),
+            // m0 was received outside the snapshot directory.
+            "--ram".into(),
+            format!("m0={}", snap_m0.display()),
+        ],
         &[],
     );
     expect_success(&ctx, &mut send, Some(&dst));

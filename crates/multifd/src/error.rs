@@ -211,6 +211,38 @@ pub enum Error {
         /// What is wrong with it.
         reason: String,
     },
+    /// A snapshot's block was received into a file outside the snapshot
+    /// directory, and replay was not told which file holds it.
+    #[error(
+        "snapshot block {block:?} was received into {}, outside the snapshot directory: name its file explicitly",
+        recorded.display()
+    )]
+    ExternalBlock {
+        /// Block name.
+        block: String,
+        /// Where the receiver wrote it (informative: never opened unasked).
+        recorded: PathBuf,
+    },
+    /// A file (or a symbolic link) is already where a new file was to be
+    /// created: RAM files and snapshot files are never written over.
+    #[error("{} already exists; refusing to write over it", path.display())]
+    FileExists {
+        /// The path.
+        path: PathBuf,
+    },
+    /// The file system has no room for a RAM file: its space is reserved
+    /// up front, so a full file system is this error and never a SIGBUS
+    /// while guest pages are written.
+    #[error("no space to reserve {needed} bytes for RAM file {}", path.display())]
+    NoSpace {
+        /// The RAM file.
+        path: PathBuf,
+        /// Bytes that were to be reserved (the file's length).
+        needed: u64,
+        /// The OS error (`ENOSPC`, `EDQUOT`).
+        #[source]
+        source: io::Error,
+    },
     /// Mapping a RAM block failed.
     #[error("mapping RAM block {name:?}: {reason}")]
     Map {

@@ -3,7 +3,7 @@
 //! ends with a flush, so a packet decodes given the packets before it.
 
 use multifd_wire::packet::{Compression, MAX_COMPRESSED_PAYLOAD, RamPacketHeader};
-use zstd::stream::raw::{Decoder, Encoder, InBuffer, Operation, OutBuffer};
+use zstd::stream::raw::{DParameter, Decoder, Encoder, InBuffer, Operation, OutBuffer};
 
 use super::{RecvMethod, SendMethod, compression_failed, corrupt, gather, read_payload, scatter};
 use crate::error::{Error, Result};
@@ -62,6 +62,11 @@ impl SendMethod for ZstdSend {
     }
 }
 
+/// Largest window a frame from the peer may ask for: 2^25 = 32 MiB, what
+/// QEMU's highest `multifd-zstd-level` (20) uses; zstd's own default limit
+/// (2^27) would let a frame header make a channel allocate 128 MiB.
+pub(super) const WINDOW_LOG_MAX: u32 = 25;
+
 pub(super) struct ZstdRecv {
     channel: u8,
     z: Decoder<'static>,
@@ -71,9 +76,13 @@ pub(super) struct ZstdRecv {
 
 impl ZstdRecv {
     pub(super) fn new(channel: u8) -> Result<Self> {
+        let failed = |e: std::io::Error| compression_failed("zstd", format!("decoder: {e}"));
+        let mut z = Decoder::new().map_err(failed)?;
+        z.set_parameter(DParameter::WindowLogMax(WINDOW_LOG_MAX))
+            .map_err(failed)?;
         Ok(Self {
             channel,
-            z: Decoder::new().map_err(|e| compression_failed("zstd", format!("decoder: {e}")))?,
+            z,
             payload: Vec::new(),
             pages: Vec::new(),
         })
@@ -127,5 +136,86 @@ impl RecvMethod for ZstdRecv {
             }
         }
         scatter(pages, &self.pages)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::net::UnixStream;
+
+    use multifd_wire::PAGE_SIZE;
+    use multifd_wire::packet::{RAM_PACKET_HEADER_SIZE, RamPacketEncoder};
+    use zstd::stream::raw::CParameter;
+
+    use super::*;
+    use crate::ram::RamBlock;
+
+    /// One packet's payload as a peer would frame it: `pages` pages of
+    /// pattern compressed at `level` with the window `window_log` (zstd's
+    /// choice for the level when `None`), then flushed.
+    fn payload(level: i32, window_log: Option<u32>, pages: usize) -> Vec<u8> {
+        let mut z = Encoder::new(level).unwrap();
+        if let Some(w) = window_log {
+            z.set_parameter(CParameter::WindowLog(w)).unwrap();
+        }
+        let input: Vec<u8> = (0..pages * PAGE_SIZE)
+            .map(|i| (i as u32).wrapping_mul(2_654_435_761).rotate_left(7) as u8 & 0x0f)
+            .collect();
+        let mut out = vec![0u8; MAX_COMPRESSED_PAYLOAD as usize];
+        let mut ob = OutBuffer::around(&mut out[..]);
+        let mut ib = InBuffer::around(&input[..]);
+        while ib.pos() < input.len() {
+            z.run(&mut ib, &mut ob).unwrap();
+        }
+        while z.flush(&mut ob).unwrap() != 0 {}
+        let n = ob.pos();
+        out.truncate(n);
+        out
+    }
+
+    fn load(payload: &[u8], pages: usize) -> Result<()> {
+        let dst = RamBlock::anonymous("m0", (pages * PAGE_SIZE) as u64).unwrap();
+        let offsets: Vec<u64> = (0..pages as u64).map(|p| p * 4096).collect();
+        let (a, b) = UnixStream::pair().unwrap();
+        let mut tx = Connection::from_unix_for_tests(a);
+        let mut rx = Connection::from_unix_for_tests(b);
+        std::io::Write::write_all(&mut tx, payload).unwrap();
+        let mut hdr = [0u8; RAM_PACKET_HEADER_SIZE];
+        RamPacketEncoder {
+            compression: Compression::Zstd,
+            sync: false,
+            packet_num: 0,
+            ramblock: "m0",
+            offsets: &offsets,
+            normal_pages: pages,
+            next_packet_size: payload.len() as u32,
+        }
+        .encode(&mut hdr)
+        .unwrap();
+        let h = RamPacketHeader::decode(&hdr).unwrap();
+        let mut recv = ZstdRecv::new(2)?;
+        recv.load(&h, dst.page_list(h.normal())?, &mut rx)
+    }
+
+    #[test]
+    fn every_level_qemu_uses_fits_the_window_limit() {
+        // Level 20 (QEMU's highest) asks for exactly 2^25 when the size is
+        // not known in advance, as in a channel's endless frame.
+        for level in [1, 3, 9, 19, 20] {
+            load(&payload(level, None, 4), 4).unwrap_or_else(|e| panic!("level {level}: {e}"));
+        }
+        load(&payload(1, Some(WINDOW_LOG_MAX), 4), 4).unwrap();
+    }
+
+    #[test]
+    fn a_frame_asking_for_a_larger_window_is_corrupt() {
+        for log in [WINDOW_LOG_MAX + 1, 27, 30] {
+            let err = load(&payload(1, Some(log), 4), 4).unwrap_err();
+            assert!(
+                matches!(&err, Error::Corrupt { method: "zstd", reason, .. }
+                    if reason.contains("memory")),
+                "window 2^{log}: {err:?}"
+            );
+        }
     }
 }

@@ -21,7 +21,7 @@ use crate::transport::{IoSlice, IoSliceMut};
 static ZERO_PAGE: [u8; PAGE_SIZE] = [0; PAGE_SIZE];
 
 /// Access to a block's pages: every offset is checked here, once, and then
-/// carried as a [`Page`] or [`PageList`].
+/// carried as a `Page` or `PageList`.
 impl RamBlock {
     fn out_of_range(&self, offset: u64) -> Error {
         Error::OffsetOutOfRange {
