@@ -324,6 +324,7 @@ fn write_new(dir: &Path, name: &str, bytes: &[u8]) -> Result<()> {
         .write(true)
         .create_new(true)
         .custom_flags(libc::O_NOFOLLOW)
+        .mode(0o600)
         .open(&path)
         .map_err(|e| match e.kind() {
             std::io::ErrorKind::AlreadyExists => Error::FileExists { path: path.clone() },

@@ -139,6 +139,8 @@ impl RamBlock {
             .write(true)
             .create_new(true)
             .custom_flags(libc::O_NOFOLLOW)
+            // Guest memory: readable by its owner only.
+            .mode(0o600)
             .open(path);
         let (file, ours) = match created {
             Ok(file) => (file, true),
