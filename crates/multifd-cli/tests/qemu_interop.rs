@@ -11,7 +11,8 @@
 //! cargo test -p multifd-cli --test qemu_interop -- --ignored full_matrix --nocapture
 //! MULTIFD_TEST_ACCEL=tcg cargo test -p multifd-cli --test qemu_interop  # force TCG
 //! ```
-//! Tests are skipped (pass with a note) when QEMU is not installed.
+//! Without QEMU every test prints a loud `SKIPPED: ...` line, or fails
+//! when the environment variable `CI` is set (as `.ci/run` does).
 //! Environment: `MULTIFD_TEST_ACCEL=kvm|tcg`, `QEMU=path`, `MULTIFD_BIN=path`
 //! (another `multifd` build), `MULTIFD_TEST_KEEP=1` (keep the temp dirs).
 
@@ -21,7 +22,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::qemu::{MigEnd, Qemu, QemuConfig, QmpError};
-use common::{Params, Proc, TestCtx, compare_files, gen_image, have_program, qemu_binary};
+use common::{Params, Proc, TestCtx, compare_files, gen_image, qemu_binary};
 use serde_json::json;
 
 /// Time budget of one test (generous: the machine is shared; a healthy run
@@ -32,12 +33,14 @@ const SLICE_MIB: u64 = 64;
 /// Guest size of the full matrix.
 const MATRIX_MIB: u64 = 32;
 
+/// Whether QEMU is installed: if not, a loud SKIPPED, or a failure when
+/// `CI` is set.
 fn qemu_available() -> bool {
-    let ok = have_program(&qemu_binary());
-    if !ok {
-        eprintln!("SKIP: {} not found", qemu_binary());
-    }
-    ok
+    let test = std::thread::current()
+        .name()
+        .unwrap_or("qemu_interop")
+        .to_owned();
+    common::require(&test, &[&qemu_binary()])
 }
 
 fn listen_uri(port: u16) -> String {
