@@ -90,7 +90,7 @@ fuzz_target!(|data: &[u8]| {
     let (tx, rx) = mpsc::channel();
     std::thread::scope(|s| {
         let opts = &opts;
-        s.spawn(move || {
+        let receiver = s.spawn(move || {
             let r = multifd::receive(&listener, opts, &mut Anon, &Progress::default());
             // Connections still queued are refused once the listener is
             // gone, so their writers end too.
@@ -118,8 +118,11 @@ fuzz_target!(|data: &[u8]| {
                 "untyped failure: {e:?}"
             );
         }
+        // Joined explicitly, so every thread has exited (not only finished
+        // its work) before the next input: the leak checker looks then.
         for w in writers {
             let _ = w.join();
         }
+        let _ = receiver.join();
     });
 });

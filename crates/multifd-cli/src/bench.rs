@@ -3,8 +3,8 @@
 //! number of connections, interleaved, medians of several runs.
 //!
 //! Both run under the same conditions: two fresh processes of this binary
-//! (a receiver whose destination RAM file is mapped and pre-faulted before it
-//! listens, and a sender that maps the source image), timed from the
+//! (a receiver whose destination RAM file is mapped and pre-faulted before
+//! the sender starts, and a sender that maps the source image), timed from the
 //! sender's start until both have exited. The raw blast (`raw-send` /
 //! `raw-receive`) moves the image's first *data-bytes* bytes, split in N
 //! contiguous pieces, straight from the source mapping into the destination
@@ -28,26 +28,29 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use multifd::{Access, Connection, IoSlice, IoSliceMut, Listener, RamBlock, Uri};
 
-use crate::image;
+use crate::receive::{LISTENING, RAM_READY};
+use crate::{image, parse};
 
 /// Options of `multifd bench`.
 #[derive(Args, Debug)]
 pub struct BenchArgs {
-    /// Guest RAM size.
-    #[arg(long, default_value = "1GiB")]
+    /// Guest RAM size, a multiple of 4096 bytes.
+    #[arg(long, allow_hyphen_values = true, default_value = "1GiB", value_parser = parse::ram_size)]
     size: bytesize::ByteSize,
-    /// Number of multifd channels (and raw connections).
-    #[arg(long, default_value_t = 4)]
+    /// Number of multifd channels (and raw connections), 1-255.
+    #[arg(long, allow_negative_numbers = true, default_value_t = 4, value_parser = clap::value_parser!(u8).range(1..))]
     channels: u8,
     /// Payload method.
-    #[arg(long, default_value = "none")]
+    #[arg(long, default_value = "none", value_parser = ["none", "zlib", "zstd"])]
     compression: String,
-    /// Runs of each kind (interleaved); medians are reported. The machine
-    /// may be shared and noisy: five is the least that gives a stable median.
-    #[arg(long, default_value_t = 5)]
+    /// Runs of each kind (interleaved), 1-1000; medians are reported. The
+    /// machine may be shared and noisy: five is the least that gives a
+    /// stable median.
+    #[arg(long, allow_negative_numbers = true, default_value_t = 5,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1000))]
     runs: usize,
     /// tcp or unix.
-    #[arg(long, default_value = "tcp")]
+    #[arg(long, default_value = "tcp", value_parser = ["tcp", "unix"])]
     transport: String,
     /// Use this image instead of generating one.
     #[arg(long)]
@@ -70,10 +73,10 @@ pub struct RawArgs {
     #[arg(long)]
     file: PathBuf,
     /// Bytes to move (a multiple of 4096).
-    #[arg(long)]
-    bytes: u64,
-    /// Connections.
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true, value_parser = parse::page_bytes)]
+    bytes: bytesize::ByteSize,
+    /// Connections, 1-255.
+    #[arg(long, allow_negative_numbers = true, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=255))]
     connections: usize,
     /// `raw-send` only: also map and read every byte of the rest of the
     /// file beyond `bytes` (as many bytes as the image has zero pages, which
@@ -175,9 +178,9 @@ fn extra_reads(bytes: u64, len: u64, n: usize) -> Vec<(u64, u64)> {
 pub fn raw_send(a: RawArgs) -> Result<()> {
     let uri: Uri = a.uri.parse()?;
     let src = RamBlock::open_file("raw", &a.file, Access::ReadOnly, None)?;
-    let sends = pieces(a.bytes, a.connections);
+    let sends = pieces(a.bytes.as_u64(), a.connections);
     let reads = if a.read_all {
-        extra_reads(a.bytes, src.len(), sends.len())
+        extra_reads(a.bytes.as_u64(), src.len(), sends.len())
     } else {
         vec![(0, 0); sends.len()]
     };
@@ -227,10 +230,12 @@ pub fn raw_receive(a: RawArgs) -> Result<()> {
     let mut dst = RamBlock::open_file("raw", &a.file, Access::ReadWrite, None)?;
     dst.prefault()?;
     let listener = Listener::bind(&uri)?;
-    eprintln!("multifd: listening on {}", listener.local_uri()?);
+    eprintln!("{LISTENING} {}", listener.local_uri()?);
+    // Mapped and pre-faulted above, like `receive`'s RAM when it says this.
+    eprintln!("{RAM_READY}");
     let mut conns = Vec::new();
     let mut start = None;
-    for _ in 0..pieces(a.bytes, a.connections).len() {
+    for _ in 0..pieces(a.bytes.as_u64(), a.connections).len() {
         let c = listener
             .accept(Some(Duration::from_secs(30)))?
             .context("raw-receive: a connection did not arrive")?;
@@ -284,8 +289,9 @@ fn spawn(exe: &Path, args: &[String]) -> Result<Child> {
         .with_context(|| format!("starting {} {}", exe.display(), args.join(" ")))
 }
 
-/// Starts the receiver, waits until it listens (its RAM is ready then), then
-/// times the sender's run until both processes have exited.
+/// Starts the receiver, waits until its RAM is ready (mapped and
+/// pre-faulted: it says so after it says it listens), then times the
+/// sender's run until both processes have exited.
 fn run_pair(recv_args: &[String], send_args: &[String]) -> Result<PairRun> {
     let exe = std::env::current_exe().context("finding this binary")?;
     let mut recv = spawn(&exe, recv_args)?;
@@ -294,7 +300,7 @@ fn run_pair(recv_args: &[String], send_args: &[String]) -> Result<PairRun> {
     let stderr_reader = std::thread::spawn(move || {
         let mut rest = String::new();
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if line.contains("listening on") {
+            if line.starts_with(RAM_READY) {
                 let _ = ready_tx.send(());
             } else {
                 rest.push_str(&line);

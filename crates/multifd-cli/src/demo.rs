@@ -18,11 +18,11 @@ use crate::image;
 /// Options of `multifd demo`.
 #[derive(Args, Debug)]
 pub struct DemoArgs {
-    /// Guest RAM size.
-    #[arg(long, default_value = "1GiB")]
+    /// Guest RAM size, a multiple of 4096 bytes.
+    #[arg(long, allow_hyphen_values = true, default_value = "1GiB", value_parser = crate::parse::ram_size)]
     size: bytesize::ByteSize,
-    /// Number of multifd channels.
-    #[arg(long, default_value_t = 4)]
+    /// Number of multifd channels, 1-255.
+    #[arg(long, allow_negative_numbers = true, default_value_t = 4, value_parser = clap::value_parser!(u8).range(1..))]
     channels: u8,
     /// Where to put the image and its copy (removed afterwards).
     #[arg(long, default_value = "/dev/shm")]

@@ -5,23 +5,23 @@ mod bench;
 mod demo;
 mod image;
 mod inspect;
+mod parse;
 mod progress;
+mod receive;
+mod report;
 mod rss;
+mod send;
+mod trust;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use multifd::snapshot::{self, FileRamProvider};
-use multifd::{
-    Access, Compression, FlushMode, GuestRam, Listener, MethodConfig, MigrationConfig, Progress,
-    RamBlock, RamBlockInfo, RamProvider, ReceiveOptions, SourceOptions, StaticRam, StreamPlan, Uri,
-    ZeroPageDetection,
-};
+use multifd::{Compression, FlushMode, MethodConfig, MigrationConfig, Progress, ZeroPageDetection};
 
 /// QEMU 10.0-compatible multifd live migration of guest RAM.
 #[derive(Parser, Debug)]
@@ -37,9 +37,9 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Cmd {
     /// Migrate RAM images or a stored snapshot to a receiver (ours or a QEMU destination).
-    Send(SendArgs),
+    Send(send::SendArgs),
     /// Receive one migration (from our sender or a QEMU source).
-    Receive(ReceiveArgs),
+    Receive(receive::ReceiveArgs),
     /// The built-in default job: generate an image, migrate it over loopback, verify it.
     Demo(demo::DemoArgs),
     /// Benchmark a loopback migration of a generated image against a raw TCP blast.
@@ -59,11 +59,11 @@ enum Cmd {
     GenImage {
         /// Output file.
         path: PathBuf,
-        /// Size, e.g. 512MiB or 4GiB.
-        #[arg(long, default_value = "1GiB")]
+        /// Size, a multiple of 4096 bytes, e.g. 512MiB or 4GiB.
+        #[arg(long, allow_hyphen_values = true, default_value = "1GiB", value_parser = parse::ram_size)]
         size: bytesize::ByteSize,
         /// Seed of the page mix.
-        #[arg(long, default_value_t = 42)]
+        #[arg(long, default_value_t = 42, allow_negative_numbers = true)]
         seed: u64,
     },
 }
@@ -82,20 +82,21 @@ enum ZeroArg {
     None,
 }
 
-/// Parameters both sides must agree on, named like QEMU's.
+/// Parameters both sides must agree on, named like QEMU's, and the limits
+/// both sides have.
 #[derive(Args, Debug, Clone)]
 struct Common {
-    /// Number of multifd channels (QEMU `multifd-channels`).
-    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u8).range(1..))]
+    /// Number of multifd channels, 1-255 (QEMU `multifd-channels`).
+    #[arg(long, allow_negative_numbers = true, default_value_t = 2, value_parser = clap::value_parser!(u8).range(1..))]
     channels: u8,
     /// Payload method (QEMU `multifd-compression`).
     #[arg(long, value_enum, default_value = "none")]
     compression: CompressionArg,
     /// zlib level 0-9 (QEMU `multifd-zlib-level`).
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 1, value_parser = clap::value_parser!(u32).range(0..=9))]
     zlib_level: u32,
     /// zstd level 0-20 (QEMU `multifd-zstd-level`).
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 1, value_parser = clap::value_parser!(i32).range(0..=20))]
     zstd_level: i32,
     /// Zero-page detection (QEMU `zero-page-detection`).
     #[arg(long, value_enum, default_value = "multifd")]
@@ -104,12 +105,17 @@ struct Common {
     /// (QEMU `multifd-flush-after-each-section=on`).
     #[arg(long)]
     flush_after_each_section: bool,
-    /// The destination VM's UUID (QEMU `-uuid`); all-zero by default.
-    #[arg(long)]
-    uuid: Option<String>,
-    /// Seconds a connection may take to identify itself.
-    #[arg(long, default_value_t = 5.0)]
-    handshake_timeout: f64,
+    /// The destination VM's UUID (QEMU `-uuid`), 8-4-4-4-12 hex digits;
+    /// all-zero by default.
+    #[arg(long, allow_hyphen_values = true, value_name = "UUID", value_parser = parse::uuid)]
+    uuid: Option<[u8; 16]>,
+    /// Seconds a connection may take to identify itself (more than 0).
+    #[arg(long, allow_hyphen_values = true, value_name = "SECS", default_value = "5", value_parser = parse::timeout)]
+    handshake_timeout: Duration,
+    /// Seconds without a byte moving on any connection after which the
+    /// migration fails as stalled; 0: never (for a source that pauses).
+    #[arg(long, allow_hyphen_values = true, value_name = "SECS", default_value = "60", value_parser = parse::timeout_or_never)]
+    idle_timeout: Duration,
     /// Print final statistics as one JSON object on stdout.
     #[arg(long)]
     json: bool,
@@ -141,64 +147,14 @@ impl Common {
             } else {
                 FlushMode::PerRound
             },
-            uuid: match &self.uuid {
-                Some(u) => multifd::parse_uuid(u)?,
-                None => [0; 16],
-            },
-            handshake_timeout: Duration::from_secs_f64(self.handshake_timeout),
-            connect_timeout: Duration::from_secs(10),
+            uuid: self.uuid.unwrap_or([0; 16]),
+            handshake_timeout: self.handshake_timeout,
+            idle_timeout: self.idle_timeout,
             ..MigrationConfig::default()
         };
         cfg.validate()?;
         Ok(cfg)
     }
-}
-
-#[derive(Args, Debug)]
-struct SendArgs {
-    /// Receiver: tcp:HOST:PORT or unix:PATH.
-    #[arg(long)]
-    to: String,
-    /// RAM block images, IDSTR=FILE (repeat or comma-separate). With
-    /// --snapshot: the files of blocks received outside its directory.
-    #[arg(long, value_delimiter = ',', required_unless_present = "snapshot")]
-    ram: Vec<String>,
-    /// Replay a snapshot directory stored by `receive --snapshot`.
-    #[arg(long)]
-    snapshot: Option<PathBuf>,
-    /// Machine type named in the configuration section (without --snapshot).
-    #[arg(long, default_value = "none")]
-    machine: String,
-    /// Leave out SWITCHOVER_START (for machine types <= 9.2).
-    #[arg(long)]
-    no_switchover_start: bool,
-    /// Seconds to keep retrying a refused connection.
-    #[arg(long, default_value_t = 5.0)]
-    connect_timeout: f64,
-    #[command(flatten)]
-    common: Common,
-}
-
-#[derive(Args, Debug)]
-struct ReceiveArgs {
-    /// Where to listen: tcp:HOST:PORT or unix:PATH.
-    #[arg(long)]
-    listen: String,
-    /// Put these blocks in these files (mapped shared), IDSTR=FILE.
-    #[arg(long, value_delimiter = ',')]
-    ram: Vec<String>,
-    /// Store the migration here (other blocks as sparse files, manifest, device state).
-    #[arg(long)]
-    snapshot: Option<PathBuf>,
-    /// Seconds to wait for the first connection (default: forever).
-    #[arg(long)]
-    accept_timeout: Option<f64>,
-    /// Zero and fault in existing --ram files before listening, so zero
-    /// pages need no work during the migration (QEMU assumes fresh RAM is zero).
-    #[arg(long)]
-    prefault: bool,
-    #[command(flatten)]
-    common: Common,
 }
 
 fn parse_ram_args(args: &[String]) -> Result<BTreeMap<String, PathBuf>> {
@@ -268,103 +224,10 @@ pub(crate) fn summary(role: &str, stats: &multifd::Stats, rss_mib: f64) {
     );
 }
 
-fn run_send(a: SendArgs) -> Result<()> {
-    let uri: Uri = a.to.parse()?;
-    let mut config = a.common.config()?;
-    config.connect_timeout = Duration::from_secs_f64(a.connect_timeout);
-    let (ram, plan) = match &a.snapshot {
-        Some(dir) => {
-            let (ram, plan, _) = snapshot::open(dir, &parse_ram_args(&a.ram)?)
-                .with_context(|| format!("opening snapshot {}", dir.display()))?;
-            (ram, plan)
-        }
-        None => {
-            let mut ram = GuestRam::new();
-            for (id, file) in parse_ram_args(&a.ram)? {
-                ram.push(
-                    RamBlock::open_file(&id, &file, Access::ReadOnly, None)
-                        .with_context(|| format!("opening RAM image {}", file.display()))?,
-                )?;
-            }
-            let plan = StreamPlan {
-                machine: a.machine.clone(),
-                switchover_start: !a.no_switchover_start,
-                ..StreamPlan::default()
-            };
-            (ram, plan)
-        }
-    };
-    let opts = SourceOptions {
-        config: config.clone(),
-        plan,
-        ..SourceOptions::default()
-    };
-    let (result, rss_mib) =
-        with_progress(a.common.quiet || a.common.json, ram.total_len(), |p, _| {
-            multifd::migrate(&uri, &ram, &mut StaticRam, &opts, p)
-        });
-    let stats = result.with_context(|| format!("migrating to {uri}"))?;
-    if a.common.json {
-        print_json("send", &stats, &config, rss_mib);
-    } else if !a.common.quiet {
-        summary("sent", &stats, rss_mib);
-    }
-    Ok(())
-}
-
-fn run_receive(a: ReceiveArgs) -> Result<()> {
-    let uri: Uri = a.listen.parse()?;
-    let config = a.common.config()?;
-    let named = parse_ram_args(&a.ram)?;
-    if named.is_empty() && a.snapshot.is_none() {
-        bail!("give --ram IDSTR=FILE and/or --snapshot DIR: where should the RAM go?");
-    }
-    // RAM that exists is mapped (and pre-faulted) before we listen.
-    let mut provider = FileRamProvider::new(named, a.snapshot.clone(), a.prefault)
-        .context("preparing destination RAM")?;
-    let listener = Listener::bind(&uri)?;
-    // Scripts wait for this line before starting a source.
-    eprintln!("multifd: listening on {}", listener.local_uri()?);
-    let opts = ReceiveOptions {
-        config: config.clone(),
-        accept_timeout: a.accept_timeout.map(Duration::from_secs_f64),
-        ..ReceiveOptions::default()
-    };
-    let (result, rss_mib) = with_progress(a.common.quiet || a.common.json, 0, |p, total| {
-        struct Tracking<'a> {
-            inner: &'a mut FileRamProvider,
-            total: &'a AtomicU64,
-        }
-        impl RamProvider for Tracking<'_> {
-            fn provide(&mut self, blocks: &[RamBlockInfo]) -> multifd::Result<GuestRam> {
-                let ram = self.inner.provide(blocks)?;
-                self.total.store(ram.total_len(), Ordering::Relaxed);
-                Ok(ram)
-            }
-        }
-        let mut tracking = Tracking {
-            inner: &mut provider,
-            total,
-        };
-        multifd::receive(&listener, &opts, &mut tracking, p)
-    });
-    let incoming = result.context("receiving a migration")?;
-    if let Some(dir) = &a.snapshot {
-        snapshot::store(dir, &incoming)
-            .with_context(|| format!("storing snapshot in {}", dir.display()))?;
-    }
-    if a.common.json {
-        print_json("receive", &incoming.stats, &config, rss_mib);
-    } else if !a.common.quiet {
-        summary("received", &incoming.stats, rss_mib);
-    }
-    Ok(())
-}
-
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Cmd::Send(a) => run_send(a),
-        Cmd::Receive(a) => run_receive(a),
+        Cmd::Send(a) => send::run(a),
+        Cmd::Receive(a) => receive::run(a),
         Cmd::Bench(a) => bench::run(a),
         Cmd::RawSend(a) => bench::raw_send(a),
         Cmd::RawReceive(a) => bench::raw_receive(a),
@@ -378,7 +241,10 @@ fn run(cli: Cli) -> Result<()> {
 
 fn main() -> ExitCode {
     rss::record_baseline();
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return report::usage(&e),
+    };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cli.log));
     tracing_subscriber::fmt()
@@ -388,7 +254,7 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("multifd: error: {e:#}");
+            eprintln!("multifd: error: {}", report::one_line(&e));
             ExitCode::FAILURE
         }
     }

@@ -14,7 +14,9 @@
 //! cargo test -p multifd-cli --test live_guest -- --ignored store_and_forward_20x --nocapture
 //! MULTIFD_TEST_ACCEL=tcg cargo test -p multifd-cli --test live_guest
 //! ```
-//! Skipped (pass with a note) without qemu-system-x86_64 or nasm.
+//! Without qemu-system-x86_64 or nasm every test prints a loud
+//! `SKIPPED: ...` line, or fails when the environment variable `CI` is set
+//! (as `.ci/run` does).
 
 mod common;
 
@@ -24,9 +26,7 @@ use std::time::{Duration, Instant};
 
 use common::checker::{CounterState, check_counters, check_counters_in_file};
 use common::qemu::{MigEnd, Qemu, QemuConfig};
-use common::{
-    MIB, PAGE, Params, TestCtx, accel, compare_files, file_len, have_program, poll, qemu_binary,
-};
+use common::{MIB, PAGE, Params, TestCtx, accel, compare_files, file_len, poll, qemu_binary};
 use serde_json::json;
 
 /// The range the guest increments (passed to nasm, checked here).
@@ -41,14 +41,14 @@ const BUDGET: Duration = Duration::from_secs(120);
 /// Markers to wait for on each side.
 const MARKERS: u64 = 3;
 
+/// Whether QEMU and nasm are installed: if not, a loud SKIPPED, or a
+/// failure when `CI` is set.
 fn tools_available() -> bool {
-    for prog in [qemu_binary(), "nasm".to_owned()] {
-        if !have_program(&prog) {
-            eprintln!("SKIP: {prog} not found");
-            return false;
-        }
-    }
-    true
+    let test = std::thread::current()
+        .name()
+        .unwrap_or("live_guest")
+        .to_owned();
+    common::require(&test, &[&qemu_binary(), "nasm"])
 }
 
 /// Assembles guest/loop.asm into a 1 MiB raw disk image.
@@ -356,8 +356,7 @@ fn checker_rejects_inconsistent_images() {
 
 #[test]
 fn boot_sector_assembles() {
-    if !have_program("nasm") {
-        eprintln!("SKIP: nasm not found");
+    if !common::require("boot_sector_assembles", &["nasm"]) {
         return;
     }
     let ctx = TestCtx::new("boot_sector_assembles", Duration::from_secs(30));

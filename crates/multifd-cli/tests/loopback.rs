@@ -264,10 +264,11 @@ fn snapshot_stores_and_replays() {
 
 fn one_line_error(out: &Output) -> String {
     assert!(!out.status.success(), "expected failure");
-    // The receiver announces where it listens; the cause is what follows.
+    // The receiver announces where it listens and when its RAM is ready;
+    // the cause is what follows.
     let err: String = String::from_utf8_lossy(&out.stderr)
         .lines()
-        .filter(|l| !l.starts_with("multifd: listening on"))
+        .filter(|l| !l.starts_with("multifd: listening on") && !l.starts_with("multifd: RAM ready"))
         .collect::<Vec<_>>()
         .join("\n");
     assert!(err.starts_with("multifd: error:"), "{err}");

@@ -141,16 +141,35 @@ pub fn format_uuid(u: &[u8; 16]) -> String {
     )
 }
 
-/// Parses a canonical UUID string.
+/// Parses a canonical UUID string: 32 hex digits (either case) as
+/// 8-4-4-4-12, with dashes. Anything else is an error, never a panic
+/// (the input is looked at byte by byte, so multi-byte characters are just
+/// wrong bytes).
 pub fn parse_uuid(s: &str) -> Result<[u8; 16]> {
-    let hex: String = s.chars().filter(|c| *c != '-').collect();
+    const DASHES: [usize; 4] = [8, 13, 18, 23];
     let bad = || Error::Config(format!("bad UUID {s:?}"));
-    if hex.len() != 32 || s.len() != 36 {
+    let bytes = s.as_bytes();
+    if bytes.len() != 36 {
         return Err(bad());
     }
+    let mut digits = [0u8; 32];
+    let mut n = 0;
+    for (i, &b) in bytes.iter().enumerate() {
+        if DASHES.contains(&i) {
+            if b != b'-' {
+                return Err(bad());
+            }
+            continue;
+        }
+        digits[n] = char::from(b)
+            .to_digit(16)
+            .filter(|_| b.is_ascii())
+            .ok_or_else(bad)? as u8;
+        n += 1;
+    }
     let mut out = [0u8; 16];
-    for (i, byte) in out.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).map_err(|_| bad())?;
+    for (byte, pair) in out.iter_mut().zip(digits.chunks_exact(2)) {
+        *byte = pair[0] << 4 | pair[1];
     }
     Ok(out)
 }
@@ -166,5 +185,33 @@ mod tests {
         assert_eq!(u[0], 0x12);
         assert_eq!(format_uuid(&u), s);
         assert!(parse_uuid("1234").is_err());
+        assert_eq!(
+            parse_uuid("12345678-9ABC-DEF0-1122-334455667788").unwrap(),
+            u,
+            "upper case"
+        );
+    }
+
+    #[test]
+    fn uuid_malformed_is_an_error_not_a_panic() {
+        for bad in [
+            // 36 bytes, 32 of them besides the dashes, with a multi-byte
+            // character across a digit pair: the parser this replaces
+            // sliced into it and panicked.
+            "0\u{e9}345678-9abc-def0-1122-33445566778",
+            "12345678-9abc-def0-1122-33445566\u{20ac}7",
+            "\u{e9}2345678-9abc-def0-1122-33445566778",
+            // Dashes in the wrong places, or none (it took the first).
+            "1234567-89abc-def0-1122-334455667788",
+            "123456789abcdef0112233445566778899aa",
+            "------------------------------------",
+            // A sign (from_str_radix takes "+2"), non-hex digits, a space.
+            "+2345678-9abc-def0-1122-334455667788",
+            "12345678-9abc-def0-1122-3344556677gg",
+            "12345678-9abc-def0-1122-33445566 788",
+            "",
+        ] {
+            assert!(parse_uuid(bad).is_err(), "{bad:?} accepted");
+        }
     }
 }

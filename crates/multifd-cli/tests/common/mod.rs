@@ -10,7 +10,8 @@
 //!   test thread dies (`PR_SET_PDEATHSIG`).
 //! * [`qemu`]: QEMU processes and a QMP client with I/O timeouts.
 //! * [`checker`]: the live-guest RAM checker.
-//! * helpers: [`accel`], [`free_port`], [`wait_tcp_listening`],
+//! * helpers: [`require`] (tools present, or SKIPPED / a failure under
+//!   `CI`), [`accel`], [`free_port`], [`wait_tcp_listening`],
 //!   [`gen_image`], [`compare_files`], [`Params`].
 #![allow(dead_code)] // every test crate uses a different part of the harness
 
@@ -19,7 +20,7 @@ pub mod qemu;
 
 use std::collections::HashSet;
 use std::fs::File;
-use std::io::{Read, Seek, SeekFrom};
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -79,6 +80,34 @@ pub fn have_program(prog: &str) -> bool {
         .stderr(Stdio::null())
         .status()
         .is_ok_and(|s| s.success())
+}
+
+/// Whether the tools a test needs are installed (`PROG --version` works).
+///
+/// A test must not pass without doing its work: when one is missing and
+/// the environment variable `CI` is set (`.ci/run` sets it), this panics,
+/// failing the test; otherwise it prints a loud `SKIPPED: ...` line on
+/// stderr and returns false, and the test returns at once.
+pub fn require(test: &str, progs: &[&str]) -> bool {
+    let missing: Vec<&str> = progs.iter().copied().filter(|p| !have_program(p)).collect();
+    if missing.is_empty() {
+        return true;
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "{test}: {} not found and CI is set: this test must run \
+         (scripts/install-test-deps installs QEMU 10 and nasm)",
+        missing.join(", ")
+    );
+    // Straight to stderr, past the test harness's output capture (which
+    // only takes the print macros): a skip must be seen without --nocapture.
+    let _ = writeln!(
+        std::io::stderr(),
+        "\n*** SKIPPED: {test}: {} not found; the test did not run \
+         (set CI=1 to make this a failure) ***\n",
+        missing.join(", ")
+    );
+    false
 }
 
 /// A TCP port on 127.0.0.1 that was free a moment ago.
