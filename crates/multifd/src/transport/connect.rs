@@ -196,6 +196,12 @@ fn connect_addr(
         }
         Err(e) => return Err(os(e)),
     }
+    // Retrying a refused loopback port in the ephemeral range can end in a
+    // TCP simultaneous open with ourselves: a connection to no one.
+    let local = sock.local_addr().map_err(os)?;
+    if local.as_socket() == Some(addr) {
+        return Err(os(io::ErrorKind::ConnectionRefused.into()));
+    }
     sock.set_nonblocking(false).map_err(os)?;
     Ok(sock.into())
 }
