@@ -1096,3 +1096,135 @@ fn full_matrix() {
     );
     assert!(failed.is_empty(), "failed cases: {failed:?}");
 }
+
+// ---------------------------------------------------------------------------
+// A flood of strangers during a real migration:
+//   cargo test -p multifd-cli --test qemu_interop -- --ignored flood --nocapture
+
+/// Open descriptors of process `pid`.
+fn fd_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
+}
+
+/// While a QEMU source migrates a 1 GiB guest into `multifd receive`, a
+/// client opens and drops 10,000 connections to the same port (garbage,
+/// half handshakes, silence, immediate closes): the migration completes
+/// byte-identical and the receiver's descriptors stay bounded.
+#[test]
+#[ignore = "slow: 1 GiB guest throttled to last through 10,000 connections"]
+fn qemu_migration_survives_a_connection_flood() {
+    if !qemu_available() {
+        return;
+    }
+    let name = "qemu_migration_survives_a_connection_flood";
+    let ctx = TestCtx::new(name, Duration::from_secs(300));
+    let mib = 1024;
+    let img = ctx.path("src.ram");
+    gen_image(&ctx, &img, mib, 7);
+    // zlib keeps pages moving through much of the flood (QEMU's
+    // compressor is slow; its max-bandwidth does not hold back multifd
+    // channels), and pause-before-switchover keeps the migration open to
+    // its end: the source stops before its last section until told to go.
+    let p = Params::new(4, "zlib", "multifd");
+    let mut src = Qemu::start(&ctx, QemuConfig::new("qemu-src", "none", mib, &img));
+    src.set_multifd_caps(&p, &["pause-before-switchover"]);
+    let dst = ctx.path("dst.ram");
+    let (mut recv, port) = start_receiver(&ctx, &p, &dst, None, &[]);
+    let baseline = fd_count(recv.pid());
+    src.migrate(port);
+    // Every channel of the source is connected well before this.
+    std::thread::sleep(Duration::from_millis(1500));
+    let connected = fd_count(recv.pid());
+    let t0 = Instant::now();
+    let pid = recv.pid();
+    // Four clients at once, 2,500 connections each; one of them samples
+    // the receiver's descriptors as it goes.
+    let (peak, refused) = std::thread::scope(|s| {
+        let clients: Vec<_> = (0..4u32)
+            .map(|c| {
+                s.spawn(move || {
+                    use std::io::Write;
+                    let (mut peak, mut refused, mut held) = (0, 0, Vec::new());
+                    for i in 0..2_500u32 {
+                        let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+                            refused += 1;
+                            continue;
+                        };
+                        match i % 5 {
+                            0 => drop(s.write_all(b"GET / HTTP/1.0\r\n\r\n")),
+                            // Half of the multifd magic, then gone.
+                            1 => drop(s.write_all(&[0x11, 0x22])),
+                            // Half of the main stream's magic.
+                            2 => drop(s.write_all(b"QE")),
+                            // Silence, held for a while (8 at once per client).
+                            3 => {
+                                held.push(s);
+                                if held.len() > 8 {
+                                    held.remove(0);
+                                }
+                                continue;
+                            }
+                            _ => {}
+                        }
+                        drop(s);
+                        if c == 0 && i % 50 == 0 {
+                            peak = fd_count(pid).max(peak);
+                        }
+                    }
+                    (peak, refused)
+                })
+            })
+            .collect();
+        clients
+            .into_iter()
+            .map(|h| h.join().expect("flood client"))
+            .fold((connected, 0), |(p, r), (cp, cr)| (p.max(cp), r + cr))
+    });
+    let flood = t0.elapsed();
+    eprintln!(
+        "[{name}] 10000 connections in {:.1} s ({refused} refused) during the migration; \
+         receiver fds: {baseline} before, {connected} with the migration's, peak {peak}",
+        flood.as_secs_f64()
+    );
+    let still_running = recv.try_wait().is_none();
+    // Let the source finish once it waits before switchover.
+    let waiting = Instant::now();
+    loop {
+        let status = src.cmd("query-migrate", json!({}))["status"].clone();
+        if status == "pre-switchover" {
+            break;
+        }
+        assert!(
+            waiting.elapsed() < ctx.remaining(),
+            "[{name}] the source never reached pre-switchover: {status}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    src.cmd("migrate-continue", json!({"state": "pre-switchover"}));
+    let end = src.wait_migration(ctx.remaining());
+    assert_eq!(
+        end,
+        MigEnd::Completed,
+        "[{name}] {}\n{}",
+        src.log(),
+        recv.output_tail()
+    );
+    expect_success(&ctx, &mut recv, Some(&src));
+    assert!(
+        still_running,
+        "[{name}] the migration ended before the flood did"
+    );
+    assert!(
+        refused < 100,
+        "[{name}] {refused} connections refused: the port was not open"
+    );
+    if let Err(e) = compare_files(&img, &dst, &[]) {
+        panic!("[{name}] {e}");
+    }
+    // The migration's own (5 connections, their handles, RAM, pipes) plus at
+    // most 64 strangers held at once.
+    assert!(
+        peak <= connected + 64 + 8,
+        "[{name}] descriptors grew to {peak}"
+    );
+}
