@@ -79,6 +79,7 @@
 
 mod config;
 mod destination;
+mod device_state;
 mod error;
 mod lifecycle;
 mod method;
@@ -92,11 +93,14 @@ pub use config::{
     FlushMode, MethodConfig, MigrationConfig, ZeroPageDetection, format_uuid, parse_uuid,
 };
 pub use destination::{Incoming, RamProvider, ReceiveOptions, receive};
+pub use device_state::{DEVICE_STATE_IDSTR, device_state_section};
 pub use error::{Endpoint, Error, Result};
 pub use lifecycle::Cancel;
 pub use multifd_wire::packet::Compression;
 pub use multifd_wire::stream::{Configuration, RamBlockInfo};
 pub use ram::{Access, GuestRam, RamBlock, WriteTracker, WriteTrackerError};
-pub use source::{SourceOptions, SourceVm, StaticRam, StreamPlan, migrate};
-pub use stats::{Progress, Stats};
+pub use source::{
+    AutoConverge, DowntimeRamp, OnLimit, SourceOptions, SourceVm, StaticRam, StreamPlan, migrate,
+};
+pub use stats::{MigrationInfo, MigrationStatus, Progress, Stats};
 pub use transport::{Connection, IoSlice, IoSliceMut, Listener, TlsClient, TlsServer, Uri};
