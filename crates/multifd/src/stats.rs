@@ -222,7 +222,8 @@ impl Progress {
     pub(crate) fn set_sync(&self, s: SyncFigures) {
         let l = &self.live;
         l.dirty_syncs.fetch_add(1, Ordering::Relaxed);
-        l.remaining_pages.store(s.remaining_pages, Ordering::Relaxed);
+        l.remaining_pages
+            .store(s.remaining_pages, Ordering::Relaxed);
         l.expected_downtime_us
             .store(us(s.expected_downtime), Ordering::Relaxed);
         l.dirty_pages_rate

@@ -56,11 +56,17 @@
 //! a [`Vm`] with the same `mem_size`, receive RAM into [`Vm::region`] (or
 //! the `--mem-file`), [`Vm::restore_state`], [`Vm::start`].
 
+pub mod checker;
 mod dirty;
+mod machine;
+pub mod migration;
+mod soft;
 pub mod state;
 mod vm;
 
 pub use dirty::{BitmapLog, DirtyLog, DirtyTracking, PAGE, RingLog, WriteProtectLog};
+pub use machine::{Machine, NO_KVM_ENV, no_kvm_forced};
+pub use soft::SoftVm;
 pub use state::VmState;
 pub use vm::{
     BOOT_ADDR, Entry, EntryMode, GDT_ADDR, PM32_MAGIC, RunState, SERIAL_PORT, Vm, VmConfig,

@@ -92,8 +92,10 @@ impl ChannelWorker<'_, '_> {
             source,
         })?;
         iovs[0] = IoSlice::new(&header[..]);
-        self.limiter
-            .take(RAM_PACKET_HEADER_SIZE as u64 + u64::from(payload), self.abort);
+        self.limiter.take(
+            RAM_PACKET_HEADER_SIZE as u64 + u64::from(payload),
+            self.abort,
+        );
         self.conn
             .writev_all(&mut iovs)
             .map_err(|e| Error::io(format!("multifd channel {}: writing a packet", self.id), e))?;

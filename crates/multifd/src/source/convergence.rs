@@ -54,9 +54,7 @@ impl Convergence {
         if self.auto.is_none() && self.ramp.is_none() {
             return None;
         }
-        let threshold = self
-            .auto
-            .map_or(DEFAULT_THRESHOLD, |a| a.trigger_threshold);
+        let threshold = self.auto.map_or(DEFAULT_THRESHOLD, |a| a.trigger_threshold);
         if u128::from(dirtied) * 100 <= u128::from(sent) * u128::from(threshold) {
             return None;
         }

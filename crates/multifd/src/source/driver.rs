@@ -161,7 +161,11 @@ impl<'a> Driver<'a, '_> {
                 vm.throttle(throttle)?;
                 self.marks.throttle.store(throttle, Ordering::Relaxed);
                 self.progress.set_throttle(throttle);
-                tracing::info!(throttle, round = rounds, "auto-converge: throttling the vCPUs");
+                tracing::info!(
+                    throttle,
+                    round = rounds,
+                    "auto-converge: throttling the vCPUs"
+                );
             }
             self.progress.set_sync(SyncFigures {
                 remaining_pages: count,
@@ -192,8 +196,7 @@ impl<'a> Driver<'a, '_> {
                             rounds,
                             elapsed_ms: self.started.elapsed().as_millis() as u64,
                             remaining_pages: count,
-                            expected_downtime_ms: expected.as_millis().min(u64::MAX.into())
-                                as u64,
+                            expected_downtime_ms: expected.as_millis().min(u64::MAX.into()) as u64,
                             limit_ms: conv.limit().as_millis() as u64,
                         });
                     }

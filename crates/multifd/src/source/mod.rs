@@ -36,9 +36,9 @@ use crate::transport::{Connection, TlsClient, Uri};
 use channel::ChannelWorker;
 use dispatch::SyncsWritten;
 use driver::{Driver, VmMarks};
-use rate_limit::RateLimiter;
 use main_stream::MainStream;
 use peer_watch::{StopOnDrop, watch_peer};
+use rate_limit::RateLimiter;
 
 /// Batches a channel may hold beyond the one it is sending. Deeper queues
 /// let the driver run ahead; shallow ones keep work flowing to whichever
