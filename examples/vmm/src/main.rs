@@ -44,7 +44,7 @@ struct Args {
     /// The boot sector: a 512-byte image, or a .asm file assembled with
     /// `nasm -f bin` (e.g. guest/loop.asm). Not needed with --incoming or
     /// the workload guest.
-    #[arg(long, required_unless_present_any = ["incoming", "no_kvm"])]
+    #[arg(long)]
     boot: Option<PathBuf>,
     /// Wait for a migration on this URI (tcp:HOST:PORT, unix:PATH) and
     /// resume the guest it brings.

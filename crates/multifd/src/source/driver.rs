@@ -239,7 +239,8 @@ impl<'a> Driver<'a, '_> {
             self.main.encode(|e| e.command(Command::SwitchoverStart))?;
         }
         self.main.encode(|e| e.ram_end())?;
-        self.send_round(Round::Dirty(&dirty))?;
+        let last = self.send_round(Round::Dirty(&dirty))?;
+        tracing::debug!(pages = last, "final round");
         self.close_chunk()?;
         self.progress.set_remaining_pages(0);
         // The point of no return: once EOF goes out the destination can
