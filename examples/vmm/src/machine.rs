@@ -90,6 +90,11 @@ impl Machine {
         each!(self, m => m.set_throttle(percent));
     }
 
+    /// The highest throttle set so far, percent.
+    pub fn max_throttle(&self) -> u8 {
+        each!(self, m => m.max_throttle())
+    }
+
     /// The device state (vCPU registers or workload position, markers).
     pub fn save_state(&self) -> Result<Vec<u8>> {
         each!(self, m => m.save_state())

@@ -32,6 +32,7 @@ struct Core {
     end: u64,
     request: AtomicU8,
     throttle: AtomicU8,
+    max_throttle: AtomicU8,
     markers: AtomicU64,
     /// The next page the workload increments.
     next: AtomicU64,
@@ -98,6 +99,7 @@ impl SoftVm {
                 end,
                 request: AtomicU8::new(REQ_PAUSE),
                 throttle: AtomicU8::new(0),
+                max_throttle: AtomicU8::new(0),
                 markers: AtomicU64::new(0),
                 next: AtomicU64::new(start),
                 status: Mutex::new(RunState::Created),
@@ -206,8 +208,16 @@ impl SoftVm {
     /// Throttle, percent (see [`crate::Vm::set_throttle`]).
     pub fn set_throttle(&self, percent: u8) {
         self.core.throttle.store(percent.min(99), Ordering::Release);
+        self.core
+            .max_throttle
+            .fetch_max(percent.min(99), Ordering::AcqRel);
         let _g = self.core.status();
         self.core.changed.notify_all();
+    }
+
+    /// The highest throttle set so far, percent.
+    pub fn max_throttle(&self) -> u8 {
+        self.core.max_throttle.load(Ordering::Acquire)
     }
 
     /// The workload's position and marker count (paused or not started).

@@ -146,6 +146,8 @@ pub(crate) struct Core {
     port92: AtomicU8,
     /// Auto-converge throttle, percent of each timeslice the vCPU sleeps.
     throttle: AtomicU8,
+    /// The highest throttle set so far.
+    max_throttle: AtomicU8,
     status: Mutex<RunState>,
     changed: Condvar,
     /// Last: the mapping outlives every descriptor above.
@@ -339,6 +341,7 @@ impl Vm {
             echo: cfg.echo_serial,
             port92: AtomicU8::new(0),
             throttle: AtomicU8::new(0),
+            max_throttle: AtomicU8::new(0),
             status: Mutex::new(RunState::Created),
             changed: Condvar::new(),
             region,
@@ -592,7 +595,12 @@ impl Vm {
             RunState::Exited(m) => bail!("vCPU exited: {}", m.unwrap_or_default()),
             RunState::Running => {}
         }
-        self.core.request.store(REQ_PAUSE, Ordering::Release);
+        {
+            // Under the lock a throttled vCPU sleeps with: it wakes now.
+            let _g = self.core.status();
+            self.core.request.store(REQ_PAUSE, Ordering::Release);
+            self.core.changed.notify_all();
+        }
         self.kick();
         self.wait_for("paused", |s| *s == RunState::Paused)
     }
@@ -743,6 +751,9 @@ impl Vm {
     /// throttled too. 0 ends throttling. At most 99.
     pub fn set_throttle(&self, percent: u8) {
         self.core.throttle.store(percent.min(99), Ordering::Release);
+        self.core
+            .max_throttle
+            .fetch_max(percent.min(99), Ordering::AcqRel);
         // Wake a throttled vCPU sleeping out a longer timeslice.
         let _g = self.core.status();
         self.core.changed.notify_all();
@@ -751,6 +762,11 @@ impl Vm {
     /// The throttle in force, percent.
     pub fn throttle(&self) -> u8 {
         self.core.throttle.load(Ordering::Acquire)
+    }
+
+    /// The highest throttle set so far, percent.
+    pub fn max_throttle(&self) -> u8 {
+        self.core.max_throttle.load(Ordering::Acquire)
     }
 
     /// Stops the vCPU thread for good and joins it. Also done on drop.

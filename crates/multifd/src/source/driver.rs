@@ -16,7 +16,8 @@
 //!
 //! ## When to switch over
 //! After each dirty sync the expected downtime is
-//! `dirty pages / pages per second of the last round + fixed costs`, where
+//! `dirty pages * 4096 / bytes per second of the last round + fixed costs`
+//! (QEMU's estimate: a dirty page counts as a data page), where
 //! the fixed costs are measured: the last `collect_dirty` (the final sync
 //! after the pause does the same work), an empty sync round trip (measured
 //! at setup: SYNC on every channel and the main-stream chunk) and the pause
@@ -125,11 +126,15 @@ impl<'a> Driver<'a, '_> {
         // Round 1: every page.
         let t = Instant::now();
         self.main.encode(|e| e.ram_part())?;
+        let bytes0 = self.progress.bytes.load(Ordering::Relaxed);
         let mut sent = self.send_round(Round::All)?;
         self.close_chunk()?;
         let mut last_sync = Instant::now();
-        let mut pages_per_s = rate(sent, t, last_sync);
-        let mut bytes_per_s = rate(self.progress.bytes.load(Ordering::Relaxed), t, last_sync);
+        let mut bytes_per_s = rate(
+            self.progress.bytes.load(Ordering::Relaxed) - bytes0,
+            t,
+            last_sync,
+        );
 
         // Iterate until the rest fits in the downtime.
         let mut conv = Convergence::new(self.opts);
@@ -149,10 +154,12 @@ impl<'a> Driver<'a, '_> {
             let dirty_rate = rate(count, last_sync, now);
             last_sync = now;
             let fixed = collect_cost + sync_cost + PAUSE_ESTIMATE;
+            // Like QEMU: the dirty pages as bytes at the bytes per second
+            // of the last round (zero pages go faster, so this errs long).
             let expected = if count == 0 {
                 fixed
-            } else if pages_per_s > 0.0 {
-                fixed + Duration::from_secs_f64(count as f64 / pages_per_s)
+            } else if bytes_per_s > 0.0 {
+                fixed + Duration::from_secs_f64(count as f64 * PAGE_SIZE_U64 as f64 / bytes_per_s)
             } else {
                 Duration::MAX
             };
@@ -178,7 +185,7 @@ impl<'a> Driver<'a, '_> {
                 round = rounds,
                 dirty = count,
                 expected_ms = expected.as_secs_f64() * 1e3,
-                pages_per_s,
+                mib_per_s = bytes_per_s / f64::from(1 << 20),
                 "dirty sync"
             );
             if count == 0 || expected <= conv.limit() {
@@ -209,7 +216,6 @@ impl<'a> Driver<'a, '_> {
             self.close_chunk()?;
             rounds += 1;
             let done = Instant::now();
-            pages_per_s = rate(sent, t, done);
             bytes_per_s = rate(
                 self.progress.bytes.load(Ordering::Relaxed) - bytes0,
                 t,
