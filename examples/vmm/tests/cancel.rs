@@ -111,7 +111,10 @@ fn cancelled_migration(src: &Machine, log: &mut dyn multifd_example_vmm::DirtyLo
                     cancel.cancel();
                     return Some(info);
                 }
-                assert!(Instant::now() < deadline, "never reached {when:?}: {info:?}");
+                assert!(
+                    Instant::now() < deadline,
+                    "never reached {when:?}: {info:?}"
+                );
                 std::thread::sleep(Duration::from_millis(2));
             }
         });
