@@ -11,8 +11,8 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::{Context, Result, bail, ensure};
 use clap::{Parser, ValueEnum};
 use multifd::{
-    AutoConverge, Listener, MigrationConfig, Progress, ReceiveOptions, SourceOptions, StreamPlan,
-    Uri,
+    AutoConverge, DowntimeRamp, Listener, MigrationConfig, Progress, ReceiveOptions, SourceOptions,
+    StreamPlan, Uri,
 };
 use multifd_example_vmm::migration::{
     IncomingMachine, check_running, expect_progress, migrate_out, resume_incoming, unix_ns,
@@ -69,6 +69,10 @@ struct Args {
     /// 20% first, then +10%, at most 99%).
     #[arg(long)]
     auto_converge: bool,
+    /// Raise the downtime limit by STEP ms each time rounds stop shrinking,
+    /// up to MAX ms: `--downtime-ramp STEP,MAX`.
+    #[arg(long, value_parser = parse_ramp)]
+    downtime_ramp: Option<DowntimeRamp>,
     /// Most rounds before giving up ("not converging").
     #[arg(long, default_value_t = 30)]
     max_rounds: u32,
@@ -144,6 +148,20 @@ fn boot_image(args: &Args) -> Result<Vec<u8>> {
     } else {
         std::fs::read(boot).with_context(|| format!("reading {}", boot.display()))
     }
+}
+
+fn parse_ramp(s: &str) -> std::result::Result<DowntimeRamp, String> {
+    let (step, max) = s.split_once(',').ok_or("expected STEP_MS,MAX_MS")?;
+    let ms = |v: &str| {
+        v.trim()
+            .parse::<u64>()
+            .map(Duration::from_millis)
+            .map_err(|e| format!("{v:?}: {e}"))
+    };
+    Ok(DowntimeRamp {
+        step: ms(step)?,
+        max: ms(max)?,
+    })
 }
 
 /// A `-D NAME=VALUE` define as a number (decimal or 0x hex).
@@ -222,6 +240,7 @@ fn source_options(args: &Args) -> SourceOptions {
         max_time: args.max_time_secs.map(Duration::from_secs_f64),
         max_bandwidth: args.max_bandwidth,
         auto_converge: args.auto_converge.then(AutoConverge::default),
+        downtime_ramp: args.downtime_ramp,
         ..SourceOptions::default()
     }
 }
@@ -302,6 +321,7 @@ fn migrate_to(args: &Args, machine: &mut Machine, uri: &str) -> Result<bool> {
                 "dirty_sync_count": info.dirty_sync_count,
                 "throughput_mib_s": stats.throughput_mib_s,
                 "cpu_throttle_percentage": info.cpu_throttle_percentage,
+                "downtime_limit_ms": info.downtime_limit,
                 "duration_s": stats.duration_s,
                 "dirty": machine.dirty_kind(),
                 "machine": machine.kind(),
