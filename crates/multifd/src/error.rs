@@ -254,6 +254,25 @@ pub enum Error {
     /// The migration was cancelled from outside.
     #[error("migration cancelled")]
     Cancelled,
+    /// A live migration hit its limit on rounds or time while the dirty
+    /// pages still did not fit in the downtime limit. Nothing was paused:
+    /// the source VM keeps running.
+    #[error(
+        "not converging: after {rounds} rounds and {elapsed_ms} ms, {remaining_pages} dirty pages \
+         would take an expected {expected_downtime_ms} ms, above the downtime limit of {limit_ms} ms"
+    )]
+    NotConverging {
+        /// Rounds sent (round 1 included).
+        rounds: u32,
+        /// Time since the migration started.
+        elapsed_ms: u64,
+        /// Pages dirty at the last sync.
+        remaining_pages: u64,
+        /// Downtime the switchover would have taken, as estimated.
+        expected_downtime_ms: u64,
+        /// The downtime limit in force (after any ramp).
+        limit_ms: u64,
+    },
     /// This thread stopped because another part of the migration failed first.
     #[error("stopped after an error elsewhere")]
     Aborted,

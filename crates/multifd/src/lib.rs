@@ -64,6 +64,123 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 //!
+//! ## Live migration of a running VM
+//! The embedding API of a VMM: guest RAM is its vm-memory `GuestMemoryMmap`
+//! (each region a named block, used in place, no copy); the driver asks the
+//! VMM's [`SourceVm`] for the pages written since it last asked, throttles
+//! the vCPUs when rounds stop shrinking ([`SourceOptions::auto_converge`]),
+//! pauses them at the switchover and takes the device state as opaque
+//! bytes ([`device_state_section`]); the destination's caller gets the
+//! bytes back from [`Incoming::device_state`] once every page was applied.
+//! A [`Cancel`] stops it (a paused VM is resumed), and
+//! [`Progress::query`] gives `query-migrate` figures ([`MigrationInfo`])
+//! from any thread while it runs. A migration that cannot converge within
+//! [`SourceOptions::max_rounds`] / [`SourceOptions::max_time`] ends with
+//! [`Error::NotConverging`], the VM still running.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use std::sync::atomic::{AtomicBool, Ordering};
+//! use std::time::Duration;
+//! use multifd::{
+//!     AutoConverge, Cancel, GuestRam, Listener, MigrationStatus, Progress, RamBlock,
+//!     RamBlockInfo, RamProvider, ReceiveOptions, SourceOptions, SourceVm, Uri,
+//! };
+//! use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+//!
+//! // The VMM's guest RAM, migrated in place.
+//! let memory = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)])?;
+//! memory.write_obj(0x11u8, GuestAddress(0x1000))?;
+//! let ram = GuestRam::from_guest_memory(&memory, |i, _| format!("ram{i}"))?;
+//!
+//! // The VMM's side. A real one asks KVM (KVM_GET_DIRTY_LOG, the dirty
+//! // ring) or a multifd::WriteTracker for the pages written since the last
+//! // call; this "vCPU" writes one page each time it is asked.
+//! struct Vmm<'m> {
+//!     memory: &'m GuestMemoryMmap,
+//!     running: bool,
+//!     registers: [u8; 8],
+//! }
+//! impl SourceVm for Vmm<'_> {
+//!     fn collect_dirty(&mut self, _: &GuestRam, dirty: &mut [Vec<u64>]) -> multifd::Result<()> {
+//!         if self.running {
+//!             self.memory.write_obj(0x22u8, GuestAddress(0x2000)).unwrap();
+//!             dirty[0].push(0x2000);
+//!         }
+//!         Ok(())
+//!     }
+//!     fn pause(&mut self) -> multifd::Result<()> {
+//!         self.running = false; // stop the vCPUs
+//!         Ok(())
+//!     }
+//!     fn resume(&mut self) -> multifd::Result<()> {
+//!         self.running = true; // only after a failed or cancelled switchover
+//!         Ok(())
+//!     }
+//!     fn throttle(&mut self, _percent: u8) -> multifd::Result<()> {
+//!         Ok(()) // auto-converge: let the vCPUs sleep this share of the time
+//!     }
+//!     fn device_state(&mut self) -> multifd::Result<Vec<u8>> {
+//!         multifd::device_state_section(2, &self.registers)
+//!     }
+//! }
+//!
+//! // The destination VMM creates its RAM once the source announced it.
+//! struct Fresh;
+//! impl RamProvider for Fresh {
+//!     fn provide(&mut self, blocks: &[RamBlockInfo]) -> multifd::Result<GuestRam> {
+//!         let mut ram = GuestRam::new();
+//!         for b in blocks {
+//!             ram.push(RamBlock::anonymous(&b.idstr, b.used_length)?)?;
+//!         }
+//!         Ok(ram)
+//!     }
+//! }
+//!
+//! let dir = tempfile::tempdir()?;
+//! let uri = Uri::Unix(dir.path().join("live.sock"));
+//! let listener = Listener::bind(&uri)?;
+//! let cancel = Arc::new(Cancel::new()); // cancel.cancel() from anywhere stops it
+//! let opts = SourceOptions {
+//!     downtime_limit: Duration::from_millis(300),
+//!     max_bandwidth: Some(1 << 30),
+//!     auto_converge: Some(AutoConverge::default()),
+//!     cancel: Some(cancel.clone()),
+//!     ..SourceOptions::default()
+//! };
+//! let mut vmm = Vmm { memory: &memory, running: true, registers: *b"rip=7c00" };
+//! let progress = Progress::default();
+//! let done = AtomicBool::new(false);
+//! let incoming = std::thread::scope(|s| {
+//!     let dest = s.spawn(|| {
+//!         multifd::receive(&listener, &ReceiveOptions::default(), &mut Fresh, &Progress::default())
+//!     });
+//!     s.spawn(|| {
+//!         while !done.load(Ordering::Acquire) {
+//!             let info = progress.query(); // status, expected downtime, remaining, ...
+//!             assert_ne!(info.status, MigrationStatus::Failed);
+//!             std::thread::sleep(Duration::from_millis(1));
+//!         }
+//!     });
+//!     let sent = multifd::migrate(&uri, &ram, &mut vmm, &opts, &progress);
+//!     done.store(true, Ordering::Release);
+//!     sent?;
+//!     dest.join().expect("destination thread")
+//! })?;
+//!
+//! let info = progress.query();
+//! assert_eq!(info.status, MigrationStatus::Completed);
+//! assert!(info.downtime.is_some() && info.dirty_sync_count >= 1);
+//! // RAM and device state, handed over only after everything was applied.
+//! assert_eq!(incoming.device_state()?, Some(&b"rip=7c00"[..]));
+//! let mut page = [0u8; 4096];
+//! incoming.ram.blocks()[0].read_page(0x2000, &mut page)?;
+//! assert_eq!(page[0], 0x22);
+//! incoming.ram.blocks()[0].read_page(0x1000, &mut page)?;
+//! assert_eq!(page[0], 0x11);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
 //! ## Inside
 //! Two wings over a shared core: `source` (the round driver, the dispatcher
 //! and its queues, the channel threads, the main-stream writer, the peer
@@ -79,6 +196,7 @@
 
 mod config;
 mod destination;
+mod device_state;
 mod error;
 mod lifecycle;
 mod method;
@@ -92,11 +210,14 @@ pub use config::{
     FlushMode, MethodConfig, MigrationConfig, ZeroPageDetection, format_uuid, parse_uuid,
 };
 pub use destination::{Incoming, RamProvider, ReceiveOptions, receive};
+pub use device_state::{DEVICE_STATE_IDSTR, device_state_section};
 pub use error::{Endpoint, Error, Result};
 pub use lifecycle::Cancel;
 pub use multifd_wire::packet::Compression;
 pub use multifd_wire::stream::{Configuration, RamBlockInfo};
 pub use ram::{Access, GuestRam, RamBlock, WriteTracker, WriteTrackerError};
-pub use source::{SourceOptions, SourceVm, StaticRam, StreamPlan, migrate};
-pub use stats::{Progress, Stats};
+pub use source::{
+    AutoConverge, DowntimeRamp, OnLimit, SourceOptions, SourceVm, StaticRam, StreamPlan, migrate,
+};
+pub use stats::{MigrationInfo, MigrationStatus, Progress, Stats};
 pub use transport::{Connection, IoSlice, IoSliceMut, Listener, TlsClient, TlsServer, Uri};

@@ -153,6 +153,7 @@ fn run(plan: &Plan) -> Result<Ran, String> {
             config: plan.config(),
             downtime_limit: Duration::ZERO,
             max_rounds: 6,
+            on_limit: multifd::OnLimit::Switchover,
             cancel: Some(cancel.clone()),
             ..SourceOptions::default()
         };

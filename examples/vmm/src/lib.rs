@@ -1,10 +1,11 @@
 //! # multifd-example-vmm
 //!
 //! A minimal KVM VMM (x86-64 host) that runs the live-migration test guest
-//! `guest/loop.asm`, the groundwork for migrating a *running* guest with
-//! the `multifd` library: a [`Vm`] that can be paused, resumed, saved and
-//! restored from another thread, and dirty-page tracking behind one trait,
-//! [`DirtyLog`], with three mechanisms ([`DirtyTracking`]).
+//! `guest/loop.asm` and migrates it live with the `multifd` library: a
+//! [`Vm`] that can be paused, resumed, throttled, saved and restored from
+//! another thread, dirty-page tracking behind one trait, [`DirtyLog`],
+//! with three mechanisms ([`DirtyTracking`]), and the library embedding in
+//! [`migration`].
 //!
 //! ## The guest and how it is entered
 //! The guest is a 512-byte boot sector: it switches to 32-bit protected
@@ -47,20 +48,43 @@
 //!   plus `PAGEMAP_SCAN`) on the host mapping; KVM faults guest writes in
 //!   through the same page tables, so no KVM dirty logging is needed.
 //!
-//! ## Migration order (for the wiring to come)
-//! Source: start the dirty log before the first RAM round; each round,
-//! `collect_dirty` then send those pages; at switchover **pause** (when it
-//! returns the vCPU is out of KVM_RUN and, with the ring, every dirtied gfn
-//! is already in the ring), then one last `collect_dirty`, send those
-//! pages, then [`Vm::save_state`] as the device state. Destination: create
-//! a [`Vm`] with the same `mem_size`, receive RAM into [`Vm::region`] (or
-//! the `--mem-file`), [`Vm::restore_state`], [`Vm::start`].
+//! ## Live migration ([`migration`])
+//! Source ([`migration::LiveSource`], the library's `SourceVm`): the dirty
+//! log is started with the VM and emptied before round 1 (which sends every
+//! page); each round `collect_dirty`, then those pages; at switchover
+//! **pause** (when it returns the vCPU is out of KVM_RUN and, with the
+//! ring, every dirtied gfn is already in the ring), one last
+//! `collect_dirty`, those pages, then [`Vm::save_state`] as the device
+//! state, wrapped by `multifd::device_state_section`. Auto-converge calls
+//! [`Vm::set_throttle`]: in each 10 ms timeslice the vCPU ran, it then
+//! sleeps `p / (100 - p)` timeslices (QEMU's cpu-throttle), a ticker thread
+//! kicking it out of KVM_RUN once per timeslice. A failed or cancelled
+//! migration resumes the VM. Guest RAM is the VM's own mapping, no copy.
+//!
+//! Destination ([`migration::IncomingMachine`], a `RamProvider`): creates
+//! a [`Vm`] with the RAM size the source announces, receives straight into
+//! its mapping, then [`migration::resume_incoming`] restores the state
+//! from `Incoming::device_state` and starts the vCPU. The binary's
+//! `--incoming URI` / `--migrate-to URI` do this across processes.
+//!
+//! ## Without KVM
+//! [`SoftVm`] is a workload thread doing what the guest does (increment
+//! byte 0 of each page of the range, one marker per pass) on a host
+//! mapping, with the same pause / resume / throttle / state surface; its
+//! dirty pages come from the write-protect tracker. [`Machine`] is either.
+//! `MULTIFD_VMM_NO_KVM=1` ([`NO_KVM_ENV`]) selects it.
 
+pub mod checker;
 mod dirty;
+mod machine;
+pub mod migration;
+mod soft;
 pub mod state;
 mod vm;
 
 pub use dirty::{BitmapLog, DirtyLog, DirtyTracking, PAGE, RingLog, WriteProtectLog};
+pub use machine::{Machine, NO_KVM_ENV, no_kvm_forced};
+pub use soft::SoftVm;
 pub use state::VmState;
 pub use vm::{
     BOOT_ADDR, Entry, EntryMode, GDT_ADDR, PM32_MAGIC, RunState, SERIAL_PORT, Vm, VmConfig,

@@ -122,6 +122,9 @@ pub enum RunState {
     Exited(Option<String>),
 }
 
+/// The throttle timeslice (QEMU's CPU_THROTTLE_TIMESLICE_NS).
+const THROTTLE_SLICE: Duration = Duration::from_millis(10);
+
 /// What the controller asks of the vCPU thread.
 const REQ_RUN: u8 = 0;
 const REQ_PAUSE: u8 = 1;
@@ -141,6 +144,10 @@ pub(crate) struct Core {
     pause_after: Option<u64>,
     echo: bool,
     port92: AtomicU8,
+    /// Auto-converge throttle, percent of each timeslice the vCPU sleeps.
+    throttle: AtomicU8,
+    /// The highest throttle set so far.
+    max_throttle: AtomicU8,
     status: Mutex<RunState>,
     changed: Condvar,
     /// Last: the mapping outlives every descriptor above.
@@ -161,6 +168,8 @@ impl Core {
 /// A running (or paused) guest.
 pub struct Vm {
     thread: Option<JoinHandle<()>>,
+    /// Kicks the vCPU once per throttle timeslice while throttled.
+    ticker: Option<JoinHandle<()>>,
     memory: GuestMemoryMmap,
     kvm: Kvm,
     dirty: Option<Box<dyn DirtyLog>>,
@@ -331,6 +340,8 @@ impl Vm {
             pause_after: cfg.pause_after_markers,
             echo: cfg.echo_serial,
             port92: AtomicU8::new(0),
+            throttle: AtomicU8::new(0),
+            max_throttle: AtomicU8::new(0),
             status: Mutex::new(RunState::Created),
             changed: Condvar::new(),
             region,
@@ -350,6 +361,7 @@ impl Vm {
         let dirty_kind = dirty_log.as_ref().map_or("none", |d| d.kind());
         Ok(Self {
             thread: None,
+            ticker: None,
             memory,
             kvm,
             dirty: dirty_log,
@@ -515,7 +527,26 @@ impl Vm {
                 core.set_status(RunState::Exited(msg));
             })
             .context("spawning the vCPU thread")?;
+        let vcpu = t.as_pthread_t();
         self.thread = Some(t);
+        let core = self.core.clone();
+        let ticker = std::thread::Builder::new()
+            .name("vcpu-throttle".into())
+            .spawn(move || {
+                while core.request.load(Ordering::Acquire) != REQ_STOP {
+                    std::thread::sleep(THROTTLE_SLICE);
+                    if core.throttle.load(Ordering::Acquire) > 0
+                        && core.request.load(Ordering::Acquire) == REQ_RUN
+                    {
+                        // SAFETY: the vCPU thread is joined only after this
+                        // thread (shutdown joins the ticker first), so the
+                        // pthread_t is valid; the kick handler is installed.
+                        unsafe { libc::pthread_kill(vcpu, kick_signal()) };
+                    }
+                }
+            })
+            .context("spawning the throttle ticker")?;
+        self.ticker = Some(ticker);
         Ok(())
     }
 
@@ -564,7 +595,12 @@ impl Vm {
             RunState::Exited(m) => bail!("vCPU exited: {}", m.unwrap_or_default()),
             RunState::Running => {}
         }
-        self.core.request.store(REQ_PAUSE, Ordering::Release);
+        {
+            // Under the lock a throttled vCPU sleeps with: it wakes now.
+            let _g = self.core.status();
+            self.core.request.store(REQ_PAUSE, Ordering::Release);
+            self.core.changed.notify_all();
+        }
         self.kick();
         self.wait_for("paused", |s| *s == RunState::Paused)
     }
@@ -708,12 +744,46 @@ impl Vm {
         Ok(Msrs::from_entries(&entries)?)
     }
 
+    /// Throttles the vCPU like QEMU's cpu-throttle: in every 10 ms
+    /// timeslice it runs, it then sleeps `percent / (100 - percent)` of a
+    /// timeslice (at 99%: 990 ms). A ticker thread kicks the vCPU out of
+    /// KVM_RUN once per timeslice, so a guest that never exits is
+    /// throttled too. 0 ends throttling. At most 99.
+    pub fn set_throttle(&self, percent: u8) {
+        self.core.throttle.store(percent.min(99), Ordering::Release);
+        self.core
+            .max_throttle
+            .fetch_max(percent.min(99), Ordering::AcqRel);
+        // Wake a throttled vCPU sleeping out a longer timeslice.
+        let _g = self.core.status();
+        self.core.changed.notify_all();
+    }
+
+    /// The throttle in force, percent.
+    pub fn throttle(&self) -> u8 {
+        self.core.throttle.load(Ordering::Acquire)
+    }
+
+    /// The highest throttle set so far, percent.
+    pub fn max_throttle(&self) -> u8 {
+        self.core.max_throttle.load(Ordering::Acquire)
+    }
+
     /// Stops the vCPU thread for good and joins it. Also done on drop.
     pub fn shutdown(&mut self) -> Result<()> {
         let Some(t) = self.thread.take() else {
             return Ok(());
         };
         self.core.request.store(REQ_STOP, Ordering::Release);
+        {
+            let _g = self.core.status();
+            self.core.changed.notify_all();
+        }
+        // The ticker first: it kicks the vCPU thread by its pthread_t,
+        // which must not be used once that thread is joined.
+        if let Some(k) = self.ticker.take() {
+            let _ = k.join();
+        }
         {
             // Wake a paused thread under the lock it waits with.
             let _g = self.core.status();
@@ -810,9 +880,42 @@ fn vcpu_thread(core: &Core) -> Result<()> {
     }
 }
 
+/// Sleeps out the throttle once the vCPU has run a whole timeslice; a
+/// pause or stop request (or a throttle change) cuts the sleep short.
+fn throttle_point(core: &Core, slice_start: &mut Instant) {
+    let pct = u32::from(core.throttle.load(Ordering::Acquire));
+    if pct == 0 {
+        *slice_start = Instant::now();
+        return;
+    }
+    if slice_start.elapsed() < THROTTLE_SLICE {
+        return;
+    }
+    let sleep = THROTTLE_SLICE * pct / (100 - pct);
+    let until = Instant::now() + sleep;
+    let mut st = core.status();
+    loop {
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero()
+            || core.request.load(Ordering::Acquire) != REQ_RUN
+            || u32::from(core.throttle.load(Ordering::Acquire)) != pct
+        {
+            break;
+        }
+        st = core
+            .changed
+            .wait_timeout(st, left)
+            .unwrap_or_else(|p| p.into_inner())
+            .0;
+    }
+    *slice_start = Instant::now();
+}
+
 /// Runs the vCPU until the request is no longer REQ_RUN.
 fn run_until_asked(core: &Core, vcpu: &mut VcpuFd) -> Result<()> {
+    let mut slice_start = Instant::now();
     while core.request.load(Ordering::Acquire) == REQ_RUN {
+        throttle_point(core, &mut slice_start);
         match vcpu.run() {
             Ok(exit) => match exit {
                 VcpuExit::IoOut(port, data) => {

@@ -217,6 +217,20 @@ fn ring_precopy_converges() {
 }
 
 fn ring_available() -> bool {
+    if multifd_example_vmm::ring_overflows() && std::env::var_os("MULTIFD_TEST_RING").is_none() {
+        // kvm_pvm does not stop the vCPU at the ring's soft limit: a
+        // collector that is descheduled for ~200 ms (a loaded 2-core
+        // machine) lets this guest fill the largest ring (65536 entries)
+        // and the kernel then overwrites entries. A harvester thread only
+        // moves the window (it can be descheduled too), and the ring cannot
+        // be made bigger. DirtyTracking::Auto picks the bitmap on such
+        // hosts, so the ring is not what runs there anyway.
+        eprintln!(
+            "\n*** SKIPPED: kvm_pvm host, whose dirty ring overflows when not collected in \
+             time; MULTIFD_TEST_RING=1 runs the ring tests anyway ***\n"
+        );
+        return false;
+    }
     let cfg = VmConfig {
         dirty: DirtyTracking::Ring,
         ..config()

@@ -244,6 +244,14 @@ impl StreamReader {
                 }
             }
         }
+        if tail.is_empty() {
+            // A source that stopped after its last RAM section (cancelled
+            // during the switchover): nothing of a tail came.
+            return Err(Error::PeerClosed {
+                endpoint: Endpoint::Main,
+                when: "after the RAM sections, before EOF",
+            });
+        }
         let vmdesc = check_tail(&tail).map_err(|e| Error::wire(Endpoint::Main, e))?;
         if require_vmdesc && vmdesc.is_none() {
             return Err(Error::PeerClosed {

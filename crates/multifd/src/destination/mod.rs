@@ -116,6 +116,18 @@ pub struct Incoming {
     pub stats: Stats,
 }
 
+impl Incoming {
+    /// The opaque device state the source sent with
+    /// [`device_state_section`](crate::device_state_section), or `None`
+    /// when the tail holds none (a QEMU source's tail, a source without
+    /// device state). Handed out only after every page was applied, since
+    /// an `Incoming` exists only then. A damaged section is
+    /// [`Error::Wire`].
+    pub fn device_state(&self) -> Result<Option<&[u8]>> {
+        crate::device_state::find_device_state(&self.tail)
+    }
+}
+
 /// Receives one migration on `listener`.
 pub fn receive(
     listener: &Listener,

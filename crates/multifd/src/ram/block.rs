@@ -5,8 +5,10 @@ use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use vm_memory::FileOffset;
+use vm_memory::bitmap::Bitmap;
 use vm_memory::mmap::MmapRegion;
 
 use super::received::ReceivedBitmap;
@@ -29,7 +31,7 @@ pub enum Access {
 pub struct RamBlock {
     name: String,
     len: u64,
-    region: MmapRegion<()>,
+    region: Arc<dyn Mapping>,
     access: Access,
     /// True when the memory is known to read as zero where nothing was
     /// written yet (fresh anonymous memory or a file we just created), so a
@@ -47,6 +49,24 @@ impl std::fmt::Debug for RamBlock {
             .field("access", &self.access)
             .field("path", &self.path)
             .finish_non_exhaustive()
+    }
+}
+
+/// A mapping a block's pages live in: one we made, or the caller's
+/// vm-memory region (any dirty bitmap type), kept alive by the `Arc`.
+trait Mapping: Send + Sync {
+    /// Start of the mapping.
+    fn ptr(&self) -> *mut u8;
+    /// The file behind it, if any.
+    fn file(&self) -> Option<&FileOffset>;
+}
+
+impl<B: Bitmap + Send + Sync> Mapping for MmapRegion<B> {
+    fn ptr(&self) -> *mut u8 {
+        self.as_ptr()
+    }
+    fn file(&self) -> Option<&FileOffset> {
+        self.file_offset()
     }
 }
 
@@ -196,7 +216,7 @@ impl RamBlock {
         // no contents and no mapping attributes.
         unsafe {
             libc::madvise(
-                block.region.as_ptr().cast(),
+                block.region.ptr().cast(),
                 block.len as usize,
                 libc::MADV_RANDOM,
             );
@@ -241,17 +261,57 @@ impl RamBlock {
             Some((file, path)) => (Some(FileOffset::new(file, 0)), Some(path.to_owned())),
             None => (None, None),
         };
-        let region = MmapRegion::build(file, size, prot, flags).map_err(|e| Error::Map {
+        let region = MmapRegion::<()>::build(file, size, prot, flags).map_err(|e| Error::Map {
             name: name.to_owned(),
             reason: e.to_string(),
         })?;
         Ok(Self {
             name: name.to_owned(),
             len,
-            region,
+            region: Arc::new(region),
             access,
             starts_zeroed,
             path,
+            received: ReceivedBitmap::new(len / PAGE_SIZE_U64),
+        })
+    }
+
+    /// A block over a vm-memory mapping the caller already has (a
+    /// `GuestRegionMmap`'s `get_mmap()`, or an `MmapRegion` of its own),
+    /// without copying: pages are read from and written to that mapping,
+    /// which the block keeps alive. `access` must not ask for more than the
+    /// mapping's protection allows. `starts_zeroed` promises that pages a
+    /// destination never receives read as zero (fresh anonymous memory);
+    /// when unsure, pass `false` (zero pages are then written).
+    pub fn from_mmap<B: Bitmap + Send + Sync + 'static>(
+        name: &str,
+        region: Arc<MmapRegion<B>>,
+        access: Access,
+        starts_zeroed: bool,
+    ) -> Result<Self> {
+        let len = region.size() as u64;
+        check_name_and_len(name, len)?;
+        let need = match access {
+            Access::ReadOnly => libc::PROT_READ,
+            Access::ReadWrite => libc::PROT_READ | libc::PROT_WRITE,
+        };
+        if region.prot() & need != need {
+            return Err(Error::Config(format!(
+                "RAM block {name:?}: the mapping's protection does not allow {access:?}"
+            )));
+        }
+        if !(region.as_ptr() as usize).is_multiple_of(PAGE_SIZE_U64 as usize) {
+            return Err(Error::Config(format!(
+                "RAM block {name:?}: the mapping is not page-aligned"
+            )));
+        }
+        Ok(Self {
+            name: name.to_owned(),
+            len,
+            region,
+            access,
+            starts_zeroed,
+            path: None,
             received: ReceivedBitmap::new(len / PAGE_SIZE_U64),
         })
     }
@@ -333,7 +393,7 @@ impl RamBlock {
         // SAFETY: by the contract `offset + 4096 <= len`, and `len` is the
         // mapping's size, so the result stays inside the mapping; `offset <
         // len <= isize::MAX` (the mapping exists), so the add cannot overflow.
-        unsafe { self.region.as_ptr().add(offset as usize) }
+        unsafe { self.region.ptr().add(offset as usize) }
     }
 
     /// Maps the pages of `offset..offset + len` into this process with one
@@ -458,7 +518,8 @@ impl RamBlock {
     /// into a hole. Does nothing for anonymous or read-only blocks, nor on
     /// file systems that cannot punch holes.
     pub fn release_unwritten(&self) -> Result<u64> {
-        let (Some(fo), Access::ReadWrite) = (self.region.file_offset(), self.access) else {
+        let (Some(fo), Access::ReadWrite, Some(_)) = (self.region.file(), self.access, &self.path)
+        else {
             return Ok(0);
         };
         let file = fo.file();

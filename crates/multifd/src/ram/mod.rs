@@ -82,6 +82,27 @@ impl GuestRam {
         self.blocks.iter().map(RamBlock::pages).sum()
     }
 
+    /// Every region of a vm-memory `GuestMemoryMmap` as a block, without
+    /// copying (see [`RamBlock::from_mmap`]), named by `name(index,
+    /// region)`, read-write, not assumed zeroed.
+    pub fn from_guest_memory<B: vm_memory::bitmap::Bitmap + Send + Sync + 'static>(
+        memory: &vm_memory::GuestMemoryMmap<B>,
+        mut name: impl FnMut(usize, &vm_memory::GuestRegionMmap<B>) -> String,
+    ) -> Result<Self> {
+        use vm_memory::GuestMemoryBackend;
+        let mut ram = Self::new();
+        for (i, region) in memory.iter().enumerate() {
+            let id = name(i, region);
+            ram.push(RamBlock::from_mmap(
+                &id,
+                region.get_mmap(),
+                Access::ReadWrite,
+                false,
+            )?)?;
+        }
+        Ok(ram)
+    }
+
     /// The MEM_SIZE block list describing these blocks.
     pub fn block_infos(&self) -> Vec<RamBlockInfo> {
         self.blocks

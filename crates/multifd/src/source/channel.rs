@@ -7,16 +7,18 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use multifd_wire::packet::{PAGES_PER_PACKET, RAM_PACKET_HEADER_SIZE, RamPacketEncoder};
 
-use super::dispatch::{Job, JobQueue};
+use super::dispatch::{Job, JobQueue, SyncsWritten};
+use super::rate_limit::RateLimiter;
 use crate::config::ZeroPageDetection;
 use crate::error::{Endpoint, Error, Result};
+use crate::lifecycle::Abort;
 use crate::method::SendMethod;
 use crate::ram::PageBatch;
 use crate::stats::Progress;
 use crate::transport::{Connection, IoSlice};
 
 /// Everything one channel thread needs.
-pub(super) struct ChannelWorker<'a> {
+pub(super) struct ChannelWorker<'a, 'w> {
     pub(super) id: u8,
     pub(super) conn: Connection,
     pub(super) method: Box<dyn SendMethod>,
@@ -25,12 +27,17 @@ pub(super) struct ChannelWorker<'a> {
     pub(super) progress: &'a Progress,
     /// Set once this channel wrote its last byte (a hang-up is then normal).
     pub(super) done: &'a AtomicBool,
+    /// `max_bandwidth`, shared by all channels.
+    pub(super) limiter: &'a RateLimiter,
+    /// Counts the SYNC packets written.
+    pub(super) syncs: &'a SyncsWritten,
+    pub(super) abort: &'a Abort<'w>,
 }
 
 /// A packet header's buffer.
 type Header = [u8; RAM_PACKET_HEADER_SIZE];
 
-impl ChannelWorker<'_> {
+impl ChannelWorker<'_, '_> {
     /// Runs until the queue closes (normal end) or an error.
     pub(super) fn run(mut self, jobs: JobQueue<'_>) -> Result<()> {
         let mut header: Box<Header> = Box::new([0; RAM_PACKET_HEADER_SIZE]);
@@ -85,6 +92,10 @@ impl ChannelWorker<'_> {
             source,
         })?;
         iovs[0] = IoSlice::new(&header[..]);
+        self.limiter.take(
+            RAM_PACKET_HEADER_SIZE as u64 + u64::from(payload),
+            self.abort,
+        );
         self.conn
             .writev_all(&mut iovs)
             .map_err(|e| Error::io(format!("multifd channel {}: writing a packet", self.id), e))?;
@@ -115,6 +126,7 @@ impl ChannelWorker<'_> {
             .map_err(|e| Error::io(format!("multifd channel {}: writing a SYNC", self.id), e))?;
         self.progress
             .add(&self.progress.bytes, RAM_PACKET_HEADER_SIZE as u64);
+        self.syncs.add();
         Ok(())
     }
 }

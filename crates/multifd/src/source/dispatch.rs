@@ -14,10 +14,47 @@
 //! it wakes once per several batches, not once per batch (on two cores, a
 //! wake-up per packet was three quarters of a migration's context switches).
 
+use std::sync::{Condvar, Mutex};
+use std::time::Duration;
+
 use crossbeam_channel::{Receiver, Sender, TrySendError, bounded};
 
 use crate::error::{Error, Result};
+use crate::lifecycle::Abort;
 use crate::ram::PageBatch;
+
+/// SYNC packets the channels have written, for a driver that waits for a
+/// round to be on the wire (QEMU's `multifd_send_sync_main()` waits too):
+/// that is what makes a round's measured time its transfer time.
+#[derive(Debug, Default)]
+pub(super) struct SyncsWritten {
+    count: Mutex<u64>,
+    changed: Condvar,
+}
+
+impl SyncsWritten {
+    /// A channel wrote a SYNC packet.
+    pub(super) fn add(&self) {
+        *self.count.lock().unwrap_or_else(|p| p.into_inner()) += 1;
+        self.changed.notify_all();
+    }
+
+    /// Waits until `target` SYNCs were written, or the migration aborted.
+    pub(super) fn wait_for(&self, target: u64, abort: &Abort<'_>) -> Result<()> {
+        let mut n = self.count.lock().unwrap_or_else(|p| p.into_inner());
+        while *n < target {
+            if abort.is_aborted() {
+                return Err(Error::Aborted);
+            }
+            n = self
+                .changed
+                .wait_timeout(n, Duration::from_millis(20))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        Ok(())
+    }
+}
 
 /// Work for a channel.
 #[derive(Debug)]

@@ -9,27 +9,50 @@
 //! device state (or a recorded tail), EOF
 //! ```
 //! Each chunk ends with a sync, so per-round and per-section flushing only
-//! differ in whether the FLUSH record is written.
+//! differ in whether the FLUSH record is written. The driver waits for
+//! every channel's SYNC to be written before it takes the next dirty log,
+//! so a round's time is the time its pages took to go out: that gives the
+//! bandwidth (pages per second) of the round.
+//!
+//! ## When to switch over
+//! After each dirty sync the expected downtime is
+//! `dirty pages * 4096 / bytes per second of the last round + fixed costs`
+//! (QEMU's estimate: a dirty page counts as a data page), where
+//! the fixed costs are measured: the last `collect_dirty` (the final sync
+//! after the pause does the same work), an empty sync round trip (measured
+//! at setup: SYNC on every channel and the main-stream chunk) and the pause
+//! itself (unknown before the first one: [`PAUSE_ESTIMATE`]). Switchover
+//! when it fits in the downtime limit; when rounds stop shrinking the
+//! [`Convergence`] controls throttle the vCPUs and/or raise the limit; at
+//! `max_rounds` / `max_time` either [`Error::NotConverging`] (the VM was
+//! never paused) or a forced switchover ([`OnLimit`]).
 
-use std::sync::atomic::Ordering;
-use std::time::Instant;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::time::{Duration, Instant};
 
 use multifd_wire::PAGE_SIZE_U64;
 use multifd_wire::packet::PAGES_PER_PACKET;
 use multifd_wire::stream::{Command, Configuration};
 
-use super::dispatch::{Dispatcher, Job};
+use super::convergence::Convergence;
+use super::dispatch::{Dispatcher, Job, SyncsWritten};
 use super::main_stream::MainStream;
-use super::{SourceOptions, SourceVm};
+use super::rate_limit::RateLimiter;
+use super::{OnLimit, SourceOptions, SourceVm};
 use crate::config::{FlushMode, ZeroPageDetection};
 use crate::error::{Error, Result};
 use crate::lifecycle::{Abort, Cancel, Watchdog};
 use crate::ram::{GuestRam, PageBatch, RamBlock};
-use crate::stats::Progress;
+use crate::stats::{MigrationStatus, Progress, SyncFigures};
 
 /// QEMU reads (and discards) a vmdesc after EOF and warns when it is
 /// missing; ours describes the sections we sent: none.
 const EMPTY_VMDESC: &[u8] = br#"{"page_size": 4096, "devices": []}"#;
+
+/// What stopping the vCPUs is assumed to cost before it was measured (a
+/// signal to each vCPU thread and its exit from KVM_RUN: well below this).
+const PAUSE_ESTIMATE: Duration = Duration::from_millis(1);
 
 /// Which pages a round sends.
 enum Round<'d> {
@@ -37,6 +60,16 @@ enum Round<'d> {
     All,
     /// The listed offsets of each block.
     Dirty(&'d [Vec<u64>]),
+}
+
+/// What the driver did to the caller's VM, for [`super::migrate`] to undo
+/// after a failure and to report.
+#[derive(Debug, Default)]
+pub(super) struct VmMarks {
+    /// When the VM was paused for the switchover.
+    pub(super) paused_at: OnceLock<Instant>,
+    /// The throttle last set, percent.
+    pub(super) throttle: AtomicU8,
 }
 
 pub(super) struct Driver<'a, 'w> {
@@ -49,6 +82,13 @@ pub(super) struct Driver<'a, 'w> {
     pub(super) abort: &'a Abort<'w>,
     /// Told when the caller's VM is working (its time is not idleness).
     pub(super) watchdog: &'a Watchdog,
+    pub(super) limiter: &'a RateLimiter,
+    pub(super) syncs: &'a SyncsWritten,
+    /// SYNCs expected from the channels so far.
+    pub(super) syncs_due: u64,
+    pub(super) channels: u64,
+    pub(super) started: Instant,
+    pub(super) marks: &'a VmMarks,
 }
 
 impl<'a> Driver<'a, '_> {
@@ -73,62 +113,145 @@ impl<'a> Driver<'a, '_> {
                 })
             })?,
         }
-        // Setup: the block list, then a sync before any page.
+        // Setup: the block list, then a sync before any page. Its round
+        // trip is the fixed cost of a sync.
         let infos = self.ram.block_infos();
         self.main.encode(|e| e.ram_start(&infos))?;
+        let t = Instant::now();
         self.close_chunk()?;
+        let sync_cost = t.elapsed();
+        self.progress.set_setup_time(self.started.elapsed());
+        self.progress.set_status(MigrationStatus::Active);
 
         // Round 1: every page.
         let t = Instant::now();
         self.main.encode(|e| e.ram_part())?;
-        self.send_round(Round::All)?;
+        let bytes0 = self.progress.bytes.load(Ordering::Relaxed);
+        let mut sent = self.send_round(Round::All)?;
         self.close_chunk()?;
-        let mut rate_pages_per_s = rate(self.ram.total_pages(), t);
+        let mut last_sync = Instant::now();
+        let mut bytes_per_s = rate(
+            self.progress.bytes.load(Ordering::Relaxed) - bytes0,
+            t,
+            last_sync,
+        );
 
         // Iterate until the rest fits in the downtime.
+        let mut conv = Convergence::new(self.opts);
         let mut dirty: Vec<Vec<u64>> = vec![Vec::new(); self.ram.blocks().len()];
-        let mut rounds = 1;
+        let mut rounds: u32 = 1;
         loop {
             self.check_cancel()?;
             dirty.iter_mut().for_each(Vec::clear);
+            let t = Instant::now();
             {
                 let _vm_work = self.watchdog.hold();
                 vm.collect_dirty(self.ram, &mut dirty)?;
             }
-            let count: usize = dirty.iter().map(Vec::len).sum();
-            let fits = (count as f64) <= rate_pages_per_s * self.opts.downtime_limit.as_secs_f64();
-            if count == 0 || fits || rounds >= self.opts.max_rounds {
+            let now = Instant::now();
+            let collect_cost = now - t;
+            let count: u64 = dirty.iter().map(|d| d.len() as u64).sum();
+            let dirty_rate = rate(count, last_sync, now);
+            last_sync = now;
+            let fixed = collect_cost + sync_cost + PAUSE_ESTIMATE;
+            // Like QEMU: the dirty pages as bytes at the bytes per second
+            // of the last round (zero pages go faster, so this errs long).
+            let expected = if count == 0 {
+                fixed
+            } else if bytes_per_s > 0.0 {
+                fixed + Duration::from_secs_f64(count as f64 * PAGE_SIZE_U64 as f64 / bytes_per_s)
+            } else {
+                Duration::MAX
+            };
+            if let Some(throttle) = conv.after_sync(count, sent) {
+                let _vm_work = self.watchdog.hold();
+                vm.throttle(throttle)?;
+                self.marks.throttle.store(throttle, Ordering::Relaxed);
+                self.progress.set_throttle(throttle);
+                tracing::info!(
+                    throttle,
+                    round = rounds,
+                    "auto-converge: throttling the vCPUs"
+                );
+            }
+            self.progress.set_sync(SyncFigures {
+                remaining_pages: count,
+                expected_downtime: expected,
+                dirty_pages_rate: dirty_rate as u64,
+                bandwidth: bytes_per_s as u64,
+                downtime_limit: conv.limit(),
+            });
+            tracing::debug!(
+                round = rounds,
+                dirty = count,
+                expected_ms = expected.as_secs_f64() * 1e3,
+                mib_per_s = bytes_per_s / f64::from(1 << 20),
+                "dirty sync"
+            );
+            if count == 0 || expected <= conv.limit() {
                 break;
             }
+            let out_of_time = self
+                .opts
+                .max_time
+                .is_some_and(|m| self.started.elapsed() >= m);
+            if rounds >= self.opts.max_rounds || out_of_time {
+                match self.opts.on_limit {
+                    OnLimit::Switchover => break,
+                    OnLimit::Fail => {
+                        return Err(Error::NotConverging {
+                            rounds,
+                            elapsed_ms: self.started.elapsed().as_millis() as u64,
+                            remaining_pages: count,
+                            expected_downtime_ms: expected.as_millis().min(u64::MAX.into()) as u64,
+                            limit_ms: conv.limit().as_millis() as u64,
+                        });
+                    }
+                }
+            }
             let t = Instant::now();
+            let bytes0 = self.progress.bytes.load(Ordering::Relaxed);
             self.main.encode(|e| e.ram_part())?;
-            self.send_round(Round::Dirty(&dirty))?;
+            sent = self.send_round(Round::Dirty(&dirty))?;
             self.close_chunk()?;
             rounds += 1;
-            rate_pages_per_s = rate(count as u64, t);
+            let done = Instant::now();
+            bytes_per_s = rate(
+                self.progress.bytes.load(Ordering::Relaxed) - bytes0,
+                t,
+                done,
+            );
         }
 
         // Completion: pause, send what is still dirty, then device state.
+        self.progress.set_status(MigrationStatus::Device);
         let mut more: Vec<Vec<u64>> = vec![Vec::new(); self.ram.blocks().len()];
         {
             let _vm_work = self.watchdog.hold();
+            let _ = self.marks.paused_at.set(Instant::now());
             vm.pause()?;
             // What was collected above is still unsent; add what came since.
             vm.collect_dirty(self.ram, &mut more)?;
         }
+        self.limiter.lift();
         for (last, extra) in dirty.iter_mut().zip(more) {
-            last.extend(extra);
-            last.sort_unstable();
-            last.dedup();
+            if !extra.is_empty() {
+                last.extend(extra);
+                last.sort_unstable();
+                last.dedup();
+            }
         }
         if self.opts.plan.switchover_start {
             self.main.encode(|e| e.command(Command::SwitchoverStart))?;
         }
         self.main.encode(|e| e.ram_end())?;
-        self.send_round(Round::Dirty(&dirty))?;
+        let last = self.send_round(Round::Dirty(&dirty))?;
+        tracing::debug!(pages = last, "final round");
         self.close_chunk()?;
+        self.progress.set_remaining_pages(0);
         // The point of no return: once EOF goes out the destination can
         // complete, so a cancel from now on is ignored.
+        self.check_cancel()?;
         if !self.abort.complete() {
             return Err(Error::Aborted);
         }
@@ -150,8 +273,10 @@ impl<'a> Driver<'a, '_> {
 
     /// Sync point, FLUSH (per-round mode), EOS and footer; writes the main
     /// stream out.
+    /// Waits until every channel wrote its SYNC.
     fn close_chunk(&mut self) -> Result<()> {
         self.dispatcher.sync_all()?;
+        self.syncs_due += self.channels;
         let per_round = self.opts.config.flush_mode == FlushMode::PerRound;
         self.main.encode(|e| {
             if per_round {
@@ -160,11 +285,12 @@ impl<'a> Driver<'a, '_> {
             e.close_chunk()
         })?;
         self.progress.add(&self.progress.rounds, 1);
-        self.main.flush()
+        self.main.flush()?;
+        self.syncs.wait_for(self.syncs_due, self.abort)
     }
 
-    /// Sends the pages of one round.
-    fn send_round(&mut self, round: Round<'_>) -> Result<()> {
+    /// Sends the pages of one round; returns how many.
+    fn send_round(&mut self, round: Round<'_>) -> Result<u64> {
         let planned: u64 = match round {
             Round::All => self.ram.total_pages(),
             Round::Dirty(d) => d.iter().map(|v| v.len() as u64).sum(),
@@ -182,7 +308,7 @@ impl<'a> Driver<'a, '_> {
                 Round::Dirty(d) => self.send_block(block, d[b].iter().copied())?,
             }
         }
-        Ok(())
+        Ok(planned)
     }
 
     /// Sends `offsets` of `block`: in batches to the channels, or (legacy
@@ -215,8 +341,8 @@ impl<'a> Driver<'a, '_> {
     }
 }
 
-/// Pages per second moved since `t`.
-fn rate(pages: u64, t: Instant) -> f64 {
-    let secs = t.elapsed().as_secs_f64();
-    if secs > 0.0 { pages as f64 / secs } else { 0.0 }
+/// `n` per second from `from` to `to`.
+fn rate(n: u64, from: Instant, to: Instant) -> f64 {
+    let secs = to.duration_since(from).as_secs_f64();
+    if secs > 0.0 { n as f64 / secs } else { 0.0 }
 }

@@ -91,3 +91,4 @@ pub fn check_consistent(vm: &Vm) -> CounterState {
 pub fn config() -> VmConfig {
     VmConfig::default()
 }
+pub mod live;
