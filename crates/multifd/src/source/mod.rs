@@ -170,15 +170,19 @@ fn migrate_inner(
         }
     };
     let main = open(Endpoint::Main)?;
-    let mut channels = Vec::with_capacity(cfg.channels.into());
-    for id in 0..cfg.channels {
-        let mut conn = open(Endpoint::Channel(id))?;
-        let init = InitPacket { uuid: cfg.uuid, id }.encode();
-        std::io::Write::write_all(&mut conn, &init)
-            .map_err(|e| Error::io(format!("multifd channel {id}: writing initial packet"), e))?;
-        progress.add(&progress.bytes, init.len() as u64);
-        channels.push(conn);
-    }
+    let mut channels = peer_watch::while_main_is_up(&main, abort, || {
+        let mut channels = Vec::with_capacity(cfg.channels.into());
+        for id in 0..cfg.channels {
+            let mut conn = open(Endpoint::Channel(id))?;
+            let init = InitPacket { uuid: cfg.uuid, id }.encode();
+            std::io::Write::write_all(&mut conn, &init).map_err(|e| {
+                Error::io(format!("multifd channel {id}: writing initial packet"), e)
+            })?;
+            progress.add(&progress.bytes, init.len() as u64);
+            channels.push(conn);
+        }
+        Ok(channels)
+    })?;
 
     let packet_num = AtomicU64::new(0);
     // done[0]: the main stream, done[1 + id]: channel `id`.
