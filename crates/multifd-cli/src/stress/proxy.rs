@@ -158,9 +158,6 @@ pub enum Plan {
     Silent { conn: usize },
     /// XOR byte `at` of what connection `conn` sends with `xor`.
     Corrupt { conn: usize, at: u64, xor: u8 },
-    /// Always hold back the last `keep` bytes connection `conn` sent until
-    /// more come (a later [`Proxy::cut_tail`] forwards part of them and cuts).
-    Tail { conn: usize, keep: usize },
     /// Stop reading (and forwarding) connection `conn` after `at` bytes:
     /// the sender's writes block, the receiver waits mid-stream.
     HoldAt { conn: usize, at: u64 },
@@ -172,8 +169,12 @@ enum Cmd {
     None,
     /// Cut once this many more bytes went through.
     After(u64),
+    /// From now on, hold back the last this many bytes until more come.
+    Hold(usize),
     /// Forward this many of the held-back bytes, then cut.
     Tail(usize),
+    /// Stop holding ([`Plan::HoldAt`]): forward again.
+    Release,
 }
 
 /// One proxied connection.
@@ -217,7 +218,7 @@ impl Shared {
 enum Front {
     Tcp(TcpListener),
     Unix(UnixListener, PathBuf),
-    Socket(socket2::Socket),
+    Socket(#[allow(dead_code)] socket2::Socket),
 }
 
 impl Front {
@@ -321,16 +322,33 @@ impl Proxy {
         }
     }
 
-    /// Forwards `n` of the bytes held back on connection `conn` (a
-    /// [`Plan::Tail`]), then cuts it.
+    /// From now on, holds back the last `keep` bytes connection `conn`
+    /// sent until more come: when it goes quiet, the end of its last
+    /// packet is here (see [`Proxy::cut_tail`]).
+    pub fn hold_tail(&self, conn: usize, keep: usize) {
+        if let Some(l) = self.shared.link(conn) {
+            *l.cmd.lock().unwrap_or_else(|p| p.into_inner()) = Cmd::Hold(keep);
+        }
+    }
+
+    /// Ends the stall of a [`Plan::HoldAt`]: the connection forwards again.
+    pub fn release(&self, conn: usize) {
+        if let Some(l) = self.shared.link(conn) {
+            *l.cmd.lock().unwrap_or_else(|p| p.into_inner()) = Cmd::Release;
+        }
+    }
+
+    /// Forwards `n` of the bytes held back on connection `conn` (see
+    /// [`Proxy::hold_tail`]), then cuts it.
     pub fn cut_tail(&self, conn: usize, n: usize) {
         if let Some(l) = self.shared.link(conn) {
             *l.cmd.lock().unwrap_or_else(|p| p.into_inner()) = Cmd::Tail(n);
         }
     }
 
-    /// Waits until every connection accepted so far has ended, at most
-    /// `limit`; whether they all have.
+    /// Waits until every forwarded connection accepted so far has ended,
+    /// at most `limit`; whether they all have. (A `Silent` one ends only
+    /// when the sender closes it.)
     pub fn wait_all_ended(&self, limit: Duration) -> bool {
         let deadline = Instant::now() + limit;
         let links: Vec<Arc<Link>> = self
@@ -339,15 +357,23 @@ impl Proxy {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
-        links.iter().all(|l| {
+        let ok = links.iter().filter(|l| l.up.is_some()).all(|l| {
             l.ended
                 .wait(deadline.saturating_duration_since(Instant::now()))
-        })
-    }
-
-    /// Connections accepted so far.
-    pub fn accepted(&self) -> u64 {
-        self.shared.accepted.load(Ordering::Acquire)
+        });
+        if std::env::var_os("MULTIFD_STRESS_DEBUG").is_some() {
+            for (i, l) in links.iter().enumerate() {
+                eprintln!(
+                    "  link {i}: sent {} up_closed {} ended {} down {} up {}",
+                    l.sent.load(Ordering::Acquire),
+                    l.up_closed.load(Ordering::Acquire),
+                    l.ended.is_set(),
+                    l.down.strong_count(),
+                    l.up.as_ref().map_or(0, Weak::strong_count),
+                );
+            }
+        }
+        ok
     }
 
     /// Gives the connections `grace` to end by themselves, then stops and
@@ -524,6 +550,9 @@ fn accept_loop(front: Front, upstream: &Uri, plan: Plan, sh: &Arc<Shared>) -> Ve
             .unwrap_or_else(|p| p.into_inner())
             .push(link.clone());
         sh.accepted.fetch_add(1, Ordering::AcqRel);
+        if std::env::var_os("MULTIFD_STRESS_DEBUG").is_some() {
+            eprintln!("  proxy accepted {i}");
+        }
         if silent {
             sh.holding.set();
             sh.fired.set();
@@ -538,7 +567,7 @@ fn accept_loop(front: Front, upstream: &Uri, plan: Plan, sh: &Arc<Shared>) -> Ve
         let fwd = std::thread::Builder::new()
             .name("stress-pump".into())
             .spawn(move || {
-                pump(i, &down, up.as_deref(), &l2, plan, &sh2);
+                let cut = pump(i, &down, up.as_deref(), &l2, plan, &sh2);
                 // Wait for the other direction; then the last handles
                 // close (a reset towards the sender).
                 if let Some(Ok(b)) = back {
@@ -546,6 +575,10 @@ fn accept_loop(front: Front, upstream: &Uri, plan: Plan, sh: &Arc<Shared>) -> Ve
                 }
                 drop((down, up));
                 l2.ended.set();
+                if cut {
+                    // Only now: the sender's next write fails for sure.
+                    sh2.fired.set();
+                }
             });
         match fwd {
             Ok(h) => pumps.push(h),
@@ -573,15 +606,13 @@ fn pump_back(up: &Sock, down: &Sock, l: &Link, sh: &Shared) {
     l.up_closed.store(true, Ordering::Release);
 }
 
-/// Sender to receiver, with the fault.
-fn pump(i: usize, down: &Sock, up: Option<&Sock>, l: &Link, plan: Plan, sh: &Shared) {
+/// Sender to receiver, with the fault. Returns whether it cut the
+/// connection.
+fn pump(i: usize, down: &Sock, up: Option<&Sock>, l: &Link, plan: Plan, sh: &Shared) -> bool {
     let mut buf = vec![0u8; 64 * 1024];
     let mut held: Vec<u8> = Vec::new();
-    let keep = match plan {
-        Plan::Tail { conn, keep } if conn == i => keep,
-        _ => 0,
-    };
-    let hold_at = match plan {
+    let mut keep = 0;
+    let mut hold_at = match plan {
         Plan::HoldAt { conn, at } if conn == i => Some(at),
         _ => None,
     };
@@ -594,7 +625,7 @@ fn pump(i: usize, down: &Sock, up: Option<&Sock>, l: &Link, plan: Plan, sh: &Sha
             up.shutdown(Shutdown::Both);
         }
         down.shutdown(Shutdown::Both);
-        sh.fired.set();
+        true
     };
     loop {
         if sh.stop.load(Ordering::Acquire) {
@@ -606,6 +637,8 @@ fn pump(i: usize, down: &Sock, up: Option<&Sock>, l: &Link, plan: Plan, sh: &Sha
         ) {
             Cmd::None => {}
             Cmd::After(n) => cut_at = Some(total + n),
+            Cmd::Hold(n) => keep = n,
+            Cmd::Release => hold_at = None,
             Cmd::Tail(n) => {
                 let n = n.min(held.len());
                 return cut(&held[..n]);
@@ -641,7 +674,7 @@ fn pump(i: usize, down: &Sock, up: Option<&Sock>, l: &Link, plan: Plan, sh: &Sha
                     up.shutdown(Shutdown::Write);
                 }
                 // The receiver ends its side when it is done.
-                return;
+                return false;
             }
             Ok(n) => n,
             Err(e) if idle(&e) => continue,
@@ -678,4 +711,5 @@ fn pump(i: usize, down: &Sock, up: Option<&Sock>, l: &Link, plan: Plan, sh: &Sha
         up.shutdown(Shutdown::Both);
     }
     down.shutdown(Shutdown::Both);
+    false
 }

@@ -272,7 +272,6 @@ fn migrate_inner(
             main: MainStream::new(main, opts.plan.ram_section_id, progress),
             progress,
             cancel,
-            abort,
             watchdog,
         };
         let driven = lifecycle::catch_panic(abort, "multifd-driver", || driver.run(vm));
@@ -286,8 +285,11 @@ fn migrate_inner(
         for h in handles {
             let _ = h.join();
         }
-        if driven.is_some() && !abort.is_aborted() {
-            // All channel data is written: end the main stream.
+        // Every channel has written its last packet. The point of no
+        // return: until the main stream's tail (EOF) goes out the
+        // destination cannot complete, so a cancel until here is honoured;
+        // from here on it is too late (other errors still count).
+        if driven.is_some() && abort.complete() {
             done[0].store(true, Ordering::Release);
             lifecycle::catch_panic(abort, "multifd-driver", || main.finish());
         }
