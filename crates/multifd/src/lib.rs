@@ -86,6 +86,7 @@ mod ram;
 pub mod snapshot;
 mod source;
 mod stats;
+mod sync;
 mod transport;
 
 pub use config::{
