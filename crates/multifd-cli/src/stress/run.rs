@@ -637,8 +637,10 @@ fn config(spec: &Spec) -> MigrationConfig {
     let faults = matches!(spec.kind, Kind::Fault(_));
     MigrationConfig {
         channels: spec.channels,
+        // Short, so faults that end in a timeout cost little; long enough
+        // for TLS handshakes on a loaded 2-core machine.
         handshake_timeout: if faults {
-            Duration::from_millis(300)
+            Duration::from_millis(600)
         } else {
             Duration::from_secs(5)
         },
