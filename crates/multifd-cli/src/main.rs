@@ -6,11 +6,13 @@ mod demo;
 mod image;
 mod inspect;
 mod parse;
+mod pki;
 mod progress;
 mod receive;
 mod report;
 mod rss;
 mod send;
+mod stress;
 mod trust;
 
 use std::collections::BTreeMap;
@@ -50,6 +52,8 @@ enum Cmd {
     /// The receiving half of `bench`'s raw TCP blast.
     #[command(hide = true)]
     RawReceive(bench::RawArgs),
+    /// Repeat a scenario (TLS rejection, faults, clean runs) in-process, checking for leaks.
+    Stress(stress::StressArgs),
     /// Decode a snapshot directory or a captured stream into a summary.
     Inspect {
         /// Snapshot directory, main-stream capture or multifd-channel capture.
@@ -232,6 +236,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::RawSend(a) => bench::raw_send(a),
         Cmd::RawReceive(a) => bench::raw_receive(a),
         Cmd::Demo(a) => demo::run(a),
+        Cmd::Stress(a) => stress::run(a),
         Cmd::Inspect { path } => inspect::run(&path),
         Cmd::GenImage { path, size, seed } => {
             image::generate(&path, size.as_u64(), image::Mix::default(), seed)

@@ -204,6 +204,7 @@ mod ram;
 pub mod snapshot;
 mod source;
 mod stats;
+mod sync;
 mod transport;
 
 pub use config::{

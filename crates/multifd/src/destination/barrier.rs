@@ -14,7 +14,7 @@
 //! data nothing orders: typed mismatches, instead of a wait that nothing
 //! would end or a page that might be stale.
 
-use std::sync::{Condvar, Mutex};
+use crate::sync::{Condvar, Mutex, MutexGuard};
 
 use crate::error::{Endpoint, Error, Result};
 use crate::lifecycle::Wake;
@@ -70,7 +70,7 @@ impl SyncBarrier {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+    fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -281,5 +281,97 @@ mod tests {
             barrier.arrive_and_wait(0),
             Err(Error::Mismatch(_))
         ));
+    }
+}
+
+/// Model checking of the barrier (`RUSTFLAGS="--cfg loom" cargo test -p
+/// multifd --release --lib loom`).
+#[cfg(all(test, loom))]
+mod loom_tests {
+    use super::*;
+    use crate::sync::Arc;
+    use loom::thread;
+
+    fn model(f: impl Fn() + Sync + Send + 'static) {
+        let mut b = loom::model::Builder::new();
+        b.preemption_bound = Some(3);
+        b.check(f);
+    }
+
+    /// A round: two channels arrive, the main loader waits for both and
+    /// releases them; nobody is left waiting (no lost wake-up).
+    #[test]
+    fn loom_a_round_releases_every_channel() {
+        model(|| {
+            let b = Arc::new(SyncBarrier::new(2));
+            let chans: Vec<_> = (0..2u8)
+                .map(|c| {
+                    let b = b.clone();
+                    thread::spawn(move || b.arrive_and_wait(c))
+                })
+                .collect();
+            b.wait_all_and_release().unwrap();
+            for t in chans {
+                t.join().unwrap().unwrap();
+            }
+        });
+    }
+
+    /// Close against arrivals: a channel arriving before, during or after
+    /// the close fails with a mismatch, never waits for ever.
+    #[test]
+    fn loom_close_fails_waiting_and_late_arrivals() {
+        model(|| {
+            let b = Arc::new(SyncBarrier::new(2));
+            let chans: Vec<_> = (0..2u8)
+                .map(|c| {
+                    let b = b.clone();
+                    thread::spawn(move || b.arrive_and_wait(c))
+                })
+                .collect();
+            b.close().unwrap();
+            for t in chans {
+                assert!(matches!(t.join().unwrap(), Err(Error::Mismatch(_))));
+            }
+        });
+    }
+
+    /// Abort against a round in progress: every party returns; the main
+    /// loader and the channels fail, or the round completed first.
+    #[test]
+    fn loom_abort_wakes_everyone_in_every_interleaving() {
+        model(|| {
+            let b = Arc::new(SyncBarrier::new(2));
+            let c0 = {
+                let b = b.clone();
+                thread::spawn(move || b.arrive_and_wait(0))
+            };
+            let main = {
+                let b = b.clone();
+                thread::spawn(move || b.wait_all_and_release())
+            };
+            b.wake_for_abort();
+            assert!(matches!(main.join().unwrap(), Err(Error::Aborted)));
+            assert!(matches!(c0.join().unwrap(), Err(Error::Aborted)));
+        });
+    }
+
+    /// Pages after the last SYNC against the close: one of the two sees
+    /// them, whichever order they run in.
+    #[test]
+    fn loom_pages_after_the_last_sync_are_always_caught() {
+        model(|| {
+            let b = Arc::new(SyncBarrier::new(1));
+            let ch = {
+                let b = b.clone();
+                thread::spawn(move || b.begin_pages(0))
+            };
+            let closed = b.close();
+            let began = ch.join().unwrap();
+            assert!(
+                closed.is_err() || began.is_err(),
+                "pages after the last flush point went unnoticed"
+            );
+        });
     }
 }

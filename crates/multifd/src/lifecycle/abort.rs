@@ -2,8 +2,8 @@
 //! socket down so blocked I/O returns, wake every waiter.
 
 use std::io::{PipeReader, PipeWriter, Write};
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering};
+
+use crate::sync::{AtomicBool, Mutex, Ordering};
 
 use crate::error::Error;
 use crate::transport::Connection;
@@ -89,10 +89,14 @@ impl<'w> Abort<'w> {
     }
 
     /// Adds a waiter to wake on abort.
+    /// A waiter registered after the abort is woken at once (and only
+    /// then: the abort path will not see it), so every waiter is woken
+    /// exactly once.
     pub(crate) fn register_waker(&self, w: &'w dyn Wake) {
         let mut wakers = self.wakers.lock().unwrap_or_else(|p| p.into_inner());
         if self.is_aborted() {
             w.wake_for_abort();
+            return;
         }
         wakers.push(w);
     }
@@ -100,7 +104,12 @@ impl<'w> Abort<'w> {
     /// Records `err` (if it is the first real error) and stops everything.
     /// Idempotent; later errors are only logged.
     pub(crate) fn fail(&self, err: Error) {
-        {
+        // The latch, the abort flag and `complete` share one lock: a cancel
+        // and the point of no return are ordered, never both taken (the
+        // flag used to be set after the lock was released, so `complete`
+        // could say yes to a migration a cancel had already failed; found
+        // by the loom model of completion against cancel).
+        let first_abort = {
             let mut first = self.first.lock().unwrap_or_else(|p| p.into_inner());
             if matches!(err, Error::Cancelled) && self.completed.load(Ordering::Acquire) {
                 return;
@@ -111,8 +120,9 @@ impl<'w> Abort<'w> {
                 (Some(_), Error::Aborted) => {}
                 (Some(_), _) => tracing::debug!("later error after abort: {err}"),
             }
-        }
-        if self.aborted.swap(true, Ordering::AcqRel) {
+            !self.aborted.swap(true, Ordering::AcqRel)
+        };
+        if !first_abort {
             return;
         }
         for s in self
@@ -163,5 +173,96 @@ impl<'w> Abort<'w> {
         {
             s.shutdown();
         }
+    }
+}
+
+/// Model checking of the abort latch (`RUSTFLAGS="--cfg loom" cargo test
+/// -p multifd --release --lib loom`).
+#[cfg(all(test, loom))]
+mod loom_tests {
+    use super::*;
+    use crate::sync::Arc;
+    use loom::sync::atomic::AtomicUsize;
+    use loom::thread;
+
+    fn model(f: impl Fn() + Sync + Send + 'static) {
+        let mut b = loom::model::Builder::new();
+        b.preemption_bound = Some(3);
+        b.check(f);
+    }
+
+    /// Counts its wake-ups.
+    #[derive(Default)]
+    struct Counter(AtomicUsize);
+
+    impl Wake for Counter {
+        fn wake_for_abort(&self) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    /// Two errors race, a waiter registers meanwhile: one of the errors is
+    /// kept (the first to take the latch), and every waiter is woken
+    /// exactly once, whether it registered before or after the abort.
+    #[test]
+    fn loom_the_first_error_wins_and_every_waiter_wakes_once() {
+        model(|| {
+            let early: &'static Counter = Box::leak(Box::default());
+            let late: &'static Counter = Box::leak(Box::default());
+            let abort: Arc<Abort<'static>> = Arc::new(Abort::new());
+            abort.register_waker(early);
+            let a = abort.clone();
+            let t1 = thread::spawn(move || a.fail(Error::Config("one".into())));
+            let a = abort.clone();
+            let t2 = thread::spawn(move || a.fail(Error::Config("two".into())));
+            let a = abort.clone();
+            let t3 = thread::spawn(move || a.register_waker(late));
+            t1.join().unwrap();
+            t2.join().unwrap();
+            t3.join().unwrap();
+            assert!(abort.is_aborted());
+            assert_eq!(early.0.load(Ordering::SeqCst), 1);
+            assert_eq!(late.0.load(Ordering::SeqCst), 1);
+            match abort.take_error() {
+                Some(Error::Config(m)) => assert!(m == "one" || m == "two"),
+                other => panic!("{other:?}"),
+            }
+        });
+    }
+
+    /// An error that merely reports the abort never hides the cause.
+    #[test]
+    fn loom_a_consequence_never_replaces_the_cause() {
+        model(|| {
+            let abort: Arc<Abort<'static>> = Arc::new(Abort::new());
+            let a = abort.clone();
+            let t = thread::spawn(move || a.fail(Error::Aborted));
+            abort.fail(Error::Cancelled);
+            t.join().unwrap();
+            assert!(matches!(abort.take_error(), Some(Error::Cancelled)));
+        });
+    }
+
+    /// Completion against cancel: either the cancel wins (the migration
+    /// fails with `Cancelled`, and `complete` said no) or completion wins
+    /// (the cancel is ignored: no error, nothing shut down). Never both.
+    #[test]
+    fn loom_completion_and_cancel_do_not_both_win() {
+        model(|| {
+            let abort: Arc<Abort<'static>> = Arc::new(Abort::new());
+            let a = abort.clone();
+            let t = thread::spawn(move || a.fail(Error::Cancelled));
+            let completed = abort.complete();
+            t.join().unwrap();
+            let aborted = abort.is_aborted();
+            let error = abort.take_error();
+            if completed {
+                assert!(!aborted, "aborted after the point of no return");
+                assert!(error.is_none(), "{error:?} after the point of no return");
+            } else {
+                assert!(aborted);
+                assert!(matches!(error, Some(Error::Cancelled)), "{error:?}");
+            }
+        });
     }
 }

@@ -42,7 +42,7 @@ use super::rate_limit::RateLimiter;
 use super::{OnLimit, SourceOptions, SourceVm};
 use crate::config::{FlushMode, ZeroPageDetection};
 use crate::error::{Error, Result};
-use crate::lifecycle::{Abort, Cancel, Watchdog};
+use crate::lifecycle::{Cancel, Watchdog};
 use crate::ram::{GuestRam, PageBatch, RamBlock};
 use crate::stats::{MigrationStatus, Progress, SyncFigures};
 
@@ -72,14 +72,13 @@ pub(super) struct VmMarks {
     pub(super) throttle: AtomicU8,
 }
 
-pub(super) struct Driver<'a, 'w> {
+pub(super) struct Driver<'a> {
     pub(super) ram: &'a GuestRam,
     pub(super) opts: &'a SourceOptions,
     pub(super) dispatcher: Dispatcher<'a>,
     pub(super) main: MainStream<'a>,
     pub(super) progress: &'a Progress,
     pub(super) cancel: Option<&'a Cancel>,
-    pub(super) abort: &'a Abort<'w>,
     /// Told when the caller's VM is working (its time is not idleness).
     pub(super) watchdog: &'a Watchdog,
     pub(super) limiter: &'a RateLimiter,
@@ -91,7 +90,7 @@ pub(super) struct Driver<'a, 'w> {
     pub(super) marks: &'a VmMarks,
 }
 
-impl<'a> Driver<'a, '_> {
+impl<'a> Driver<'a> {
     fn check_cancel(&self) -> Result<()> {
         if self.cancel.is_some_and(Cancel::is_cancelled) {
             return Err(Error::Cancelled);
@@ -99,8 +98,8 @@ impl<'a> Driver<'a, '_> {
         Ok(())
     }
 
-    /// Runs the migration to the end of the main stream (not yet flushed
-    /// out in full: see [`MainStream::finish`]).
+    /// Runs the migration to the end of the main stream; its tail (device
+    /// state, EOF) is left pending for [`MainStream::finish`].
     pub(super) fn run(&mut self, vm: &mut dyn SourceVm) -> Result<()> {
         let plan = &self.opts.plan;
         match &plan.prefix {
@@ -249,14 +248,12 @@ impl<'a> Driver<'a, '_> {
         tracing::debug!(pages = last, "final round");
         self.close_chunk()?;
         self.progress.set_remaining_pages(0);
-        // The point of no return: once EOF goes out the destination can
-        // complete, so a cancel from now on is ignored.
         self.check_cancel()?;
-        if !self.abort.complete() {
-            return Err(Error::Aborted);
-        }
+        // The tail (device state, EOF, vmdesc) stays pending: it goes out
+        // once every channel has written its last packet, after the point
+        // of no return (see `migrate_inner`).
         match &self.opts.plan.tail {
-            Some(tail) => self.main.encode(|e| e.verbatim_tail(tail))?,
+            Some(tail) => self.main.encode(|e| e.verbatim_tail(tail)),
             None => {
                 let devices = {
                     let _vm_work = self.watchdog.hold();
@@ -265,10 +262,9 @@ impl<'a> Driver<'a, '_> {
                 self.main.encode(|e| {
                     e.device_state(&devices)?;
                     e.eof(Some(EMPTY_VMDESC))
-                })?;
+                })
             }
         }
-        self.main.flush()
     }
 
     /// Sync point, FLUSH (per-round mode), EOS and footer; writes the main
@@ -286,7 +282,7 @@ impl<'a> Driver<'a, '_> {
         })?;
         self.progress.add(&self.progress.rounds, 1);
         self.main.flush()?;
-        self.syncs.wait_for(self.syncs_due, self.abort)
+        self.syncs.wait_for(self.syncs_due)
     }
 
     /// Sends the pages of one round; returns how many.

@@ -238,13 +238,20 @@ pub fn migrate(
     }
     let started = Instant::now();
     progress.set_status(MigrationStatus::Setup);
+    // Woken by the abort path while the driver waits for a round's SYNCs.
+    let syncs = SyncsWritten::default();
     let abort = Abort::new();
+    abort.register_waker(&syncs);
     let cancel = opts.cancel.as_deref();
     let marks = VmMarks::default();
     let result = lifecycle::watched(
         cancel,
         || abort.fail(Error::Cancelled),
-        || migrate_inner(uri, ram, vm, opts, progress, &abort, &marks, started),
+        || {
+            migrate_inner(
+                uri, ram, vm, opts, progress, &abort, &marks, &syncs, started,
+            )
+        },
     );
     abort.close_sockets();
     // The first recorded error is the cause; a direct error may be its
@@ -294,6 +301,7 @@ fn migrate_inner(
     progress: &Progress,
     abort: &Abort<'_>,
     marks: &VmMarks,
+    syncs: &SyncsWritten,
     started: Instant,
 ) -> Result<()> {
     let cfg = &opts.config;
@@ -316,19 +324,22 @@ fn migrate_inner(
         }
     };
     let main = open(Endpoint::Main)?;
-    let mut channels = Vec::with_capacity(cfg.channels.into());
-    for id in 0..cfg.channels {
-        let mut conn = open(Endpoint::Channel(id))?;
-        let init = InitPacket { uuid: cfg.uuid, id }.encode();
-        std::io::Write::write_all(&mut conn, &init)
-            .map_err(|e| Error::io(format!("multifd channel {id}: writing initial packet"), e))?;
-        progress.add(&progress.bytes, init.len() as u64);
-        channels.push(conn);
-    }
+    let mut channels = peer_watch::while_main_is_up(&main, abort, || {
+        let mut channels = Vec::with_capacity(cfg.channels.into());
+        for id in 0..cfg.channels {
+            let mut conn = open(Endpoint::Channel(id))?;
+            let init = InitPacket { uuid: cfg.uuid, id }.encode();
+            std::io::Write::write_all(&mut conn, &init).map_err(|e| {
+                Error::io(format!("multifd channel {id}: writing initial packet"), e)
+            })?;
+            progress.add(&progress.bytes, init.len() as u64);
+            channels.push(conn);
+        }
+        Ok(channels)
+    })?;
 
     let packet_num = AtomicU64::new(0);
     let limiter = RateLimiter::new(opts.max_bandwidth);
-    let syncs = SyncsWritten::default();
     let n_channels = channels.len() as u64;
     // done[0]: the main stream, done[1 + id]: channel `id`.
     let done: Vec<AtomicBool> = (0..=channels.len())
@@ -346,7 +357,7 @@ fn migrate_inner(
         let stop_watch = StopOnDrop(stop_w);
         let done = &done;
         let watchdog = &watchdog;
-        let (limiter, syncs) = (&limiter, &syncs);
+        let limiter = &limiter;
         // Every thread is joined explicitly (so it has exited, not only
         // finished its work, when migrate returns).
         let mut services = Vec::new();
@@ -421,7 +432,6 @@ fn migrate_inner(
             main: MainStream::new(main, opts.plan.ram_section_id, progress),
             progress,
             cancel,
-            abort,
             watchdog,
             limiter,
             syncs,
@@ -441,8 +451,11 @@ fn migrate_inner(
         for h in handles {
             let _ = h.join();
         }
-        if driven.is_some() && !abort.is_aborted() {
-            // All channel data is written: end the main stream.
+        // Every channel has written its last packet. The point of no
+        // return: until the main stream's tail (EOF) goes out the
+        // destination cannot complete, so a cancel until here is honoured;
+        // from here on it is too late (other errors still count).
+        if driven.is_some() && abort.complete() {
             done[0].store(true, Ordering::Release);
             lifecycle::catch_panic(abort, "multifd-driver", || main.finish());
         }

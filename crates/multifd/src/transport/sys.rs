@@ -235,3 +235,38 @@ pub(crate) fn wait_peer_event(watch: &[RawFd], wake: &[RawFd]) -> io::Result<Opt
         return Ok(pfds[..watch.len()].iter().position(|p| p.revents != 0));
     }
 }
+
+/// Waits until one of `watch` shows that its peer hung up or reset
+/// (`POLLRDHUP`, `POLLHUP`, `POLLERR`; bytes it sent do not count), or until
+/// one of `wake` is readable. Returns the index into `watch`, or `None` if
+/// woken.
+pub(crate) fn wait_hangup(watch: &[RawFd], wake: &[RawFd]) -> io::Result<Option<usize>> {
+    let mut pfds: Vec<libc::pollfd> = watch
+        .iter()
+        .map(|&fd| libc::pollfd {
+            fd,
+            events: libc::POLLRDHUP,
+            revents: 0,
+        })
+        .chain(wake.iter().map(|&fd| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        }))
+        .collect();
+    loop {
+        // SAFETY: `pfds` holds `pfds.len()` valid pollfd entries.
+        let rc = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, -1) };
+        if rc < 0 {
+            let err = io::Error::last_os_error();
+            if err.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(err);
+        }
+        if pfds[watch.len()..].iter().any(|p| p.revents != 0) {
+            return Ok(None);
+        }
+        return Ok(pfds[..watch.len()].iter().position(|p| p.revents != 0));
+    }
+}
