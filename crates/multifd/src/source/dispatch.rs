@@ -21,7 +21,7 @@ use crate::ram::PageBatch;
 
 /// Work for a channel.
 #[derive(Debug)]
-pub(super) enum Job<'b> {
+pub(crate) enum Job<'b> {
     /// Up to 128 pages of one block, checked when the batch was made.
     Pages(PageBatch<'b>),
     /// Send a SYNC packet after everything queued before.
@@ -33,7 +33,7 @@ pub(super) enum Job<'b> {
 const LOW_WATER: usize = 4;
 
 /// The driver's side of the channel queues.
-pub(super) struct Dispatcher<'b> {
+pub(crate) struct Dispatcher<'b> {
     queues: Vec<Sender<Job<'b>>>,
     /// A token arrives when some channel's queue went down to [`LOW_WATER`].
     /// Disconnected once every channel has ended.
@@ -43,7 +43,7 @@ pub(super) struct Dispatcher<'b> {
 }
 
 /// A channel's side: its queue of jobs, and the way to wake the driver.
-pub(super) struct JobQueue<'b> {
+pub(crate) struct JobQueue<'b> {
     jobs: Receiver<Job<'b>>,
     room: Sender<()>,
 }
@@ -51,7 +51,7 @@ pub(super) struct JobQueue<'b> {
 impl<'b> JobQueue<'b> {
     /// The next job, waiting for one; `None` once the driver closed the
     /// queue and it is empty.
-    pub(super) fn next(&self) -> Option<Job<'b>> {
+    pub(crate) fn next(&self) -> Option<Job<'b>> {
         let job = self.jobs.recv().ok()?;
         if self.jobs.len() <= LOW_WATER {
             // A full slot means the driver has a wake-up pending already.
@@ -62,7 +62,7 @@ impl<'b> JobQueue<'b> {
 }
 
 /// Queues of `depth` jobs (more than [`LOW_WATER`]) for `channels` channels.
-pub(super) fn queues<'b>(channels: usize, depth: usize) -> (Dispatcher<'b>, Vec<JobQueue<'b>>) {
+pub(crate) fn queues<'b>(channels: usize, depth: usize) -> (Dispatcher<'b>, Vec<JobQueue<'b>>) {
     assert!(depth > LOW_WATER, "queue depth {depth} <= LOW_WATER");
     let (room_tx, room) = bounded(1);
     let (queues, ends) = (0..channels)

@@ -15,7 +15,6 @@ use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use multifd_wire::PAGE_SIZE_U64;
-use multifd_wire::packet::PAGES_PER_PACKET;
 use multifd_wire::stream::{Command, Configuration};
 
 use super::dispatch::{Dispatcher, Job};
@@ -39,16 +38,22 @@ enum Round<'d> {
     Dirty(&'d [Vec<u64>]),
 }
 
-pub(super) struct Driver<'a, 'w> {
-    pub(super) ram: &'a GuestRam,
-    pub(super) opts: &'a SourceOptions,
-    pub(super) dispatcher: Dispatcher<'a>,
-    pub(super) main: MainStream<'a>,
-    pub(super) progress: &'a Progress,
-    pub(super) cancel: Option<&'a Cancel>,
-    pub(super) abort: &'a Abort<'w>,
+/// The round driver over its channel queues and main stream. The network
+/// source ([`super::migrate`]) and a mapped-ram file target both run it.
+pub(crate) struct Driver<'a, 'w> {
+    pub(crate) ram: &'a GuestRam,
+    pub(crate) opts: &'a SourceOptions,
+    pub(crate) dispatcher: Dispatcher<'a>,
+    pub(crate) main: MainStream<'a>,
+    pub(crate) progress: &'a Progress,
+    pub(crate) cancel: Option<&'a Cancel>,
+    pub(crate) abort: &'a Abort<'w>,
     /// Told when the caller's VM is working (its time is not idleness).
-    pub(super) watchdog: &'a Watchdog,
+    pub(crate) watchdog: &'a Watchdog,
+    /// Pages per batch handed to a channel: a packet's worth on the
+    /// network ([`PAGES_PER_PACKET`](multifd_wire::packet::PAGES_PER_PACKET)); more for a file, where a batch's
+    /// runs of pages become single positioned writes.
+    pub(crate) batch_pages: usize,
 }
 
 impl<'a> Driver<'a, '_> {
@@ -61,7 +66,7 @@ impl<'a> Driver<'a, '_> {
 
     /// Runs the migration to the end of the main stream (not yet flushed
     /// out in full: see [`MainStream::finish`]).
-    pub(super) fn run(&mut self, vm: &mut dyn SourceVm) -> Result<()> {
+    pub(crate) fn run(&mut self, vm: &mut dyn SourceVm) -> Result<()> {
         let plan = &self.opts.plan;
         match &plan.prefix {
             Some(prefix) => self.main.encode(|e| e.verbatim_prefix(prefix))?,
@@ -193,7 +198,8 @@ impl<'a> Driver<'a, '_> {
         offsets: impl Iterator<Item = u64>,
     ) -> Result<()> {
         let legacy_zero = self.opts.config.zero_page_detection == ZeroPageDetection::Legacy;
-        let mut batch = PageBatch::new(block, PAGES_PER_PACKET);
+        let per_batch = self.batch_pages;
+        let mut batch = PageBatch::new(block, per_batch);
         for offset in offsets {
             if legacy_zero && block.is_zero_page(offset)? {
                 self.main.encode(|e| e.zero_page(block.name(), offset))?;
@@ -202,9 +208,9 @@ impl<'a> Driver<'a, '_> {
                 continue;
             }
             batch.push(offset)?;
-            if batch.len() == PAGES_PER_PACKET {
+            if batch.len() >= per_batch {
                 self.check_cancel()?;
-                let full = std::mem::replace(&mut batch, PageBatch::new(block, PAGES_PER_PACKET));
+                let full = std::mem::replace(&mut batch, PageBatch::new(block, per_batch));
                 self.dispatcher.dispatch(Job::Pages(full))?;
             }
         }

@@ -23,6 +23,11 @@ use std::time::{Duration, Instant};
 use multifd_wire::packet::InitPacket;
 
 pub use plan::StreamPlan;
+// For targets that are not a network peer (a mapped-ram file): the round
+// driver runs over their channel workers and main-stream writer.
+pub(crate) use dispatch::{Job, JobQueue, queues};
+pub(crate) use driver::Driver;
+pub(crate) use main_stream::{MainStream, StreamOut};
 
 use crate::config::MigrationConfig;
 use crate::error::{Endpoint, Error, Result};
@@ -32,8 +37,6 @@ use crate::ram::GuestRam;
 use crate::stats::{Progress, Stats};
 use crate::transport::{Connection, TlsClient, Uri};
 use channel::ChannelWorker;
-use driver::Driver;
-use main_stream::MainStream;
 use peer_watch::{StopOnDrop, watch_peer};
 
 /// Batches a channel may hold beyond the one it is sending. Deeper queues
@@ -41,7 +44,7 @@ use peer_watch::{StopOnDrop, watch_peer};
 /// channel is free. On loopback, 4 GiB, 4 channels: depth 1 reached 77% of
 /// a raw TCP blast, 4 and 16 reached 86-88%. The driver sleeps while all
 /// queues are full and is woken when one is down to half (see `dispatch`).
-const QUEUE_DEPTH: usize = 8;
+pub(crate) const QUEUE_DEPTH: usize = 8;
 
 /// What a source VM provides to the driver. Guest RAM itself is the
 /// caller's [`GuestRam`]; this trait covers the rest.
@@ -270,6 +273,7 @@ fn migrate_inner(
             cancel,
             abort,
             watchdog,
+            batch_pages: multifd_wire::packet::PAGES_PER_PACKET,
         };
         let driven = lifecycle::catch_panic(abort, "multifd-driver", || driver.run(vm));
         // Closing the queues lets the channels drain and end.
