@@ -81,6 +81,7 @@ mod config;
 mod destination;
 mod error;
 mod lifecycle;
+pub mod mapped_ram;
 mod method;
 mod ram;
 pub mod snapshot;
@@ -91,7 +92,7 @@ mod transport;
 pub use config::{
     FlushMode, MethodConfig, MigrationConfig, ZeroPageDetection, format_uuid, parse_uuid,
 };
-pub use destination::{Incoming, RamProvider, ReceiveOptions, receive};
+pub use destination::{Incoming, RamProvider, ReceiveOptions, StreamSetup, receive};
 pub use error::{Endpoint, Error, Result};
 pub use lifecycle::Cancel;
 pub use multifd_wire::packet::Compression;
