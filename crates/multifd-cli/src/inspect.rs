@@ -16,6 +16,9 @@ pub fn run(path: &Path) -> Result<()> {
     if path.is_dir() {
         return snapshot(path);
     }
+    if announces_mapped_ram(path)? {
+        return crate::file::inspect(path);
+    }
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
     if bytes.len() < 4 {
         bail!("{}: too short to be a migration capture", path.display());
@@ -25,6 +28,29 @@ pub fn run(path: &Path) -> Result<()> {
         MULTIFD_MAGIC => multifd_channel(&bytes),
         m => bail!("{}: unknown magic {m:#010x}", path.display()),
     }
+}
+
+/// Whether the file is a main stream whose configuration announces the
+/// `mapped-ram` capability (a mapped-ram migration file).
+fn announces_mapped_ram(path: &Path) -> Result<bool> {
+    use std::io::Read;
+    let mut head = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(64 * 1024).read_to_end(&mut head))
+        .with_context(|| format!("reading {}", path.display()))?;
+    let mut dec = Decoder::new();
+    let mut pos = 0;
+    for _ in 0..2 {
+        match dec.decode(&head[pos..]) {
+            Ok(Decoded::Item {
+                event: Event::Configuration(c),
+                ..
+            }) => return Ok(c.capabilities.iter().any(|c| c == "mapped-ram")),
+            Ok(Decoded::Item { consumed, .. }) => pos += consumed,
+            _ => return Ok(false),
+        }
+    }
+    Ok(false)
 }
 
 fn snapshot(dir: &Path) -> Result<()> {

@@ -3,6 +3,7 @@
 
 mod bench;
 mod demo;
+mod file;
 mod image;
 mod inspect;
 mod parse;

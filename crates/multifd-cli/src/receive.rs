@@ -41,7 +41,8 @@ pub const RAM_READY: &str = "multifd: RAM ready";
 /// Options of `multifd receive`.
 #[derive(Args, Debug)]
 pub struct ReceiveArgs {
-    /// Where to listen: tcp:HOST:PORT or unix:PATH.
+    /// Where to listen: tcp:HOST:PORT or unix:PATH; or a mapped-ram file
+    /// to restore from, file:PATH[,offset=N] (with --mapped-ram).
     #[arg(long)]
     listen: String,
     /// Put these blocks in these files (mapped shared), IDSTR=FILE.
@@ -62,16 +63,51 @@ pub struct ReceiveArgs {
     /// is zero).
     #[arg(long)]
     prefault: bool,
+    /// Read QEMU's mapped-ram file format; needed with --listen file:.
+    #[arg(long)]
+    mapped_ram: bool,
+    /// Store the incoming migration as this mapped-ram file
+    /// (PATH or file:PATH[,offset=N]), which a QEMU destination loads with
+    /// `migrate-incoming file:PATH` (capabilities mapped-ram and multifd).
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["ram", "snapshot", "prefault"])]
+    mapped_ram_file: Option<String>,
+    /// Open the mapped-ram file's channels with O_DIRECT (QEMU's direct-io).
+    #[arg(long)]
+    direct_io: bool,
     #[command(flatten)]
     common: Common,
 }
 
 /// Runs `multifd receive`.
 pub fn run(a: ReceiveArgs) -> Result<()> {
-    let uri: Uri = a.listen.parse()?;
     let config = a.common.config()?;
     let named = parse_ram_args(&a.ram)?;
-    if named.is_empty() && a.snapshot.is_none() {
+    if let Some(source) = crate::file::target(&a.listen)? {
+        if !a.mapped_ram {
+            bail!(
+                "--listen file:PATH needs --mapped-ram (the file is read in QEMU's mapped-ram format)"
+            );
+        }
+        let opts = multifd::mapped_ram::RestoreOptions {
+            channels: config.channels,
+            file: multifd::mapped_ram::FileOptions {
+                direct_io: a.direct_io,
+                ..Default::default()
+            },
+            max_ram: a.max_ram.unwrap_or(ReceiveOptions::default().max_ram),
+            ..Default::default()
+        };
+        return crate::file::restore(
+            &source,
+            named,
+            a.snapshot.clone(),
+            &opts,
+            &config,
+            &a.common,
+        );
+    }
+    let uri: Uri = a.listen.parse()?;
+    if named.is_empty() && a.snapshot.is_none() && a.mapped_ram_file.is_none() {
         bail!("give --ram IDSTR=FILE and/or --snapshot DIR: where should the RAM go?");
     }
     let listener = Listener::bind(&uri)?;
@@ -79,6 +115,17 @@ pub fn run(a: ReceiveArgs) -> Result<()> {
     // Scripts wait for this line before starting a source.
     eprintln!("{LISTENING} {bound}");
     trust::check_plain(trust::Role::Destination, &bound)?;
+    if let Some(file) = &a.mapped_ram_file {
+        let defaults = ReceiveOptions::default();
+        let opts = ReceiveOptions {
+            config: config.clone(),
+            accept_timeout: a.accept_timeout,
+            max_ram: a.max_ram.unwrap_or(defaults.max_ram),
+            ..defaults
+        };
+        eprintln!("{RAM_READY} (0.000 s)");
+        return crate::file::capture(&listener, file, &opts, &a.common);
+    }
     let started = Instant::now();
     let mut ram = FileRamProvider::new(named, a.snapshot.clone(), a.prefault)
         .context("preparing destination RAM")?;

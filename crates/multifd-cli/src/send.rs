@@ -13,12 +13,13 @@ use crate::{Common, parse, parse_ram_args, print_json, summary, trust, with_prog
 /// Options of `multifd send`.
 #[derive(Args, Debug)]
 pub struct SendArgs {
-    /// Receiver: tcp:HOST:PORT or unix:PATH.
+    /// Receiver: tcp:HOST:PORT or unix:PATH; or a mapped-ram file,
+    /// file:PATH[,offset=N] (with --mapped-ram).
     #[arg(long)]
     to: String,
     /// RAM block images, IDSTR=FILE (repeat or comma-separate). With
     /// --snapshot: the files of blocks received outside its directory.
-    #[arg(long, value_delimiter = ',', required_unless_present = "snapshot")]
+    #[arg(long, value_delimiter = ',', required_unless_present_any = ["snapshot", "mapped_ram_file"])]
     ram: Vec<String>,
     /// Replay a snapshot directory stored by `receive --snapshot`.
     #[arg(long)]
@@ -33,16 +34,46 @@ pub struct SendArgs {
     /// retried, a host that does not answer fails when the time is up.
     #[arg(long, allow_hyphen_values = true, value_name = "SECS", default_value = "10", value_parser = parse::timeout)]
     connect_timeout: Duration,
+    /// Write QEMU's mapped-ram file format (what `migrate file:` writes
+    /// with the mapped-ram capability); needed with --to file:.
+    #[arg(long)]
+    mapped_ram: bool,
+    /// Send the migration stored in this mapped-ram file
+    /// (PATH or file:PATH[,offset=N]) instead of RAM images.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["ram", "snapshot"])]
+    mapped_ram_file: Option<String>,
+    /// Open the mapped-ram file's channels with O_DIRECT (QEMU's direct-io).
+    #[arg(long)]
+    direct_io: bool,
     #[command(flatten)]
     common: Common,
 }
 
 /// Runs `multifd send`.
 pub fn run(a: SendArgs) -> Result<()> {
-    let uri: Uri = a.to.parse()?;
+    let file_target = crate::file::target(&a.to)?;
+    if file_target.is_some() != a.mapped_ram {
+        anyhow::bail!(
+            "--to file:PATH and --mapped-ram go together (a file is written in QEMU's mapped-ram format)"
+        );
+    }
     let mut config = a.common.config()?;
     config.connect_timeout = a.connect_timeout;
-    trust::check_plain(trust::Role::Source, &uri)?;
+    let uri: Option<Uri> = match &file_target {
+        Some(_) => None,
+        None => {
+            let uri: Uri = a.to.parse()?;
+            trust::check_plain(trust::Role::Source, &uri)?;
+            Some(uri)
+        }
+    };
+    if let (Some(file), Some(uri)) = (&a.mapped_ram_file, &uri) {
+        let opts = SourceOptions {
+            config,
+            ..SourceOptions::default()
+        };
+        return crate::file::play(file, uri, &opts, a.direct_io, &a.common);
+    }
     let (ram, plan) = match &a.snapshot {
         Some(dir) => {
             let (ram, plan, _) = snapshot::open(dir, &parse_ram_args(&a.ram)?)
@@ -69,6 +100,10 @@ pub fn run(a: SendArgs) -> Result<()> {
         config: config.clone(),
         plan,
         ..SourceOptions::default()
+    };
+    let Some(uri) = uri else {
+        let target = file_target.expect("a file target when there is no URI");
+        return crate::file::save(&target, &ram, &opts, a.direct_io, &a.common);
     };
     let (result, rss_mib) =
         with_progress(a.common.quiet || a.common.json, ram.total_len(), |p, _| {

@@ -243,6 +243,37 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    /// A mapped-ram migration file breaks the format: a header, region,
+    /// bitmap or main-stream item of the file is invalid (the wire error
+    /// says which and where).
+    #[error("{}: invalid mapped-ram file", path.display())]
+    BadMappedRamFile {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        #[source]
+        source: WireError,
+    },
+    /// A mapped-ram migration file is not complete or not what this
+    /// command can use (it ends inside its main stream: an interrupted
+    /// save; its offset is past its end; ...).
+    #[error("{}: {reason}", path.display())]
+    IncompleteFile {
+        /// The file.
+        path: PathBuf,
+        /// What is missing.
+        reason: String,
+    },
+    /// Direct I/O (`O_DIRECT`) was asked for on a file system that refuses
+    /// it (tmpfs, /dev/shm).
+    #[error("{}: the file system refuses direct I/O (O_DIRECT)", path.display())]
+    DirectIoUnsupported {
+        /// The file.
+        path: PathBuf,
+        /// The OS error (`EINVAL`).
+        #[source]
+        source: io::Error,
+    },
     /// Mapping a RAM block failed.
     #[error("mapping RAM block {name:?}: {reason}")]
     Map {

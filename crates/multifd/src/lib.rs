@@ -199,6 +199,7 @@ mod destination;
 mod device_state;
 mod error;
 mod lifecycle;
+pub mod mapped_ram;
 mod method;
 mod ram;
 pub mod snapshot;
@@ -210,7 +211,7 @@ mod transport;
 pub use config::{
     FlushMode, MethodConfig, MigrationConfig, ZeroPageDetection, format_uuid, parse_uuid,
 };
-pub use destination::{Incoming, RamProvider, ReceiveOptions, receive};
+pub use destination::{Incoming, RamProvider, ReceiveOptions, StreamSetup, receive};
 pub use device_state::{DEVICE_STATE_IDSTR, device_state_section};
 pub use error::{Endpoint, Error, Result};
 pub use lifecycle::Cancel;

@@ -16,6 +16,7 @@
 #![allow(dead_code)] // every test crate uses a different part of the harness
 
 pub mod checker;
+pub mod guest;
 pub mod qemu;
 
 use std::collections::HashSet;

@@ -48,6 +48,26 @@ use strays::StrayGuard;
 pub trait RamProvider {
     /// Returns RAM with exactly these blocks (names and lengths).
     fn provide(&mut self, blocks: &[RamBlockInfo]) -> Result<GuestRam>;
+
+    /// Like [`provide`](RamProvider::provide), told also what the source
+    /// said before its block list (a provider that writes the stream
+    /// somewhere needs it: a mapped-ram capture lays its file out from
+    /// it). The default calls `provide`.
+    fn provide_for(&mut self, setup: &StreamSetup<'_>) -> Result<GuestRam> {
+        self.provide(setup.blocks)
+    }
+}
+
+/// What a source's main stream said up to its RAM block list.
+#[derive(Debug, Clone, Copy)]
+#[non_exhaustive]
+pub struct StreamSetup<'a> {
+    /// The configuration section.
+    pub configuration: &'a Configuration,
+    /// Section id of `ram`.
+    pub ram_section_id: u32,
+    /// The RAM blocks, in the source's order.
+    pub blocks: &'a [RamBlockInfo],
 }
 
 /// Options of a receiver.
@@ -262,7 +282,11 @@ impl Migration<'_, '_> {
         }
         let ram = {
             let _work = self.watchdog.hold();
-            provider.provide(&blocks)?
+            provider.provide_for(&StreamSetup {
+                configuration: &configuration,
+                ram_section_id,
+                blocks: &blocks,
+            })?
         };
         for info in &blocks {
             match ram.get(&info.idstr) {

@@ -151,6 +151,67 @@ impl RamBlock {
         Self::create(name, path, len, true)
     }
 
+    /// Maps `len` bytes of `file` from file offset `offset` on (a multiple
+    /// of 4096), shared: the block's pages *are* that part of the file (a
+    /// mapped-ram file's pages region). The caller reserves the range's
+    /// space first when the block is writable (a write into a hole of a
+    /// full file system through a mapping is a SIGBUS), and says whether
+    /// the range reads as zero where nothing is written yet
+    /// (`starts_zeroed`: a file it just created). The mapping is advised
+    /// `MADV_RANDOM` (no read-around, as for [`RamBlock::create_file`]).
+    pub(crate) fn map_file_range(
+        name: &str,
+        file: &File,
+        path: &Path,
+        offset: u64,
+        len: u64,
+        access: Access,
+        starts_zeroed: bool,
+    ) -> Result<Self> {
+        check_name_and_len(name, len)?;
+        if !offset.is_multiple_of(PAGE_SIZE_U64) {
+            return Err(Error::Config(format!(
+                "RAM block {name:?}: file offset {offset:#x} is not page-aligned"
+            )));
+        }
+        let dup = file.try_clone().map_err(|e| {
+            Error::io(
+                format!("duplicating the descriptor of {}", path.display()),
+                e,
+            )
+        })?;
+        let size = check_name_and_len(name, len)?;
+        let prot = match access {
+            Access::ReadOnly => libc::PROT_READ,
+            Access::ReadWrite => libc::PROT_READ | libc::PROT_WRITE,
+        };
+        let flags = libc::MAP_SHARED | libc::MAP_NORESERVE;
+        let region = MmapRegion::<()>::build(Some(FileOffset::new(dup, offset)), size, prot, flags)
+            .map_err(|e| Error::Map {
+                name: name.to_owned(),
+                reason: e.to_string(),
+            })?;
+        let block = Self {
+            name: name.to_owned(),
+            len,
+            region: Arc::new(region),
+            access,
+            starts_zeroed,
+            path: Some(path.to_owned()),
+            received: ReceivedBitmap::new(len / PAGE_SIZE_U64),
+        };
+        // SAFETY: the range is exactly the block's mapping, page-aligned;
+        // MADV_RANDOM only changes the kernel's read-ahead policy for it.
+        unsafe {
+            libc::madvise(
+                block.region.ptr().cast(),
+                block.len as usize,
+                libc::MADV_RANDOM,
+            );
+        }
+        Ok(block)
+    }
+
     fn create(name: &str, path: &Path, len: u64, take_empty: bool) -> Result<Self> {
         check_name_and_len(name, len)?;
         let ctx = || format!("creating RAM file {}", path.display());
@@ -427,7 +488,15 @@ impl RamBlock {
 /// (some network and FUSE file systems, device files) is let through with
 /// a warning: there a full file system can still end in SIGBUS.
 fn reserve(file: &File, path: &Path, len: u64) -> Result<()> {
-    let Ok(off_len) = libc::off_t::try_from(len) else {
+    reserve_range(file, path, 0, len)
+}
+
+/// Reserves the file system space of `len` bytes of `file` from `start` on,
+/// as [`reserve`] does for a whole file; the file grows to `start + len`
+/// if it is shorter.
+pub(crate) fn reserve_range(file: &File, path: &Path, start: u64, len: u64) -> Result<()> {
+    let (Ok(off_start), Ok(off_len)) = (libc::off_t::try_from(start), libc::off_t::try_from(len))
+    else {
         return Err(Error::Config(format!(
             "RAM file {}: length {len} too large",
             path.display()
@@ -436,7 +505,7 @@ fn reserve(file: &File, path: &Path, len: u64) -> Result<()> {
     loop {
         // SAFETY: fallocate only acts on the open file descriptor, which
         // `file` keeps open for the call; no memory of ours is passed.
-        let r = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, off_len) };
+        let r = unsafe { libc::fallocate(file.as_raw_fd(), 0, off_start, off_len) };
         if r == 0 {
             return Ok(());
         }
@@ -473,17 +542,47 @@ fn reserve(file: &File, path: &Path, len: u64) -> Result<()> {
 /// 1 MiB elsewhere, where every punch splits an extent in a journalled
 /// transaction (a GiB of scattered 4 KiB holes took 4 to 20 s on ext4)
 /// and leaves the file fragmented.
-fn min_hole(file: &File) -> u64 {
+pub(crate) fn min_hole(file: &File) -> u64 {
+    if is_tmpfs(file) {
+        PAGE_SIZE_U64
+    } else {
+        1 << 20
+    }
+}
+
+/// Whether `file` is on tmpfs (where reserving space allocates memory).
+pub(crate) fn is_tmpfs(file: &File) -> bool {
     const TMPFS_MAGIC: libc::c_long = 0x0102_1994;
     let mut st = std::mem::MaybeUninit::<libc::statfs>::uninit();
     // SAFETY: fstatfs writes one `struct statfs` into the buffer it is
     // given, which is that size; the descriptor is kept open by `file`.
     let r = unsafe { libc::fstatfs(file.as_raw_fd(), st.as_mut_ptr()) };
     // SAFETY: fstatfs filled the struct when it returned 0.
-    if r == 0 && unsafe { st.assume_init() }.f_type as libc::c_long == TMPFS_MAGIC {
-        PAGE_SIZE_U64
-    } else {
-        1 << 20
+    r == 0 && unsafe { st.assume_init() }.f_type as libc::c_long == TMPFS_MAGIC
+}
+
+/// Gives back the space of `len` bytes of `file` from `start` on
+/// (`FALLOC_FL_PUNCH_HOLE`, size kept): they read as zeros afterwards.
+/// Only for ranges nobody maps, or whose mapped pages read as zero
+/// already. Does nothing where the file system cannot punch holes.
+pub(crate) fn punch(file: &File, start: u64, len: u64) -> std::io::Result<()> {
+    let (Ok(off), Ok(n)) = (libc::off_t::try_from(start), libc::off_t::try_from(len)) else {
+        return Err(std::io::ErrorKind::InvalidInput.into());
+    };
+    loop {
+        let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+        // SAFETY: fallocate acts on the descriptor only; no memory of ours
+        // is passed. The caller's contract keeps mapped memory unchanged.
+        let r = unsafe { libc::fallocate(file.as_raw_fd(), mode, off, n) };
+        if r == 0 {
+            return Ok(());
+        }
+        let e = std::io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EINTR) => {}
+            Some(libc::EOPNOTSUPP) => return Ok(()),
+            _ => return Err(e),
+        }
     }
 }
 
@@ -522,23 +621,36 @@ impl RamBlock {
         else {
             return Ok(0);
         };
-        let file = fo.file();
         let path = self.path.as_deref().unwrap_or(Path::new("?"));
+        let start = fo.start();
+        release_unwritten_range(fo.file(), path, start, start + self.len)
+    }
+}
+
+/// Gives back the space of the never-written parts of `start..end` of
+/// `file` (see [`RamBlock::release_unwritten`]); returns the bytes punched.
+pub(crate) fn release_unwritten_range(
+    file: &File,
+    path: &Path,
+    start: u64,
+    end: u64,
+) -> Result<u64> {
+    {
         let fail = |e| Error::io(format!("punching holes in RAM file {}", path.display()), e);
         let min = min_hole(file);
         let mut punched = 0u64;
-        let mut at = 0u64;
-        while at < self.len {
+        let mut at = start;
+        while at < end {
             let Some(hole) = seek(file, at, libc::SEEK_HOLE).map_err(fail)? else {
                 break;
             };
-            if hole >= self.len {
+            if hole >= end {
                 break;
             }
             let data = seek(file, hole, libc::SEEK_DATA)
                 .map_err(fail)?
-                .unwrap_or(self.len)
-                .min(self.len);
+                .unwrap_or(end)
+                .min(end);
             let start = hole.next_multiple_of(PAGE_SIZE_U64);
             let end = data - data % PAGE_SIZE_U64;
             if end >= start + min {
@@ -570,6 +682,35 @@ impl RamBlock {
         }
         Ok(punched)
     }
+}
+
+/// The ranges of `start..end` of `file` that hold data (`SEEK_DATA` /
+/// `SEEK_HOLE`: on ext4, xfs and tmpfs, space reserved and never written
+/// counts as a hole), clipped to `start..end`.
+pub(crate) fn data_ranges(
+    file: &File,
+    start: u64,
+    end: u64,
+) -> std::io::Result<Vec<std::ops::Range<u64>>> {
+    let mut out = Vec::new();
+    let mut at = start;
+    while at < end {
+        let Some(data) = seek(file, at, libc::SEEK_DATA)? else {
+            break;
+        };
+        if data >= end {
+            break;
+        }
+        let hole = seek(file, data, libc::SEEK_HOLE)?.unwrap_or(end).min(end);
+        if hole <= data {
+            // A file system that reports nothing sensible: all data.
+            out.push(data..end);
+            break;
+        }
+        out.push(data..hole);
+        at = hole;
+    }
+    Ok(out)
 }
 
 /// This host's physical memory in bytes (`u64::MAX` when unknown).

@@ -20,8 +20,8 @@ mod received;
 mod write_tracker;
 mod zero;
 
-pub(crate) use block::physical_memory;
 pub use block::{Access, RamBlock};
+pub(crate) use block::{data_ranges, is_tmpfs, min_hole, physical_memory, punch, reserve_range};
 pub(crate) use page::{PageBatch, PageList};
 pub use write_tracker::{WriteTracker, WriteTrackerError};
 

@@ -322,6 +322,144 @@ impl<'b, 'o> PageList<'b, 'o> {
     }
 }
 
+/// Consecutive pages of one block: what one positioned read or write of a
+/// mapped-ram file moves (a run of present pages in the file is a run of
+/// consecutive pages in the block, and so one span of guest memory).
+///
+/// Invariant: `offset` is a multiple of 4096, `pages > 0` and
+/// `offset + pages * 4096 <= block.len()`.
+#[derive(Clone, Copy)]
+pub(crate) struct PageRun<'b> {
+    block: &'b RamBlock,
+    offset: u64,
+    pages: u64,
+}
+
+impl std::fmt::Debug for PageRun<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}@{:#x}+{}p",
+            self.block.name(),
+            self.offset,
+            self.pages
+        )
+    }
+}
+
+impl RamBlock {
+    /// The `pages` pages from `offset` on, checked to lie whole inside the
+    /// block (and `pages > 0`).
+    pub(crate) fn page_run(&self, offset: u64, pages: u64) -> Result<PageRun<'_>> {
+        let end = pages
+            .checked_mul(PAGE_SIZE_U64)
+            .and_then(|len| offset.checked_add(len));
+        match end {
+            Some(end) if pages > 0 && offset.is_multiple_of(PAGE_SIZE_U64) && end <= self.len() => {
+                Ok(PageRun {
+                    block: self,
+                    offset,
+                    pages,
+                })
+            }
+            _ => Err(self.out_of_range(offset)),
+        }
+    }
+}
+
+impl<'b> PageRun<'b> {
+    /// Offset of the first page in the block.
+    pub(crate) fn offset(&self) -> u64 {
+        self.offset
+    }
+
+    /// Number of pages.
+    pub(crate) fn pages(&self) -> u64 {
+        self.pages
+    }
+
+    /// Length in bytes.
+    pub(crate) fn len(&self) -> u64 {
+        self.pages * PAGE_SIZE_U64
+    }
+
+    fn ptr(&self) -> *mut u8 {
+        // SAFETY: the invariant makes `offset` a whole page inside the
+        // block, which is `page_ptr`'s contract.
+        unsafe { self.block.page_ptr(self.offset) }
+    }
+
+    /// One vector over the whole run, for a positioned write of guest
+    /// memory to a file (the kernel reads it).
+    pub(crate) fn io_slice(&self) -> IoSlice<'b> {
+        // SAFETY: the run lies inside the block's mapping (the invariant),
+        // which stays mapped and readable while the block is borrowed ('b).
+        unsafe { IoSlice::from_raw_parts(self.ptr(), self.len() as usize) }
+    }
+
+    /// One vector over the whole run, for a positioned read from a file
+    /// straight into guest memory (the kernel writes it). Fails on a
+    /// read-only block.
+    pub(crate) fn io_slice_mut(&self) -> Result<IoSliceMut<'b>> {
+        self.block.check_writable()?;
+        // SAFETY: the run lies inside the block's mapping (the invariant),
+        // mapped writable (checked above) while the block is borrowed
+        // ('b); no Rust reference ever points into guest memory.
+        Ok(unsafe { IoSliceMut::from_raw_parts(self.ptr(), self.len() as usize) })
+    }
+
+    /// The run's pages.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = Page<'b>> + use<'b> {
+        let (block, offset) = (self.block, self.offset);
+        (0..self.pages).map(move |k| Page {
+            block,
+            offset: offset + k * PAGE_SIZE_U64,
+        })
+    }
+
+    /// Marks every page received (after the kernel filled them).
+    pub(crate) fn mark_received(&self) {
+        for page in self.iter() {
+            page.mark_received();
+        }
+    }
+
+    /// Makes every page of the run read as zero, the way a destination
+    /// applies zero pages ([`Page::apply_zero`]): memory known to be
+    /// untouched is left alone. Fails on a read-only block.
+    pub(crate) fn apply_zero(&self) -> Result<()> {
+        for page in self.iter() {
+            page.apply_zero()?;
+        }
+        Ok(())
+    }
+}
+
+impl<'b> PageList<'b, '_> {
+    /// The maximal runs of consecutive ascending offsets, in list order.
+    pub(crate) fn runs(&self) -> impl Iterator<Item = PageRun<'b>> + '_ {
+        let block = self.block;
+        let offsets = self.offsets;
+        let mut i = 0;
+        std::iter::from_fn(move || {
+            let start = *offsets.get(i)?;
+            let mut j = i + 1;
+            while j < offsets.len() && offsets[j] == offsets[j - 1] + PAGE_SIZE_U64 {
+                j += 1;
+            }
+            let pages = (j - i) as u64;
+            i = j;
+            // Every offset of the list names a whole page inside the block
+            // (the list's invariant), so consecutive ones form a run inside it.
+            Some(PageRun {
+                block,
+                offset: start,
+                pages,
+            })
+        })
+    }
+}
+
 /// Pages of one block collected for one packet, each checked as it is
 /// added: what the source's driver hands a channel.
 #[derive(Debug)]
@@ -460,6 +598,25 @@ mod tests {
         assert!(zeros.iter().all(|p| p.is_zero()));
         let (_, normal) = list.zero_pages_last(false, &mut out);
         assert_eq!(normal, 8, "no detection: every page is data");
+    }
+
+    #[test]
+    fn runs_are_maximal_and_checked() {
+        let b = RamBlock::anonymous("m0", 8 * 4096).unwrap();
+        let offsets = [0, 0x1000, 0x2000, 0x5000, 0x7000, 0x6000];
+        let list = b.page_list(&offsets).unwrap();
+        let runs: Vec<(u64, u64)> = list.runs().map(|r| (r.offset(), r.pages())).collect();
+        assert_eq!(runs, [(0, 3), (0x5000, 1), (0x7000, 1), (0x6000, 1)]);
+        assert_eq!(b.page_run(0x6000, 2).unwrap().len(), 0x2000);
+        assert!(b.page_run(0x7000, 2).is_err(), "past the end");
+        assert!(b.page_run(0x1000, 0).is_err(), "empty");
+        assert!(b.page_run(0x800, 1).is_err(), "unaligned");
+        assert!(b.page_run(0x1000, u64::MAX / 2).is_err(), "overflow");
+        let run = b.page_run(0x1000, 2).unwrap();
+        assert_eq!(run.io_slice().len(), 0x2000);
+        b.write_page(0x2000, &[3; PAGE_SIZE]).unwrap();
+        run.apply_zero().unwrap();
+        assert!(b.is_zero_page(0x2000).unwrap());
     }
 
     #[test]

@@ -39,13 +39,13 @@ struct SyncState {
 
 impl SyncsWritten {
     /// A channel wrote a SYNC packet.
-    pub(super) fn add(&self) {
+    pub(crate) fn add(&self) {
         self.state.lock().unwrap_or_else(|p| p.into_inner()).written += 1;
         self.changed.notify_all();
     }
 
     /// Waits until `target` SYNCs were written, or the migration aborted.
-    pub(super) fn wait_for(&self, target: u64) -> Result<()> {
+    pub(crate) fn wait_for(&self, target: u64) -> Result<()> {
         let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
         while s.written < target && !s.aborted {
             s = self.changed.wait(s).unwrap_or_else(|p| p.into_inner());
@@ -66,7 +66,7 @@ impl Wake for SyncsWritten {
 
 /// Work for a channel.
 #[derive(Debug)]
-pub(super) enum Job<'b> {
+pub(crate) enum Job<'b> {
     /// Up to 128 pages of one block, checked when the batch was made.
     Pages(PageBatch<'b>),
     /// Send a SYNC packet after everything queued before.
@@ -127,14 +127,14 @@ fn wait<'a, T>(cv: &Condvar, g: MutexGuard<'a, T>) -> MutexGuard<'a, T> {
 }
 
 /// The driver's side of the channel queues.
-pub(super) struct Dispatcher<'b> {
+pub(crate) struct Dispatcher<'b> {
     shared: Arc<Shared<'b>>,
     /// The queue to try first (round robin).
     next: usize,
 }
 
 /// A channel's side: its queue of jobs, and the way to wake the driver.
-pub(super) struct JobQueue<'b> {
+pub(crate) struct JobQueue<'b> {
     shared: Arc<Shared<'b>>,
     index: usize,
 }
@@ -142,7 +142,7 @@ pub(super) struct JobQueue<'b> {
 impl<'b> JobQueue<'b> {
     /// The next job, waiting for one; `None` once the driver closed the
     /// queue and it is empty.
-    pub(super) fn next(&self) -> Option<Job<'b>> {
+    pub(crate) fn next(&self) -> Option<Job<'b>> {
         let q = &self.shared.queues[self.index];
         let mut s = lock(&q.state);
         let job = loop {
@@ -198,7 +198,7 @@ impl Drop for Dispatcher<'_> {
 }
 
 /// Queues of `depth` jobs (more than [`LOW_WATER`]) for `channels` channels.
-pub(super) fn queues<'b>(channels: usize, depth: usize) -> (Dispatcher<'b>, Vec<JobQueue<'b>>) {
+pub(crate) fn queues<'b>(channels: usize, depth: usize) -> (Dispatcher<'b>, Vec<JobQueue<'b>>) {
     assert!(depth > LOW_WATER, "queue depth {depth} <= LOW_WATER");
     let shared = Arc::new(Shared {
         queues: (0..channels)

@@ -32,7 +32,6 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::{Duration, Instant};
 
 use multifd_wire::PAGE_SIZE_U64;
-use multifd_wire::packet::PAGES_PER_PACKET;
 use multifd_wire::stream::{Command, Configuration};
 
 use super::convergence::Convergence;
@@ -65,29 +64,35 @@ enum Round<'d> {
 /// What the driver did to the caller's VM, for [`super::migrate`] to undo
 /// after a failure and to report.
 #[derive(Debug, Default)]
-pub(super) struct VmMarks {
+pub(crate) struct VmMarks {
     /// When the VM was paused for the switchover.
-    pub(super) paused_at: OnceLock<Instant>,
+    pub(crate) paused_at: OnceLock<Instant>,
     /// The throttle last set, percent.
-    pub(super) throttle: AtomicU8,
+    pub(crate) throttle: AtomicU8,
 }
 
-pub(super) struct Driver<'a> {
-    pub(super) ram: &'a GuestRam,
-    pub(super) opts: &'a SourceOptions,
-    pub(super) dispatcher: Dispatcher<'a>,
-    pub(super) main: MainStream<'a>,
-    pub(super) progress: &'a Progress,
-    pub(super) cancel: Option<&'a Cancel>,
+/// The round driver over its channel queues and main stream. The network
+/// source ([`super::migrate`]) and a mapped-ram file target both run it.
+pub(crate) struct Driver<'a> {
+    pub(crate) ram: &'a GuestRam,
+    pub(crate) opts: &'a SourceOptions,
+    pub(crate) dispatcher: Dispatcher<'a>,
+    pub(crate) main: MainStream<'a>,
+    pub(crate) progress: &'a Progress,
+    pub(crate) cancel: Option<&'a Cancel>,
     /// Told when the caller's VM is working (its time is not idleness).
-    pub(super) watchdog: &'a Watchdog,
-    pub(super) limiter: &'a RateLimiter,
-    pub(super) syncs: &'a SyncsWritten,
+    pub(crate) watchdog: &'a Watchdog,
+    pub(crate) limiter: &'a RateLimiter,
+    pub(crate) syncs: &'a SyncsWritten,
     /// SYNCs expected from the channels so far.
-    pub(super) syncs_due: u64,
-    pub(super) channels: u64,
-    pub(super) started: Instant,
-    pub(super) marks: &'a VmMarks,
+    pub(crate) syncs_due: u64,
+    pub(crate) channels: u64,
+    pub(crate) started: Instant,
+    pub(crate) marks: &'a VmMarks,
+    /// Pages per batch handed to a channel: a packet's worth on the
+    /// network ([`PAGES_PER_PACKET`](multifd_wire::packet::PAGES_PER_PACKET)); more for a file, where a batch's
+    /// runs of pages become single positioned writes.
+    pub(crate) batch_pages: usize,
 }
 
 impl<'a> Driver<'a> {
@@ -100,7 +105,7 @@ impl<'a> Driver<'a> {
 
     /// Runs the migration to the end of the main stream; its tail (device
     /// state, EOF) is left pending for [`MainStream::finish`].
-    pub(super) fn run(&mut self, vm: &mut dyn SourceVm) -> Result<()> {
+    pub(crate) fn run(&mut self, vm: &mut dyn SourceVm) -> Result<()> {
         let plan = &self.opts.plan;
         match &plan.prefix {
             Some(prefix) => self.main.encode(|e| e.verbatim_prefix(prefix))?,
@@ -315,7 +320,8 @@ impl<'a> Driver<'a> {
         offsets: impl Iterator<Item = u64>,
     ) -> Result<()> {
         let legacy_zero = self.opts.config.zero_page_detection == ZeroPageDetection::Legacy;
-        let mut batch = PageBatch::new(block, PAGES_PER_PACKET);
+        let per_batch = self.batch_pages;
+        let mut batch = PageBatch::new(block, per_batch);
         for offset in offsets {
             if legacy_zero && block.is_zero_page(offset)? {
                 self.main.encode(|e| e.zero_page(block.name(), offset))?;
@@ -324,9 +330,9 @@ impl<'a> Driver<'a> {
                 continue;
             }
             batch.push(offset)?;
-            if batch.len() == PAGES_PER_PACKET {
+            if batch.len() >= per_batch {
                 self.check_cancel()?;
-                let full = std::mem::replace(&mut batch, PageBatch::new(block, PAGES_PER_PACKET));
+                let full = std::mem::replace(&mut batch, PageBatch::new(block, per_batch));
                 self.dispatcher.dispatch(Job::Pages(full))?;
             }
         }

@@ -1,5 +1,7 @@
 //! The main stream on the main connection: the wire crate's sans-IO
-//! [`Encoder`] keeps the grammar, this writes its bytes out in large pieces.
+//! [`Encoder`] keeps the grammar, this writes its bytes out in large pieces
+//! to a [`StreamOut`]: the main connection, or another target's writer (a
+//! mapped-ram file's, which lays the stream out in its file).
 
 use std::io::Write;
 
@@ -13,17 +15,46 @@ use crate::transport::Connection;
 /// Bytes gathered before a write to the socket.
 const FLUSH_AT: usize = 64 * 1024;
 
+/// Where the bytes of a source's main stream go.
+pub(crate) trait StreamOut: Send {
+    /// Writes `bytes`, the next part of the stream.
+    fn write_stream(&mut self, bytes: &[u8]) -> Result<()>;
+    /// The stream is complete: end it (the peer reads EOF).
+    fn finish_stream(&mut self) -> Result<()>;
+}
+
+impl StreamOut for Connection {
+    fn write_stream(&mut self, bytes: &[u8]) -> Result<()> {
+        self.write_all(bytes)
+            .map_err(|e| Error::io("main channel: writing the migration stream", e))
+    }
+
+    fn finish_stream(&mut self) -> Result<()> {
+        self.shutdown_write();
+        Ok(())
+    }
+}
+
 /// The main stream of a migration source.
-pub(super) struct MainStream<'p> {
-    conn: Connection,
+pub(crate) struct MainStream<'p> {
+    out: Box<dyn StreamOut + 'p>,
     enc: Encoder,
     progress: &'p Progress,
 }
 
 impl<'p> MainStream<'p> {
     pub(super) fn new(conn: Connection, ram_section_id: u32, progress: &'p Progress) -> Self {
+        Self::to(Box::new(conn), ram_section_id, progress)
+    }
+
+    /// A main stream written to `out`.
+    pub(crate) fn to(
+        out: Box<dyn StreamOut + 'p>,
+        ram_section_id: u32,
+        progress: &'p Progress,
+    ) -> Self {
         Self {
-            conn,
+            out,
             enc: Encoder::new(ram_section_id),
             progress,
         }
@@ -55,9 +86,7 @@ impl<'p> MainStream<'p> {
         if pending.is_empty() {
             return Ok(());
         }
-        self.conn
-            .write_all(pending)
-            .map_err(|e| Error::io("main channel: writing the migration stream", e))?;
+        self.out.write_stream(pending)?;
         let n = pending.len();
         self.progress.add(&self.progress.bytes, n as u64);
         self.enc.consume(n);
@@ -65,12 +94,11 @@ impl<'p> MainStream<'p> {
     }
 
     /// Writes everything and ends the stream (the peer reads EOF).
-    pub(super) fn finish(mut self) -> Result<()> {
+    pub(crate) fn finish(mut self) -> Result<()> {
         if !self.enc.is_done() {
             return Err(Error::Internal("main stream finished before its EOF"));
         }
         self.flush()?;
-        self.conn.shutdown_write();
-        Ok(())
+        self.out.finish_stream()
     }
 }

@@ -16,7 +16,7 @@ mod driver;
 mod main_stream;
 mod peer_watch;
 mod plan;
-mod rate_limit;
+pub(crate) mod rate_limit;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -25,6 +25,11 @@ use std::time::{Duration, Instant};
 use multifd_wire::packet::InitPacket;
 
 pub use plan::StreamPlan;
+// For targets that are not a network peer (a mapped-ram file): the round
+// driver runs over their channel workers and main-stream writer.
+pub(crate) use dispatch::{Job, JobQueue, queues};
+pub(crate) use driver::Driver;
+pub(crate) use main_stream::{MainStream, StreamOut};
 
 use crate::config::MigrationConfig;
 use crate::error::{Endpoint, Error, Result};
@@ -34,9 +39,8 @@ use crate::ram::GuestRam;
 use crate::stats::{MigrationStatus, Progress, Stats};
 use crate::transport::{Connection, TlsClient, Uri};
 use channel::ChannelWorker;
-use dispatch::SyncsWritten;
-use driver::{Driver, VmMarks};
-use main_stream::MainStream;
+pub(crate) use dispatch::SyncsWritten;
+pub(crate) use driver::VmMarks;
 use peer_watch::{StopOnDrop, watch_peer};
 use rate_limit::RateLimiter;
 
@@ -45,7 +49,7 @@ use rate_limit::RateLimiter;
 /// channel is free. On loopback, 4 GiB, 4 channels: depth 1 reached 77% of
 /// a raw TCP blast, 4 and 16 reached 86-88%. The driver sleeps while all
 /// queues are full and is woken when one is down to half (see `dispatch`).
-const QUEUE_DEPTH: usize = 8;
+pub(crate) const QUEUE_DEPTH: usize = 8;
 
 /// What a source VM provides to the driver. Guest RAM itself is the
 /// caller's [`GuestRam`]; this trait covers the rest: the dirty log,
@@ -439,6 +443,7 @@ fn migrate_inner(
             channels: n_channels,
             started,
             marks,
+            batch_pages: multifd_wire::packet::PAGES_PER_PACKET,
         };
         let driven = lifecycle::catch_panic(abort, "multifd-driver", || driver.run(vm));
         // Closing the queues lets the channels drain and end.

@@ -20,7 +20,7 @@ const SLICE: Duration = Duration::from_millis(20);
 
 /// A shared token bucket; [`RateLimiter::unlimited`] lets everything through.
 #[derive(Debug)]
-pub(super) struct RateLimiter {
+pub(crate) struct RateLimiter {
     /// Bytes per second; 0: unlimited.
     rate: u64,
     /// Lifted for the final round (QEMU does not limit the completion).
@@ -31,7 +31,7 @@ pub(super) struct RateLimiter {
 
 impl RateLimiter {
     /// `rate` bytes per second; `None` or 0: unlimited.
-    pub(super) fn new(rate: Option<u64>) -> Self {
+    pub(crate) fn new(rate: Option<u64>) -> Self {
         Self {
             rate: rate.unwrap_or(0),
             lifted: AtomicBool::new(false),

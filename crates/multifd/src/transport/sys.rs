@@ -100,6 +100,73 @@ pub(super) fn readv_exact(
     transfer_all(fd, iovs, activity)
 }
 
+/// Moves every byte of `iovs` between memory and the file `fd` at file
+/// offset `offset` with `pwritev` (an [`IoSlice`]: the file is written) or
+/// `preadv` (an [`IoSliceMut`]: memory is written), retrying on partial
+/// transfers and EINTR. Does not use or move the descriptor's file offset,
+/// so threads may share nothing but the file. A read that reaches the end
+/// of the file before the vectors are full is `UnexpectedEof`; a write
+/// that moves nothing is `WriteZero`.
+fn transfer_at<V: Vector>(fd: RawFd, offset: u64, mut iovs: &mut [V]) -> io::Result<()> {
+    let mut raw: Vec<libc::iovec> = Vec::with_capacity(iovs.len().min(IOV_MAX));
+    let mut at = offset;
+    loop {
+        let first = drop_done(iovs, 0);
+        iovs = &mut iovs[first..];
+        if iovs.is_empty() {
+            return Ok(());
+        }
+        raw.clear();
+        raw.extend(iovs.iter().take(IOV_MAX).map(V::raw));
+        let count = raw.len() as libc::c_int;
+        let pos = libc::off_t::try_from(at).map_err(|_| io::ErrorKind::InvalidInput)?;
+        // SAFETY:
+        // - `raw` holds `count` iovecs, each over memory its vector keeps
+        //   mapped for at least this call (the vectors borrow it);
+        // - `V::KERNEL_READS` is true only for `IoSlice`, made from readable
+        //   memory, and `pwritev` only reads through the vectors; it is
+        //   false only for `IoSliceMut`, made from exclusively borrowed
+        //   buffers or writable guest memory no reference points into, and
+        //   `preadv` writes at most `iov_len` bytes into each;
+        // - the offset is explicit: no shared descriptor state is used.
+        let n = unsafe {
+            if V::KERNEL_READS {
+                libc::pwritev(fd, raw.as_ptr(), count, pos)
+            } else {
+                libc::preadv(fd, raw.as_ptr(), count, pos)
+            }
+        };
+        if n < 0 {
+            let err = io::Error::last_os_error();
+            if err.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(err);
+        }
+        if n == 0 {
+            return Err(if V::KERNEL_READS {
+                io::ErrorKind::WriteZero.into()
+            } else {
+                io::ErrorKind::UnexpectedEof.into()
+            });
+        }
+        at += n as u64;
+        let first = drop_done(iovs, n as usize);
+        iovs = &mut iovs[first..];
+    }
+}
+
+/// Writes every byte of `iovs` to the file `fd` at `offset` (`pwritev`).
+pub(crate) fn pwritev_all(fd: RawFd, offset: u64, iovs: &mut [IoSlice<'_>]) -> io::Result<()> {
+    transfer_at(fd, offset, iovs)
+}
+
+/// Fills every byte of `iovs` from the file `fd` at `offset` (`preadv`);
+/// `UnexpectedEof` when the file ends first.
+pub(crate) fn preadv_exact(fd: RawFd, offset: u64, iovs: &mut [IoSliceMut<'_>]) -> io::Result<()> {
+    transfer_at(fd, offset, iovs)
+}
+
 /// What [`poll_readable`] saw.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Readiness {
@@ -268,5 +335,34 @@ pub(crate) fn wait_hangup(watch: &[RawFd], wake: &[RawFd]) -> io::Result<Option<
             return Ok(None);
         }
         return Ok(pfds[..watch.len()].iter().position(|p| p.revents != 0));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::AsRawFd;
+
+    use super::*;
+
+    #[test]
+    fn positioned_vectored_io_round_trips_and_reports_a_short_file() {
+        let file = tempfile::tempfile().unwrap();
+        let fd = file.as_raw_fd();
+        let (a, b) = (vec![1u8; 5000], vec![2u8; 3000]);
+        pwritev_all(fd, 100, &mut [IoSlice::new(&a), IoSlice::new(&b)]).unwrap();
+        assert_eq!(file.metadata().unwrap().len(), 8100);
+        let (mut x, mut y) = (vec![0u8; 4600], vec![0u8; 3100]);
+        preadv_exact(
+            fd,
+            400,
+            &mut [IoSliceMut::new(&mut x), IoSliceMut::new(&mut y)],
+        )
+        .unwrap();
+        assert!(x.iter().all(|&v| v == 1));
+        assert!(y[..100].iter().all(|&v| v == 1) && y[100..].iter().all(|&v| v == 2));
+        // The descriptor's own offset was never used.
+        let mut z = vec![0u8; 16];
+        let e = preadv_exact(fd, 8090, &mut [IoSliceMut::new(&mut z)]).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
     }
 }
