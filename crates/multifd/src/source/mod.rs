@@ -16,6 +16,7 @@ mod main_stream;
 mod peer_watch;
 mod plan;
 
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -161,23 +162,43 @@ fn migrate_inner(
     // Over TLS, the main handshake is complete before a channel connects:
     // a QEMU destination takes the first connection to complete its
     // handshake as the main channel.
-    let open = |endpoint: Endpoint| -> Result<Connection> {
-        let conn = Connection::connect(uri, cfg.connect_timeout, abort.wake_fd())?;
+    let open = |endpoint: Endpoint, wake: Option<&dyn AsRawFd>| -> Result<Connection> {
+        let conn = Connection::connect(uri, cfg.connect_timeout, wake)?;
         abort.register_socket(&conn)?;
         match &opts.tls {
             Some(tls) => conn.start_tls_client(tls, uri, endpoint, cfg.handshake_timeout),
             None => Ok(conn),
         }
     };
-    let main = open(Endpoint::Main)?;
+    let mut main = open(Endpoint::Main, abort.wake_fd())?;
+    // Over TLS 1.3 our handshake is complete before the destination has
+    // checked our certificate: a refusal (an alert, or from QEMU a bare
+    // close) comes later, on the main channel, which we never read. Until
+    // every channel is open, connecting waits on the main channel too (the
+    // abort path shuts it down, so that wakes as well) and it is looked at
+    // after every channel: a refusal fails the migration now, saying why,
+    // not later as a broken pipe (or after retrying to connect to a
+    // receiver that gave up).
+    let tls = opts.tls.is_some();
     let mut channels = Vec::with_capacity(cfg.channels.into());
     for id in 0..cfg.channels {
-        let mut conn = open(Endpoint::Channel(id))?;
-        let init = InitPacket { uuid: cfg.uuid, id }.encode();
-        std::io::Write::write_all(&mut conn, &init)
-            .map_err(|e| Error::io(format!("multifd channel {id}: writing initial packet"), e))?;
-        progress.add(&progress.bytes, init.len() as u64);
-        channels.push(conn);
+        let wake = if tls {
+            Some(&main as &dyn AsRawFd)
+        } else {
+            abort.wake_fd()
+        };
+        let opened = open(Endpoint::Channel(id), wake).and_then(|mut conn| {
+            let init = InitPacket { uuid: cfg.uuid, id }.encode();
+            std::io::Write::write_all(&mut conn, &init).map_err(|e| {
+                Error::io(format!("multifd channel {id}: writing initial packet"), e)
+            })?;
+            progress.add(&progress.bytes, init.len() as u64);
+            Ok(conn)
+        });
+        if let Some(refused) = main.peer_refusal(Endpoint::Main) {
+            return Err(refused);
+        }
+        channels.push(opened?);
     }
 
     let packet_num = AtomicU64::new(0);
