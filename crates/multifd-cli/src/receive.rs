@@ -63,6 +63,8 @@ pub struct ReceiveArgs {
     #[arg(long)]
     prefault: bool,
     #[command(flatten)]
+    tls: trust::DestinationTls,
+    #[command(flatten)]
     common: Common,
 }
 
@@ -74,11 +76,14 @@ pub fn run(a: ReceiveArgs) -> Result<()> {
     if named.is_empty() && a.snapshot.is_none() {
         bail!("give --ram IDSTR=FILE and/or --snapshot DIR: where should the RAM go?");
     }
+    // Credentials load before anything listens: a bad file is an error
+    // now, not after a source connected.
+    let tls = a.tls.server()?;
     let listener = Listener::bind(&uri)?;
     let bound = listener.local_uri()?;
+    a.tls.check(&bound)?;
     // Scripts wait for this line before starting a source.
     eprintln!("{LISTENING} {bound}");
-    trust::check_plain(trust::Role::Destination, &bound)?;
     let started = Instant::now();
     let mut ram = FileRamProvider::new(named, a.snapshot.clone(), a.prefault)
         .context("preparing destination RAM")?;
@@ -97,6 +102,8 @@ pub fn run(a: ReceiveArgs) -> Result<()> {
             .accept_timeout
             .map(|t| t.saturating_sub(prepared).max(Duration::from_millis(1))),
         max_ram: a.max_ram.unwrap_or(defaults.max_ram),
+        tls,
+        tls_clean_termination: a.tls.clean_termination(),
         ..defaults
     };
     let mut unplaced = None;

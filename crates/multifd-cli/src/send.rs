@@ -34,6 +34,8 @@ pub struct SendArgs {
     #[arg(long, allow_hyphen_values = true, value_name = "SECS", default_value = "10", value_parser = parse::timeout)]
     connect_timeout: Duration,
     #[command(flatten)]
+    tls: trust::SourceTls,
+    #[command(flatten)]
     common: Common,
 }
 
@@ -42,7 +44,7 @@ pub fn run(a: SendArgs) -> Result<()> {
     let uri: Uri = a.to.parse()?;
     let mut config = a.common.config()?;
     config.connect_timeout = a.connect_timeout;
-    trust::check_plain(trust::Role::Source, &uri)?;
+    let tls = a.tls.client(&uri)?;
     let (ram, plan) = match &a.snapshot {
         Some(dir) => {
             let (ram, plan, _) = snapshot::open(dir, &parse_ram_args(&a.ram)?)
@@ -68,6 +70,7 @@ pub fn run(a: SendArgs) -> Result<()> {
     let opts = SourceOptions {
         config: config.clone(),
         plan,
+        tls,
         ..SourceOptions::default()
     };
     let (result, rss_mib) =
