@@ -562,7 +562,7 @@ fn psk_zlib_us_to_qemu() {
 }
 
 /// The larger matrix: channels x compression x {x509, PSK} x both ways
-/// with QEMU, 256 MiB guests.
+/// with QEMU (and us -> us), 64 MiB guests.
 ///
 ///   cargo test -p multifd-cli --test tls -- --ignored tls_full_matrix --nocapture
 #[test]
