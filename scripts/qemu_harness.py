@@ -16,6 +16,9 @@ What it provides:
 * ``free_tcp_port``, ``temp_dir`` (under /dev/shm, removed at exit),
   ``prefault`` (write zeros over a whole file), ``compare_files``,
   ``parse_size``, ``detect_accel``, ``machine_note``, ``install_signal_handlers``.
+* ``make_x509_creds`` / ``make_psk_creds``: a throw-away test PKI (``openssl``
+  command) or pre-shared key in QEMU's credential directory layout, and
+  ``Qemu.set_tls`` to give a QEMU such credentials.
 """
 
 from __future__ import annotations
@@ -155,6 +158,73 @@ def compare_files(a: str, b: str, chunk: int = 16 * MiB):
             if not ca:
                 return None
             off += len(ca)
+
+
+# --------------------------------------------------------------------------
+# TLS credentials (test PKI)
+
+
+def _openssl(args, cwd):
+    r = subprocess.run(["openssl"] + list(args), cwd=cwd, capture_output=True, text=True,
+                       timeout=60)
+    if r.returncode != 0:
+        raise HarnessError(f"openssl {' '.join(args)}: {r.stderr.strip()}")
+
+
+def make_x509_creds(root: str, server_names=("IP:127.0.0.1", "DNS:localhost"),
+                    client_dn: str = "/O=multifd/CN=client") -> dict:
+    """A throw-away CA, server and client certificate made with the `openssl`
+    command, in QEMU's tls-creds-x509 layout.  Returns {"server": DIR with
+    ca-cert.pem, server-cert.pem, server-key.pem; "client": DIR with ca-cert.pem,
+    client-cert.pem, client-key.pem}.
+
+    ECDSA P-256 keys; the CA has CA:TRUE and keyCertSign; leaves have key usage
+    digitalSignature + keyEncipherment (QEMU refuses to load a leaf whose
+    critical key usage lacks either) and the matching extended key usage; the
+    server certificate names `server_names` as subject alternative names (QEMU
+    and rustls check only those, never the CN)."""
+    work = os.path.join(root, "pki")
+    os.makedirs(work, exist_ok=True)
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
+    _openssl(["req", "-x509", "-new"] + ec + [
+        "-keyout", "ca-key.pem", "-out", "ca-cert.pem", "-days", "30",
+        "-subj", "/O=multifd/CN=multifd test CA",
+        "-addext", "basicConstraints=critical,CA:TRUE",
+        "-addext", "keyUsage=critical,keyCertSign,cRLSign"], work)
+    dirs = {}
+    for role, subj, eku, san in (("server", "/O=multifd/CN=server", "serverAuth", server_names),
+                                 ("client", client_dn, "clientAuth", ())):
+        ext = os.path.join(work, f"{role}.ext")
+        with open(ext, "w") as f:
+            f.write("basicConstraints=CA:FALSE\n"
+                    "keyUsage=critical,digitalSignature,keyEncipherment\n"
+                    f"extendedKeyUsage={eku}\n")
+            if san:
+                f.write(f"subjectAltName={','.join(san)}\n")
+        _openssl(["req", "-new"] + ec + ["-keyout", f"{role}-key.pem", "-out", f"{role}.csr",
+                                         "-subj", subj], work)
+        _openssl(["x509", "-req", "-in", f"{role}.csr", "-CA", "ca-cert.pem",
+                  "-CAkey", "ca-key.pem", "-set_serial", str(int.from_bytes(os.urandom(8), "big")),
+                  "-days", "30", "-extfile", ext, "-out", f"{role}-cert.pem"], work)
+        d = os.path.join(root, role)
+        os.makedirs(d, exist_ok=True)
+        for name in ("ca-cert.pem", f"{role}-cert.pem", f"{role}-key.pem"):
+            shutil.copyfile(os.path.join(work, name), os.path.join(d, name))
+            os.chmod(os.path.join(d, name), 0o600)
+        dirs[role] = d
+    return dirs
+
+
+def make_psk_creds(root: str, username: str = "qemu") -> str:
+    """A directory with keys.psk holding a random 256-bit key for `username`
+    (QEMU's tls-creds-psk layout)."""
+    d = os.path.join(root, "psk")
+    os.makedirs(d, exist_ok=True)
+    path = os.path.join(d, "keys.psk")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(f"{username}:{os.urandom(32).hex()}\n")
+    return d
 
 
 # --------------------------------------------------------------------------
@@ -534,6 +604,7 @@ class Qemu:
         if size % MiB:
             raise HarnessError("guest RAM size must be a multiple of 1 MiB")
         self.name = name
+        self.incoming = incoming
         self.qmp_path = os.path.join(workdir, f"{name}.qmp")
         mem = f"{size // MiB}M"
         argv = [
@@ -582,6 +653,30 @@ class Qemu:
             params[f"multifd-{compression}-level"] = level
         if extra_params:
             params.update(extra_params)
+        self.execute("migrate-set-parameters", params)
+
+    def set_tls(self, kind: str, creds_dir: str, hostname: str | None = None,
+                verify_peer: bool = True, username: str = "qemu",
+                authz: str | None = None) -> None:
+        """Migrate over TLS: `kind` x509 (tls-creds-x509) or psk (tls-creds-psk)
+        from `creds_dir`; the endpoint follows the role (destination: server).
+        `hostname` is the source's tls-hostname, `authz` the destination's
+        accepted client DN (authz-simple identity, GnuTLS format)."""
+        endpoint = "server" if self.incoming else "client"
+        props = {"qom-type": f"tls-creds-{kind}", "id": "tls0", "dir": creds_dir,
+                 "endpoint": endpoint}
+        if kind == "x509":
+            props["verify-peer"] = verify_peer
+        elif endpoint == "client":
+            props["username"] = username
+        self.execute("object-add", props)
+        params = {"tls-creds": "tls0"}
+        if hostname is not None:
+            params["tls-hostname"] = hostname
+        if authz is not None:
+            self.execute("object-add", {"qom-type": "authz-simple", "id": "authz0",
+                                        "identity": authz})
+            params["tls-authz"] = "authz0"
         self.execute("migrate-set-parameters", params)
 
     def migrate_incoming(self, uri: str) -> None:

@@ -261,7 +261,11 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("multifd: error: {}", report::one_line(&e));
-            ExitCode::FAILURE
+            if report::is_usage(&e) {
+                ExitCode::from(2)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }

@@ -128,6 +128,57 @@ pub fn page_bytes(s: &str) -> Result<bytesize::ByteSize, String> {
     }
 }
 
+/// A switch spelled as QEMU spells its booleans: `on` or `off` (also
+/// `true`/`false`, `yes`/`no`).
+pub fn on_off(s: &str) -> Result<bool, String> {
+    match s.trim().to_ascii_lowercase().as_str() {
+        "on" | "true" | "yes" => Ok(true),
+        "off" | "false" | "no" => Ok(false),
+        _ => Err("expected on or off".into()),
+    }
+}
+
+/// A distinguished name as GnuTLS prints it and QEMU's `tls-authz`
+/// matches it: `ATTR=value` pairs joined by commas, in certificate order
+/// (`O=org,CN=name`). Checked for shape only: a name that is well formed
+/// but wrong is found out when a client is denied (its name is shown).
+pub fn gnutls_dn(s: &str) -> Result<String, String> {
+    let fail = |why: &str| {
+        Err(format!(
+            "{why}: expected ATTR=value pairs joined by commas, in certificate order, \
+             like O=org,CN=name"
+        ))
+    };
+    if s.is_empty() {
+        return fail("empty");
+    }
+    if s.contains(",,") {
+        // QEMU's -object syntax doubles commas; here they are single.
+        return fail("a doubled comma (QEMU's -object escaping is not needed here)");
+    }
+    // Split on commas that are not escaped (GnuTLS prints `\,` inside a value).
+    let mut parts = Vec::new();
+    let (mut start, mut escaped) = (0, false);
+    for (i, c) in s.char_indices() {
+        match c {
+            '\\' if !escaped => escaped = true,
+            ',' if !escaped => {
+                parts.push(&s[start..i]);
+                start = i + 1;
+            }
+            _ => escaped = false,
+        }
+    }
+    parts.push(&s[start..]);
+    for part in parts {
+        match part.split_once('=') {
+            Some((attr, _)) if !attr.is_empty() && attr.trim() == attr => {}
+            _ => return fail(&format!("{part:?} is not ATTR=value")),
+        }
+    }
+    Ok(s.to_owned())
+}
+
 /// A VM UUID in its canonical form (`--uuid`).
 pub fn uuid(s: &str) -> Result<[u8; 16], String> {
     multifd::parse_uuid(s).map_err(|_| {
@@ -202,6 +253,23 @@ mod tests {
         assert!(ram_size("0").is_err());
         assert_eq!(page_bytes("0").unwrap().as_u64(), 0);
         assert!(page_bytes("4095").is_err());
+    }
+
+    #[test]
+    fn switches_and_names() {
+        assert_eq!(on_off("on"), Ok(true));
+        assert_eq!(on_off("OFF"), Ok(false));
+        assert_eq!(on_off("false"), Ok(false));
+        assert!(on_off("").is_err() && on_off("1").is_err() && on_off("onn").is_err());
+        assert_eq!(
+            gnutls_dn("O=multifd,CN=client").unwrap(),
+            "O=multifd,CN=client"
+        );
+        assert_eq!(gnutls_dn("CN=a=b").unwrap(), "CN=a=b");
+        assert!(gnutls_dn(r"O=Acme\, Inc.,CN=x").is_ok());
+        for bad in ["", "client", "O=x,,CN=y", "O=x,", "=x", " CN=x", "O=x,CN"] {
+            assert!(gnutls_dn(bad).is_err(), "{bad:?} accepted");
+        }
     }
 
     #[test]

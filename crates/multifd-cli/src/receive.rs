@@ -75,6 +75,8 @@ pub struct ReceiveArgs {
     #[arg(long)]
     direct_io: bool,
     #[command(flatten)]
+    tls: trust::DestinationTls,
+    #[command(flatten)]
     common: Common,
 }
 
@@ -83,6 +85,9 @@ pub fn run(a: ReceiveArgs) -> Result<()> {
     let config = a.common.config()?;
     let named = parse_ram_args(&a.ram)?;
     if let Some(source) = crate::file::target(&a.listen)? {
+        if a.tls.is_set() {
+            bail!("TLS is for network connections; a file source is read as is");
+        }
         if !a.mapped_ram {
             bail!(
                 "--listen file:PATH needs --mapped-ram (the file is read in QEMU's mapped-ram format)"
@@ -110,17 +115,22 @@ pub fn run(a: ReceiveArgs) -> Result<()> {
     if named.is_empty() && a.snapshot.is_none() && a.mapped_ram_file.is_none() {
         bail!("give --ram IDSTR=FILE and/or --snapshot DIR: where should the RAM go?");
     }
+    // Credentials load before anything listens: a bad file is an error
+    // now, not after a source connected.
+    let tls = a.tls.server()?;
     let listener = Listener::bind(&uri)?;
     let bound = listener.local_uri()?;
+    a.tls.check(&bound)?;
     // Scripts wait for this line before starting a source.
     eprintln!("{LISTENING} {bound}");
-    trust::check_plain(trust::Role::Destination, &bound)?;
     if let Some(file) = &a.mapped_ram_file {
         let defaults = ReceiveOptions::default();
         let opts = ReceiveOptions {
             config: config.clone(),
             accept_timeout: a.accept_timeout,
             max_ram: a.max_ram.unwrap_or(defaults.max_ram),
+            tls,
+            tls_clean_termination: a.tls.clean_termination(),
             ..defaults
         };
         eprintln!("{RAM_READY} (0.000 s)");
@@ -144,6 +154,8 @@ pub fn run(a: ReceiveArgs) -> Result<()> {
             .accept_timeout
             .map(|t| t.saturating_sub(prepared).max(Duration::from_millis(1))),
         max_ram: a.max_ram.unwrap_or(defaults.max_ram),
+        tls,
+        tls_clean_termination: a.tls.clean_termination(),
         ..defaults
     };
     let mut unplaced = None;

@@ -28,6 +28,51 @@ impl fmt::Display for Advice {
     }
 }
 
+/// A command line that parses but cannot be used as given (flags that
+/// contradict each other, plain TCP beyond loopback without `--insecure`):
+/// reported like a parse error, one line and exit status 2.
+#[derive(Debug)]
+pub struct Usage {
+    message: String,
+    hint: Option<String>,
+}
+
+impl Usage {
+    /// A usage error saying `message`.
+    pub fn new(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            hint: None,
+        }
+    }
+
+    /// A usage error with advice naming the flags that resolve it.
+    pub fn with_hint(message: impl Into<String>, hint: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            hint: Some(hint.into()),
+        }
+    }
+
+    /// The advice, if any.
+    pub fn hint(&self) -> Option<&str> {
+        self.hint.as_deref()
+    }
+}
+
+impl fmt::Display for Usage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for Usage {}
+
+/// Whether `e` is a usage error (exit status 2).
+pub fn is_usage(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| c.downcast_ref::<Usage>().is_some())
+}
+
 /// The hint for an engine error whose outcome a flag changes.
 fn engine_hint(e: &multifd::Error) -> Option<&'static str> {
     Some(match e {
@@ -42,6 +87,14 @@ fn engine_hint(e: &multifd::Error) -> Option<&'static str> {
         multifd::Error::SourceUuidMismatch { .. } | multifd::Error::UuidMismatch { .. } => {
             "--uuid must be the destination VM's UUID on both sides"
         }
+        multifd::Error::TlsCredentials { .. } => {
+            "--tls-creds DIR holds ca-cert.pem, and server-cert.pem + server-key.pem \
+             (receive) or client-cert.pem + client-key.pem (send); --tls-psk DIR holds \
+             keys.psk with a line USERNAME:HEXKEY for --tls-psk-username (default qemu)"
+        }
+        multifd::Error::Tls { reason, .. } if reason.contains("not valid for name") => {
+            "--tls-hostname NAME checks the destination's certificate for another name"
+        }
         _ => return None,
     })
 }
@@ -51,6 +104,11 @@ pub fn one_line(e: &anyhow::Error) -> String {
     let hint = e
         .downcast_ref::<Advice>()
         .map(|a| a.hint.clone())
+        .or_else(|| {
+            e.chain()
+                .find_map(|c| c.downcast_ref::<Usage>())
+                .and_then(|u| u.hint().map(str::to_owned))
+        })
         .or_else(|| {
             e.chain()
                 .find_map(|c| c.downcast_ref::<multifd::Error>())

@@ -46,6 +46,8 @@ pub struct SendArgs {
     #[arg(long)]
     direct_io: bool,
     #[command(flatten)]
+    tls: trust::SourceTls,
+    #[command(flatten)]
     common: Common,
 }
 
@@ -59,17 +61,23 @@ pub fn run(a: SendArgs) -> Result<()> {
     }
     let mut config = a.common.config()?;
     config.connect_timeout = a.connect_timeout;
-    let uri: Option<Uri> = match &file_target {
-        Some(_) => None,
+    let (uri, tls): (Option<Uri>, _) = match &file_target {
+        Some(_) => {
+            if a.tls.is_set() {
+                anyhow::bail!("TLS is for network connections; a file target is written as is");
+            }
+            (None, None)
+        }
         None => {
             let uri: Uri = a.to.parse()?;
-            trust::check_plain(trust::Role::Source, &uri)?;
-            Some(uri)
+            let tls = a.tls.client(&uri)?;
+            (Some(uri), tls)
         }
     };
     if let (Some(file), Some(uri)) = (&a.mapped_ram_file, &uri) {
         let opts = SourceOptions {
             config,
+            tls,
             ..SourceOptions::default()
         };
         return crate::file::play(file, uri, &opts, a.direct_io, &a.common);
@@ -99,6 +107,7 @@ pub fn run(a: SendArgs) -> Result<()> {
     let opts = SourceOptions {
         config: config.clone(),
         plan,
+        tls,
         ..SourceOptions::default()
     };
     let Some(uri) = uri else {

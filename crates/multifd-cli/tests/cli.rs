@@ -1,6 +1,6 @@
 //! The `multifd` binary's surface without QEMU: option validation (usage
 //! errors, exit status 2, one line), the one-line failure report with its
-//! hints, the trust warning, and a receiver that listens before its RAM is
+//! hints, whom it trusts (plain TCP beyond loopback needs --insecure), and a receiver that listens before its RAM is
 //! ready. Sources are faked with the wire crate's encoders where a test
 //! needs one that stops at a chosen point.
 //!
@@ -328,24 +328,27 @@ fn ram_preparation_failure_is_one_line() {
 }
 
 /// The trust warning of a receiver listening where `listen` says (given
-/// the test's context), if any. It is given no source: it stops after its
-/// accept timeout.
-fn receiver_warning(name: &str, listen: impl FnOnce(&TestCtx) -> String) -> Option<String> {
+/// the test's context), if any, with `extra` flags. It is given no source:
+/// it stops after its accept timeout.
+fn receiver_warning(
+    name: &str,
+    listen: impl FnOnce(&TestCtx) -> String,
+    extra: &[&str],
+) -> Option<String> {
     let ctx = TestCtx::new(name, BUDGET);
     let listen = listen(&ctx);
     let ram = format!("m0={}", ctx.path("dst.ram").display());
-    let mut p = ctx.multifd(
+    let mut args = vec![
         "receive",
-        &[
-            "receive",
-            "--listen",
-            &listen,
-            "--ram",
-            &ram,
-            "--accept-timeout",
-            "0.3",
-        ],
-    );
+        "--listen",
+        &listen,
+        "--ram",
+        &ram,
+        "--accept-timeout",
+        "0.3",
+    ];
+    args.extend(extra);
+    let mut p = ctx.multifd("receive", &args);
     let (code, stderr) = finish(&mut p, Duration::from_secs(20));
     assert_eq!(code, Some(1), "{name}: {stderr}");
     stderr
@@ -355,9 +358,32 @@ fn receiver_warning(name: &str, listen: impl FnOnce(&TestCtx) -> String) -> Opti
 }
 
 #[test]
-fn receiver_beyond_loopback_warns() {
-    let w = receiver_warning("receiver_beyond_loopback_warns", |_| "tcp:0.0.0.0:0".into())
-        .expect("no warning for a receiver on 0.0.0.0");
+fn receiver_beyond_loopback_needs_insecure() {
+    let ctx = TestCtx::new("receiver_beyond_loopback_needs_insecure", BUDGET);
+    let ram = format!("m0={}", ctx.path("dst.ram").display());
+    let mut p = ctx.multifd(
+        "receive",
+        &["receive", "--listen", "tcp:0.0.0.0:0", "--ram", &ram],
+    );
+    let (code, stderr) = finish(&mut p, Duration::from_secs(20));
+    // Refused like a bad flag, before it says it listens.
+    assert_eq!(code, Some(2), "{stderr}");
+    assert_one_error_line(&stderr, "plain TCP beyond loopback");
+    for words in [
+        "without TLS",
+        "anyone who can reach this port",
+        "supply the guest memory",
+        "(hint: --tls-creds DIR or --tls-psk DIR",
+        "--insecure",
+    ] {
+        assert!(stderr.contains(words), "no {words:?}: {stderr}");
+    }
+    let w = receiver_warning(
+        "receiver_beyond_loopback_insecure_warns",
+        |_| "tcp:0.0.0.0:0".into(),
+        &["--insecure"],
+    )
+    .expect("no warning for a receiver on 0.0.0.0 with --insecure");
     assert!(w.contains("without TLS"), "{w}");
     assert!(w.contains("anyone who can reach this port"), "{w}");
     assert!(w.contains("supply the guest memory"), "{w}");
@@ -366,36 +392,47 @@ fn receiver_beyond_loopback_warns() {
 #[test]
 fn receiver_on_loopback_or_unix_does_not_warn() {
     for listen in ["tcp:127.0.0.1:0", "tcp:localhost:0", "unix"] {
-        let warning = receiver_warning("receiver_on_loopback_or_unix", |ctx| {
-            if listen == "unix" {
-                format!("unix:{}", ctx.path("mig.sock").display())
-            } else {
-                listen.into()
-            }
-        });
+        let warning = receiver_warning(
+            "receiver_on_loopback_or_unix",
+            |ctx| {
+                if listen == "unix" {
+                    format!("unix:{}", ctx.path("mig.sock").display())
+                } else {
+                    listen.into()
+                }
+            },
+            &[],
+        );
         assert_eq!(warning, None, "{listen}");
     }
 }
 
 #[test]
-fn sender_beyond_loopback_warns() {
-    let ctx = TestCtx::new("sender_beyond_loopback_warns", BUDGET);
+fn sender_beyond_loopback_needs_insecure() {
+    let ctx = TestCtx::new("sender_beyond_loopback_needs_insecure", BUDGET);
     let img = ctx.path("src.ram");
     std::fs::write(&img, vec![0u8; 4096]).unwrap();
+    let ram = format!("m0={}", img.display());
     // TEST-NET-1: nobody answers there (or the network is unreachable).
-    let mut p = ctx.multifd(
+    let args = [
         "send",
-        &[
-            "send",
-            "--to",
-            "tcp:192.0.2.1:4444",
-            "--ram",
-            &format!("m0={}", img.display()),
-            "--connect-timeout",
-            "0.5",
-            "--quiet",
-        ],
-    );
+        "--to",
+        "tcp:192.0.2.1:4444",
+        "--ram",
+        &ram,
+        "--connect-timeout",
+        "0.5",
+        "--quiet",
+    ];
+    let mut p = ctx.multifd("send", &args);
+    let (code, stderr) = finish(&mut p, Duration::from_secs(20));
+    assert_eq!(code, Some(2), "{stderr}");
+    assert_one_error_line(&stderr, "plain TCP beyond loopback");
+    assert!(stderr.contains("read it"), "{stderr}");
+    assert!(stderr.contains("--insecure"), "{stderr}");
+    let mut args = args.to_vec();
+    args.push("--insecure");
+    let mut p = ctx.multifd("send-insecure", &args);
     let (code, stderr) = finish(&mut p, Duration::from_secs(20));
     assert_eq!(code, Some(1), "{stderr}");
     let warning = stderr

@@ -363,6 +363,46 @@ impl Qemu {
         self.cmd("migrate-set-parameters", params);
     }
 
+    /// Migrates over TLS with the credentials in `dir` (QEMU's directory
+    /// layout): `tls-creds-x509` (`psk: false`; `verify_peer` on a
+    /// destination) or `tls-creds-psk` (username `qemu` on a source); the
+    /// endpoint follows the role. `hostname` is a source's `tls-hostname`,
+    /// `authz` a destination's accepted client name (`authz-simple`).
+    pub fn set_tls(
+        &mut self,
+        psk: bool,
+        dir: &Path,
+        verify_peer: bool,
+        hostname: Option<&str>,
+        authz: Option<&str>,
+    ) {
+        let server = self.config.incoming;
+        let mut creds = json!({
+            "qom-type": if psk { "tls-creds-psk" } else { "tls-creds-x509" },
+            "id": "tls0",
+            "dir": dir.display().to_string(),
+            "endpoint": if server { "server" } else { "client" },
+        });
+        if !psk {
+            creds["verify-peer"] = json!(verify_peer);
+        } else if !server {
+            creds["username"] = json!("qemu");
+        }
+        self.cmd("object-add", creds);
+        let mut params = json!({"tls-creds": "tls0"});
+        if let Some(h) = hostname {
+            params["tls-hostname"] = json!(h);
+        }
+        if let Some(identity) = authz {
+            self.cmd(
+                "object-add",
+                json!({"qom-type": "authz-simple", "id": "authz0", "identity": identity}),
+            );
+            params["tls-authz"] = json!("authz0");
+        }
+        self.cmd("migrate-set-parameters", params);
+    }
+
     /// `migrate-incoming` on 127.0.0.1, on a port QEMU picks; returns it.
     pub fn migrate_incoming(&mut self) -> u16 {
         self.cmd("migrate-incoming", json!({"uri": "tcp:127.0.0.1:0"}));

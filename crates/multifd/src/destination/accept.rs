@@ -12,8 +12,11 @@
 //! included), so one that is slow to speak does not hold up the others: a
 //! source writes nothing on its main channel until every channel is up,
 //! and over TLS a channel cannot even connect until its handshake is
-//! served. At most N+1 connections are accepted before all are known;
-//! whatever queues up behind them is the stray guard's.
+//! served. At most N+1 connections are accepted before all are known
+//! (over TLS twice that: a source with more channels than ours waits for
+//! the handshake of its extra ones before it writes its main stream, so
+//! they must be served to be found out); whatever queues up behind them
+//! is the stray guard's.
 
 use std::io::Write;
 use std::os::fd::AsRawFd;
@@ -85,7 +88,14 @@ fn identify(mut conn: Connection, rules: &Rules<'_>) -> Result<Identified> {
     conn.set_read_timeout(Some(hs))
         .map_err(|e| Error::io("setting handshake timeout", e))?;
     let mut head = [0u8; 4];
-    read_handshake(&mut conn, &mut head, hs, Endpoint::Unclassified)?;
+    read_handshake(&mut conn, &mut head, hs, Endpoint::Unclassified).map_err(|e| match e {
+        // Over TLS, a close before the first byte is how a QEMU source
+        // refuses our certificate.
+        Error::PeerClosed { .. } => conn
+            .closed_after_handshake(Endpoint::Unclassified)
+            .unwrap_or(e),
+        e => e,
+    })?;
     let magic = u32::from_be_bytes(head);
     if magic == QEVM_MAGIC {
         conn.set_read_timeout(None)
@@ -166,6 +176,11 @@ pub(super) fn accept_all(
             have: 0,
             in_flight: Vec::new(),
             deadline: None,
+            extra: if tls.is_some() {
+                usize::from(cfg.channels) + 1
+            } else {
+                0
+            },
         };
         let (tx, rx) = mpsc::channel::<(usize, Result<Identified>)>();
         let mut next = 0usize;
@@ -234,6 +249,8 @@ struct Door<'a, 'w> {
     in_flight: Vec<(usize, Connection)>,
     /// When all channels must be there (set by the first connection).
     deadline: Option<Instant>,
+    /// Connections accepted beyond N+1 before all are known (TLS).
+    extra: usize,
 }
 
 impl Door<'_, '_> {
@@ -306,7 +323,7 @@ impl Door<'_, '_> {
                 return Ok(Step::Done);
             }
             let known = usize::from(self.main.is_some()) + self.have;
-            let may_accept = known + self.in_flight.len() < self.channels.len() + 1;
+            let may_accept = known + self.in_flight.len() < self.channels.len() + 1 + self.extra;
             let wait = match self.deadline {
                 None => self.first_timeout,
                 // Past the deadline, the connections being identified still

@@ -327,8 +327,14 @@ fn migrate_inner(
             None => Ok(conn),
         }
     };
-    let main = open(Endpoint::Main)?;
-    let mut channels = peer_watch::while_main_is_up(&main, abort, || {
+    let mut main = open(Endpoint::Main)?;
+    // Over TLS 1.3 our handshake is complete before the destination has
+    // checked our certificate: a refusal (an alert, or from QEMU a bare
+    // close) comes later, on the main channel, which we never read. The
+    // setup watch fails the migration on it now, saying why, not later as
+    // a broken pipe (or after retrying to connect to a receiver that gave
+    // up).
+    let mut channels = peer_watch::while_main_is_up(&mut main, abort, || {
         let mut channels = Vec::with_capacity(cfg.channels.into());
         for id in 0..cfg.channels {
             let mut conn = open(Endpoint::Channel(id))?;

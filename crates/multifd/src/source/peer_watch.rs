@@ -64,28 +64,37 @@ pub(super) fn watch_peer(abort: &Abort<'_>, done: &[AtomicBool], stop: &std::io:
 /// (a TLS 1.3 server checks the client's certificate after the client
 /// finished) left the next channel's handshake waiting for its timeout
 /// (found by the `reject-anon-client` stress: 5 s instead of milliseconds).
-/// Bytes from the destination do not count here, only a hang-up or reset.
+///
+/// The watch holds the main connection meanwhile (nothing else reads it
+/// during setup), so a TLS refusal is named from the alert the destination
+/// sent before hanging up. Bytes alone do not count (a TLS server may send
+/// session tickets), only a hang-up or reset; a refusal still waiting
+/// unread when setup ends is named then.
 pub(super) fn while_main_is_up<T>(
-    main: &Connection,
+    main: &mut Connection,
     abort: &Abort<'_>,
     setup: impl FnOnce() -> Result<T>,
 ) -> Result<T> {
     use std::os::fd::AsRawFd;
     let (stop_r, stop_w) =
         std::io::pipe().map_err(|e| Error::io("creating the setup-watch pipe", e))?;
-    std::thread::scope(|s| {
+    let out = std::thread::scope(|s| {
+        let watched = &mut *main;
         let watch = std::thread::Builder::new()
             .name("multifd-setup-watch".into())
-            .spawn_scoped(s, || {
+            .spawn_scoped(s, move || {
                 let mut wake = vec![stop_r.as_raw_fd()];
                 wake.extend(abort.wake_fd().map(|w| w.as_raw_fd()));
-                if let Ok(Some(_)) = crate::transport::sys::wait_hangup(&[main.as_raw_fd()], &wake)
-                {
-                    abort.fail(Error::PeerClosed {
-                        endpoint: Endpoint::Main,
-                        when: "while the multifd channels were set up (the destination refused \
-                               or dropped the migration)",
-                    });
+                let fd = watched.as_raw_fd();
+                if let Ok(Some(_)) = crate::transport::sys::wait_hangup(&[fd], &wake) {
+                    let error = watched
+                        .peer_refusal(Endpoint::Main)
+                        .unwrap_or(Error::PeerClosed {
+                            endpoint: Endpoint::Main,
+                            when: "while the multifd channels were set up (the destination \
+                                   refused or dropped the migration)",
+                        });
+                    abort.fail(error);
                 }
             })
             .map_err(|e| Error::io("spawning the setup watch", e))?;
@@ -94,5 +103,9 @@ pub(super) fn while_main_is_up<T>(
         drop(stop_w);
         let _ = watch.join();
         out
-    })
+    })?;
+    match main.peer_refusal(Endpoint::Main) {
+        Some(refused) => Err(refused),
+        None => Ok(out),
+    }
 }

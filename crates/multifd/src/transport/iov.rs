@@ -180,6 +180,23 @@ impl IoSliceMut<'_> {
         let slice = unsafe { VolatileSlice::new(self.iov.iov_base.cast(), self.iov.iov_len) };
         slice.copy_from(src);
     }
+
+    /// Fills `src.len()` bytes of the vector from offset `at` on, with
+    /// volatile writes (a TLS connection copies each decrypted record
+    /// where it belongs).
+    pub(super) fn copy_from_at(&mut self, at: usize, src: &[u8]) {
+        assert!(
+            at <= self.len() && src.len() <= self.len() - at,
+            "copy past the end of an I/O vector"
+        );
+        // SAFETY: `at + src.len()` is within the vector (checked above),
+        // whose memory is mapped and writable for its lifetime and
+        // borrowed exclusively (or guest memory no reference points into),
+        // as its constructors require.
+        let slice =
+            unsafe { VolatileSlice::new(self.iov.iov_base.cast::<u8>().add(at), src.len()) };
+        slice.copy_from(src);
+    }
 }
 
 /// A vector the vectored transfer loop can move bytes through; the

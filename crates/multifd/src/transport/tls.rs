@@ -216,7 +216,15 @@ impl TlsServer {
             )
             .build()
             .map_err(|e| bad_creds(&dir.join("ca-cert.pem"), e))?;
-            builder.with_client_cert_verifier(verifier)
+            match &authz {
+                // Checked inside the handshake, so a client that is not
+                // authorized gets an access_denied alert, not a bare close.
+                Some(allowed) => builder.with_client_cert_verifier(Arc::new(AuthzVerifier {
+                    inner: verifier,
+                    allowed: allowed.clone(),
+                })),
+                None => builder.with_client_cert_verifier(verifier),
+            }
         } else {
             if authz.is_some() {
                 return Err(Error::Config(
@@ -255,14 +263,16 @@ impl TlsServer {
 }
 
 /// The subject of a DER certificate in GnuTLS's format (`O=org,CN=name`:
-/// attributes in certificate order, `,`-joined), as QEMU's `tls-authz`
-/// matches it.
+/// attributes in certificate order, `,`-joined, the attributes of a
+/// multi-valued RDN `+`-joined, special characters escaped with `\` as RFC
+/// 4514 says), as QEMU's `tls-authz` matches it.
 pub(super) fn gnutls_dn(cert: &CertificateDer<'_>) -> Result<String> {
     use x509_parser::prelude::{FromDer, X509Certificate};
     let (_, parsed) = X509Certificate::from_der(cert.as_ref())
         .map_err(|e| Error::Config(format!("parsing the peer's certificate: {e}")))?;
-    let mut parts = Vec::new();
+    let mut rdns = Vec::new();
     for rdn in parsed.subject().iter() {
+        let mut atvs = Vec::new();
         for atv in rdn.iter() {
             let key = x509_parser::objects::oid2abbrev(
                 atv.attr_type(),
@@ -270,9 +280,139 @@ pub(super) fn gnutls_dn(cert: &CertificateDer<'_>) -> Result<String> {
             )
             .map(str::to_owned)
             .unwrap_or_else(|_| atv.attr_type().to_id_string());
-            let value = atv.as_str().map(str::to_owned).unwrap_or_default();
-            parts.push(format!("{key}={value}"));
+            let value = atv.as_str().map(escape_dn_value).unwrap_or_default();
+            atvs.push(format!("{key}={value}"));
         }
+        rdns.push(atvs.join("+"));
     }
-    Ok(parts.join(","))
+    Ok(rdns.join(","))
+}
+
+/// An attribute value escaped as RFC 4514 says (`,+"\<>;` anywhere, `#` or
+/// a space first, a space last).
+fn escape_dn_value(v: &str) -> String {
+    let mut out = String::with_capacity(v.len());
+    let last = v.chars().count().saturating_sub(1);
+    for (i, c) in v.chars().enumerate() {
+        let special = matches!(c, ',' | '+' | '"' | '\\' | '<' | '>' | ';')
+            || (i == 0 && (c == '#' || c == ' '))
+            || (i == last && c == ' ');
+        if special {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+thread_local! {
+    /// The name of the client an [`AuthzVerifier`] refused last on this
+    /// thread: the handshake error carries no text, the receiver's report
+    /// names the client.
+    static DENIED: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
+}
+
+/// The distinguished name the last authorization refusal on this thread
+/// was about (taken: a second call returns `None`).
+pub(super) fn take_denied() -> Option<String> {
+    DENIED.with(|d| d.borrow_mut().take())
+}
+
+/// A client verifier that, once the chain is verified, accepts only the
+/// listed distinguished names (QEMU's `tls-authz`). Refusing inside the
+/// handshake sends the client an `access_denied` alert.
+#[derive(Debug)]
+struct AuthzVerifier {
+    inner: Arc<dyn rustls::server::danger::ClientCertVerifier>,
+    allowed: Vec<String>,
+}
+
+impl rustls::server::danger::ClientCertVerifier for AuthzVerifier {
+    fn offer_client_auth(&self) -> bool {
+        self.inner.offer_client_auth()
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.inner.client_auth_mandatory()
+    }
+
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: rustls::pki_types::UnixTime,
+    ) -> std::result::Result<rustls::server::danger::ClientCertVerified, rustls::Error> {
+        let verified = self
+            .inner
+            .verify_client_cert(end_entity, intermediates, now)?;
+        let dn = gnutls_dn(end_entity).map_err(|_| {
+            rustls::Error::InvalidCertificate(rustls::CertificateError::BadEncoding)
+        })?;
+        if self.allowed.contains(&dn) {
+            return Ok(verified);
+        }
+        DENIED.with(|d| *d.borrow_mut() = Some(dn));
+        Err(rustls::Error::InvalidCertificate(
+            rustls::CertificateError::ApplicationVerificationFailure,
+        ))
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> std::result::Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> std::result::Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// What a TLS alert from the peer means for a migration.
+pub(super) fn alert_meaning(alert: rustls::AlertDescription) -> &'static str {
+    use rustls::AlertDescription as A;
+    match alert {
+        A::CertificateRequired => "it requires a client certificate and we sent none",
+        A::AccessDenied => "it does not authorize our certificate's name",
+        A::UnknownCA => "our certificate does not chain to a CA it trusts",
+        A::BadCertificate | A::UnsupportedCertificate | A::CertificateUnknown => {
+            "it refused our certificate"
+        }
+        A::CertificateExpired => "our certificate has expired or is not valid yet",
+        A::DecryptError | A::IllegalParameter => "our credentials do not match its own",
+        A::HandshakeFailure | A::InsufficientSecurity | A::ProtocolVersion => {
+            "we have no TLS version, cipher suite or credential type in common"
+        }
+        _ => "it ended the TLS session",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::escape_dn_value;
+
+    #[test]
+    fn dn_values_are_escaped_as_rfc_4514_says() {
+        assert_eq!(escape_dn_value("client"), "client");
+        assert_eq!(escape_dn_value("Acme, Inc."), "Acme\\, Inc.");
+        assert_eq!(escape_dn_value("#1 a+b "), "\\#1 a\\+b\\ ");
+        assert_eq!(escape_dn_value(" x"), "\\ x");
+        assert_eq!(escape_dn_value(""), "");
+    }
 }

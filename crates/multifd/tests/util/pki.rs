@@ -1,7 +1,7 @@
 //! A throw-away PKI in QEMU's credential directory layout, made with rcgen:
 //! a CA, a server certificate for `127.0.0.1` and `localhost`, a client
-//! certificate (`O=multifd,CN=client`), a client without a certificate, and
-//! a `keys.psk`. ECDSA P-256 everywhere, key usage digitalSignature +
+//! certificate (`O=multifd,CN=client`), another client (`O=multifd,CN=hostile`),
+//! a client without a certificate, and a `keys.psk`. ECDSA P-256 everywhere, key usage digitalSignature +
 //! keyEncipherment (what QEMU's GnuTLS demands of certificates it loads),
 //! so the same directories serve QEMU peers too.
 
@@ -20,6 +20,10 @@ pub struct Pki {
     pub server: PathBuf,
     /// `ca-cert.pem`, `client-cert.pem`, `client-key.pem`.
     pub client: PathBuf,
+    /// `ca-cert.pem`, `client-cert.pem`, `client-key.pem` of
+    /// `O=multifd,CN=hostile`: a client the CA vouches for, whom an
+    /// authorization list of `O=multifd,CN=client` refuses.
+    pub hostile_client: PathBuf,
     /// `ca-cert.pem` only: a client that presents no certificate.
     pub anon_client: PathBuf,
     /// A server whose certificate names only `other.example`.
@@ -79,13 +83,14 @@ impl Pki {
         let ca = CertifiedIssuer::self_signed(ca, ca_key).unwrap();
         let ca_pem = ca.pem();
         let dir = |n: &str| root.path().join(n);
-        let (server, other, client, anon) = (
+        let (server, other, client, hostile, anon) = (
             dir("server"),
             dir("other-host-server"),
             dir("client"),
+            dir("hostile-client"),
             dir("anon-client"),
         );
-        for d in [&server, &other, &client, &anon] {
+        for d in [&server, &other, &client, &hostile, &anon] {
             write(d, "ca-cert.pem", &ca_pem);
         }
         let (c, k) = leaf(
@@ -107,6 +112,9 @@ impl Pki {
         let (c, k) = leaf(&[], "client", ExtendedKeyUsagePurpose::ClientAuth, &ca);
         write(&client, "client-cert.pem", &c);
         write(&client, "client-key.pem", &k);
+        let (c, k) = leaf(&[], "hostile", ExtendedKeyUsagePurpose::ClientAuth, &ca);
+        write(&hostile, "client-cert.pem", &c);
+        write(&hostile, "client-key.pem", &k);
         let psk = dir("psk");
         write(
             &psk,
@@ -124,6 +132,7 @@ impl Pki {
             _root: root,
             server,
             client,
+            hostile_client: hostile,
             anon_client: anon,
             other_host_server: other,
             psk,
