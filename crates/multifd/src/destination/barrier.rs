@@ -290,13 +290,8 @@ mod tests {
 mod loom_tests {
     use super::*;
     use crate::sync::Arc;
+    use crate::sync::model;
     use loom::thread;
-
-    fn model(f: impl Fn() + Sync + Send + 'static) {
-        let mut b = loom::model::Builder::new();
-        b.preemption_bound = Some(3);
-        b.check(f);
-    }
 
     /// A round: two channels arrive, the main loader waits for both and
     /// releases them; nobody is left waiting (no lost wake-up).

@@ -182,14 +182,9 @@ impl<'w> Abort<'w> {
 mod loom_tests {
     use super::*;
     use crate::sync::Arc;
+    use crate::sync::model;
     use loom::sync::atomic::AtomicUsize;
     use loom::thread;
-
-    fn model(f: impl Fn() + Sync + Send + 'static) {
-        let mut b = loom::model::Builder::new();
-        b.preemption_bound = Some(3);
-        b.check(f);
-    }
 
     /// Counts its wake-ups.
     #[derive(Default)]

@@ -155,13 +155,8 @@ mod tests {
 mod loom_tests {
     use super::*;
     use crate::sync::Arc;
+    use crate::sync::model;
     use loom::thread;
-
-    fn model(f: impl Fn() + Sync + Send + 'static) {
-        let mut b = loom::model::Builder::new();
-        b.preemption_bound = Some(3);
-        b.check(f);
-    }
 
     /// The watcher always returns (teardown completes); it reports a cancel
     /// that came before the end, and never one that did not happen.

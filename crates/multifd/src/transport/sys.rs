@@ -198,16 +198,37 @@ pub(super) fn poll_writable(
     poll_one(fd, libc::POLLOUT, wake, timeout)
 }
 
+/// Milliseconds for `poll`, rounded up (a wait of 0.3 ms must not become a
+/// busy poll of 0 ms); -1 (forever) for `None`.
+fn poll_ms(timeout: Option<Duration>) -> libc::c_int {
+    timeout.map_or(-1, |t| {
+        t.as_micros().div_ceil(1000).min(i32::MAX as u128) as libc::c_int
+    })
+}
+
+/// `poll(2)` over `pfds`, retried when a signal interrupts it; the number
+/// of entries with events (0 on timeout).
+fn poll_fds(pfds: &mut [libc::pollfd], ms: libc::c_int) -> io::Result<libc::c_int> {
+    loop {
+        // SAFETY: `pfds` is a valid, exclusively borrowed array of
+        // `pfds.len()` pollfd entries, which the kernel writes `revents` of.
+        let rc = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, ms) };
+        if rc >= 0 {
+            return Ok(rc);
+        }
+        let err = io::Error::last_os_error();
+        if err.kind() != io::ErrorKind::Interrupted {
+            return Err(err);
+        }
+    }
+}
+
 fn poll_one(
     fd: RawFd,
     events: libc::c_short,
     wake: Option<RawFd>,
     timeout: Option<Duration>,
 ) -> io::Result<Readiness> {
-    // Round up: a wait of 0.3 ms must not become a busy poll of 0 ms.
-    let ms = timeout.map_or(-1, |t| {
-        t.as_micros().div_ceil(1000).min(i32::MAX as u128) as libc::c_int
-    });
     let mut pfds = [
         libc::pollfd {
             fd,
@@ -221,32 +242,19 @@ fn poll_one(
         },
     ];
     let count = if wake.is_some() { 2 } else { 1 };
-    loop {
-        // SAFETY: `pfds` holds `count` (1 or 2) valid pollfd entries.
-        let rc = unsafe { libc::poll(pfds.as_mut_ptr(), count, ms) };
-        if rc < 0 {
-            let err = io::Error::last_os_error();
-            if err.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(err);
-        }
-        return Ok(if rc == 0 {
-            Readiness::Timeout
-        } else if pfds[1].revents != 0 && wake.is_some() {
-            Readiness::Woken
-        } else {
-            Readiness::Ready
-        });
-    }
+    let rc = poll_fds(&mut pfds[..count], poll_ms(timeout))?;
+    Ok(if rc == 0 {
+        Readiness::Timeout
+    } else if wake.is_some() && pfds[1].revents != 0 {
+        Readiness::Woken
+    } else {
+        Readiness::Ready
+    })
 }
 
 /// Waits until any of `fds` is readable (or hung up), at most `timeout`
 /// (forever when `None`); returns which are.
 pub(crate) fn poll_readable_set(fds: &[RawFd], timeout: Option<Duration>) -> io::Result<Vec<bool>> {
-    let ms = timeout.map_or(-1, |t| {
-        t.as_micros().div_ceil(1000).min(i32::MAX as u128) as libc::c_int
-    });
     let mut pfds: Vec<libc::pollfd> = fds
         .iter()
         .map(|&fd| libc::pollfd {
@@ -255,52 +263,15 @@ pub(crate) fn poll_readable_set(fds: &[RawFd], timeout: Option<Duration>) -> io:
             revents: 0,
         })
         .collect();
-    loop {
-        // SAFETY: `pfds` holds `pfds.len()` valid pollfd entries.
-        let rc = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, ms) };
-        if rc < 0 {
-            let err = io::Error::last_os_error();
-            if err.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(err);
-        }
-        return Ok(pfds.iter().map(|p| p.revents != 0).collect());
-    }
+    poll_fds(&mut pfds, poll_ms(timeout))?;
+    Ok(pfds.iter().map(|p| p.revents != 0).collect())
 }
 
 /// Waits until one of `watch` shows that its peer hung up, reset, or sent
 /// bytes (`POLLRDHUP`, `POLLHUP`, `POLLERR`, `POLLIN`), or until one of
 /// `wake` is readable. Returns the index into `watch`, or `None` if woken.
 pub(crate) fn wait_peer_event(watch: &[RawFd], wake: &[RawFd]) -> io::Result<Option<usize>> {
-    let mut pfds: Vec<libc::pollfd> = watch
-        .iter()
-        .map(|&fd| libc::pollfd {
-            fd,
-            events: libc::POLLIN | libc::POLLRDHUP,
-            revents: 0,
-        })
-        .chain(wake.iter().map(|&fd| libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        }))
-        .collect();
-    loop {
-        // SAFETY: `pfds` holds `pfds.len()` valid pollfd entries.
-        let rc = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, -1) };
-        if rc < 0 {
-            let err = io::Error::last_os_error();
-            if err.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(err);
-        }
-        if pfds[watch.len()..].iter().any(|p| p.revents != 0) {
-            return Ok(None);
-        }
-        return Ok(pfds[..watch.len()].iter().position(|p| p.revents != 0));
-    }
+    wait_watched(watch, libc::POLLIN | libc::POLLRDHUP, wake)
 }
 
 /// Waits until one of `watch` shows that its peer hung up or reset
@@ -308,11 +279,22 @@ pub(crate) fn wait_peer_event(watch: &[RawFd], wake: &[RawFd]) -> io::Result<Opt
 /// one of `wake` is readable. Returns the index into `watch`, or `None` if
 /// woken.
 pub(crate) fn wait_hangup(watch: &[RawFd], wake: &[RawFd]) -> io::Result<Option<usize>> {
+    wait_watched(watch, libc::POLLRDHUP, wake)
+}
+
+/// Waits, without a timeout, until one of `watch` has one of `events` (or
+/// `POLLHUP` / `POLLERR`, which poll always reports) or one of `wake` is
+/// readable; the index into `watch`, or `None` if woken.
+fn wait_watched(
+    watch: &[RawFd],
+    events: libc::c_short,
+    wake: &[RawFd],
+) -> io::Result<Option<usize>> {
     let mut pfds: Vec<libc::pollfd> = watch
         .iter()
         .map(|&fd| libc::pollfd {
             fd,
-            events: libc::POLLRDHUP,
+            events,
             revents: 0,
         })
         .chain(wake.iter().map(|&fd| libc::pollfd {
@@ -321,21 +303,11 @@ pub(crate) fn wait_hangup(watch: &[RawFd], wake: &[RawFd]) -> io::Result<Option<
             revents: 0,
         }))
         .collect();
-    loop {
-        // SAFETY: `pfds` holds `pfds.len()` valid pollfd entries.
-        let rc = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, -1) };
-        if rc < 0 {
-            let err = io::Error::last_os_error();
-            if err.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(err);
-        }
-        if pfds[watch.len()..].iter().any(|p| p.revents != 0) {
-            return Ok(None);
-        }
-        return Ok(pfds[..watch.len()].iter().position(|p| p.revents != 0));
+    poll_fds(&mut pfds, -1)?;
+    if pfds[watch.len()..].iter().any(|p| p.revents != 0) {
+        return Ok(None);
     }
+    Ok(pfds[..watch.len()].iter().position(|p| p.revents != 0))
 }
 
 #[cfg(test)]
