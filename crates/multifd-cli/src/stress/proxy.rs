@@ -199,8 +199,11 @@ struct Shared {
     accepted: AtomicU64,
     stop: AtomicBool,
     born: Instant,
-    /// The planned fault (or commanded cut) happened.
+    /// The planned fault (or commanded cut) happened; for a cut, set once
+    /// the connection's handles are closed (the sender's next write fails).
     pub fired: Flag,
+    /// A commanded cut was made (set at once, before the handles close).
+    cut: Flag,
     /// The connection a `Silent`/`HoldAt` plan names is being held.
     pub holding: Flag,
 }
@@ -267,6 +270,7 @@ impl Proxy {
             stop: AtomicBool::new(false),
             born: Instant::now(),
             fired: Flag::default(),
+            cut: Flag::default(),
             holding: Flag::default(),
         });
         let sh = shared.clone();
@@ -286,6 +290,13 @@ impl Proxy {
     /// Whether the planned fault (or a commanded cut) happened.
     pub fn fired(&self) -> &Flag {
         &self.shared.fired
+    }
+
+    /// Whether the planned fault was put in: [`Proxy::fired`], or a cut
+    /// made whose handles may still be closing (a run that the cut ended
+    /// can be judged before they are).
+    pub fn reached(&self) -> bool {
+        self.shared.fired.is_set() || self.shared.cut.is_set()
     }
 
     /// Set once the connection a `Silent` or `HoldAt` plan names is held.
@@ -568,6 +579,9 @@ fn accept_loop(front: Front, upstream: &Uri, plan: Plan, sh: &Arc<Shared>) -> Ve
             .name("stress-pump".into())
             .spawn(move || {
                 let cut = pump(i, &down, up.as_deref(), &l2, plan, &sh2);
+                if cut {
+                    sh2.cut.set();
+                }
                 // Wait for the other direction; then the last handles
                 // close (a reset towards the sender).
                 if let Some(Ok(b)) = back {

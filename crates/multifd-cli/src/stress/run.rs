@@ -900,7 +900,7 @@ fn judge(
                 problems.push("the receiver succeeded".into());
             }
             let reached =
-                ctl.fired.load(Ordering::Acquire) || ctl.proxy.is_some_and(|p| p.fired().is_set());
+                ctl.fired.load(Ordering::Acquire) || ctl.proxy.is_some_and(Proxy::reached);
             if !reached {
                 problems.push("the fault was never injected".into());
             }
