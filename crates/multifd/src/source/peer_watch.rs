@@ -103,9 +103,13 @@ pub(super) fn while_main_is_up<T>(
         drop(stop_w);
         let _ = watch.join();
         out
-    })?;
+    });
+    // A refusal on the main channel is the cause even when the setup
+    // failed first: a destination that refused our certificate on the
+    // main channel and then gave up ends the next channel's handshake
+    // with a close or reset, often before the watch has read the alert.
     match main.peer_refusal(Endpoint::Main) {
         Some(refused) => Err(refused),
-        None => Ok(out),
+        None => out,
     }
 }
