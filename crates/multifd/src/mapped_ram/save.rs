@@ -203,7 +203,7 @@ fn save_inner(
             }
             return;
         }
-        let mut driver = Driver {
+        let driver = Driver {
             ram,
             opts,
             dispatcher,
@@ -219,18 +219,7 @@ fn save_inner(
             marks: &marks,
             batch_pages: BATCH_PAGES,
         };
-        let driven = lifecycle::catch_panic(abort, "multifd-driver", || driver.run(vm));
-        let Driver {
-            dispatcher, main, ..
-        } = driver;
-        drop(dispatcher);
-        for h in handles {
-            let _ = h.join();
-        }
-        // Every channel has written its pages: the point of no return.
-        if driven.is_some() && abort.complete() {
-            lifecycle::catch_panic(abort, "multifd-driver", || main.finish());
-        }
+        driver.run_to_end(vm, abort, handles, || {});
     });
     Ok(())
 }

@@ -41,7 +41,7 @@ use super::rate_limit::RateLimiter;
 use super::{OnLimit, SourceOptions, SourceVm};
 use crate::config::{FlushMode, ZeroPageDetection};
 use crate::error::{Error, Result};
-use crate::lifecycle::{Cancel, Watchdog};
+use crate::lifecycle::{self, Abort, Cancel, Watchdog};
 use crate::ram::{GuestRam, PageBatch, RamBlock};
 use crate::stats::{MigrationStatus, Progress, SyncFigures};
 
@@ -101,6 +101,36 @@ impl<'a> Driver<'a> {
             return Err(Error::Cancelled);
         }
         Ok(())
+    }
+
+    /// Runs the migration ([`run`](Self::run)), then ends it: closes the
+    /// queues, which lets the channels (`channels`, their threads) drain
+    /// and end, and waits for them (an error or panic in one is already
+    /// the migration's error, through `abort`). Every channel has then
+    /// written its last pages: the point of no return. Until the main
+    /// stream's tail (device state, EOF) goes out the destination cannot
+    /// complete, so a cancel until here is honoured; from here on it is
+    /// too late (other errors still count). `at_no_return` runs there,
+    /// just before the tail is written.
+    pub(crate) fn run_to_end<T>(
+        mut self,
+        vm: &mut dyn SourceVm,
+        abort: &Abort<'_>,
+        channels: Vec<std::thread::ScopedJoinHandle<'_, T>>,
+        at_no_return: impl FnOnce(),
+    ) {
+        let driven = lifecycle::catch_panic(abort, "multifd-driver", || self.run(vm));
+        let Driver {
+            dispatcher, main, ..
+        } = self;
+        drop(dispatcher);
+        for h in channels {
+            let _ = h.join();
+        }
+        if driven.is_some() && abort.complete() {
+            at_no_return();
+            lifecycle::catch_panic(abort, "multifd-driver", || main.finish());
+        }
     }
 
     /// Runs the migration to the end of the main stream; its tail (device

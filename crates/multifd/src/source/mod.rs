@@ -435,7 +435,7 @@ fn migrate_inner(
                 return Ok(());
             }
         };
-        let mut driver = Driver {
+        let driver = Driver {
             ram,
             opts,
             dispatcher,
@@ -451,25 +451,9 @@ fn migrate_inner(
             marks,
             batch_pages: multifd_wire::packet::PAGES_PER_PACKET,
         };
-        let driven = lifecycle::catch_panic(abort, "multifd-driver", || driver.run(vm));
-        // Closing the queues lets the channels drain and end.
-        let Driver {
-            dispatcher, main, ..
-        } = driver;
-        drop(dispatcher);
-        // The channels end once their queues are empty (a panic or error
-        // in one was already turned into the migration's error).
-        for h in handles {
-            let _ = h.join();
-        }
-        // Every channel has written its last packet. The point of no
-        // return: until the main stream's tail (EOF) goes out the
-        // destination cannot complete, so a cancel until here is honoured;
-        // from here on it is too late (other errors still count).
-        if driven.is_some() && abort.complete() {
+        driver.run_to_end(vm, abort, handles, || {
             done[0].store(true, Ordering::Release);
-            lifecycle::catch_panic(abort, "multifd-driver", || main.finish());
-        }
+        });
         join_services(services);
         Ok(())
     })
