@@ -357,6 +357,20 @@ impl Proxy {
         }
     }
 
+    /// Waits until the proxy has taken `n` connections (forwarded them,
+    /// or reset them when the receiver was gone), at most `limit`;
+    /// whether it has.
+    pub fn wait_accepted(&self, n: u64, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        while self.shared.accepted.load(Ordering::Acquire) < n {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        true
+    }
+
     /// Waits until every forwarded connection accepted so far has ended,
     /// at most `limit`; whether they all have. (A `Silent` one ends only
     /// when the sender closes it.)
@@ -543,7 +557,11 @@ fn accept_loop(front: Front, upstream: &Uri, plan: Plan, sh: &Arc<Shared>) -> Ve
                     Some(Arc::new(u))
                 }
                 // The receiver is gone: reset the sender's connection.
-                Err(_) => continue,
+                Err(_) => {
+                    drop(down);
+                    sh.accepted.fetch_add(1, Ordering::AcqRel);
+                    continue;
+                }
             }
         };
         let down = Arc::new(down);
