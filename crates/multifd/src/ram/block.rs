@@ -59,6 +59,9 @@ trait Mapping: Send + Sync {
     fn ptr(&self) -> *mut u8;
     /// The file behind it, if any.
     fn file(&self) -> Option<&FileOffset>;
+    /// Whether it is a shared mapping (writes land in the file, and the
+    /// file's contents are the memory's).
+    fn shared(&self) -> bool;
 }
 
 impl<B: Bitmap + Send + Sync> Mapping for MmapRegion<B> {
@@ -67,6 +70,9 @@ impl<B: Bitmap + Send + Sync> Mapping for MmapRegion<B> {
     }
     fn file(&self) -> Option<&FileOffset> {
         self.file_offset()
+    }
+    fn shared(&self) -> bool {
+        self.flags() & libc::MAP_SHARED != 0
     }
 }
 
@@ -402,6 +408,15 @@ impl RamBlock {
         self.path.as_deref()
     }
 
+    /// The file and the file offset of the block's first byte, when the
+    /// block is a shared mapping of a file this crate opened (so the
+    /// file's holes are the memory's zeros, and nobody else uses the
+    /// descriptor's file position).
+    pub(super) fn own_shared_file(&self) -> Option<(&File, u64)> {
+        let fo = self.region.file()?;
+        (self.path.is_some() && self.region.shared()).then(|| (fo.file(), fo.start()))
+    }
+
     /// Whether the block may be written.
     pub fn access(&self) -> Access {
         self.access
@@ -588,7 +603,7 @@ pub(crate) fn punch(file: &File, start: u64, len: u64) -> std::io::Result<()> {
 
 /// `lseek(fd, from, whence)` for `SEEK_HOLE` / `SEEK_DATA`: the offset
 /// found, or `None` when there is none past `from` (`ENXIO`).
-fn seek(file: &File, from: u64, whence: libc::c_int) -> std::io::Result<Option<u64>> {
+pub(super) fn seek(file: &File, from: u64, whence: libc::c_int) -> std::io::Result<Option<u64>> {
     let from = libc::off_t::try_from(from).map_err(|_| std::io::ErrorKind::InvalidInput)?;
     // SAFETY: lseek only moves the file offset of a descriptor that `file`
     // keeps open; nothing else in this process reads or writes through

@@ -15,6 +15,7 @@
 //! the crate.
 
 mod block;
+mod holes;
 mod page;
 mod received;
 mod write_tracker;
@@ -22,6 +23,7 @@ mod zero;
 
 pub use block::{Access, RamBlock};
 pub(crate) use block::{data_ranges, is_tmpfs, min_hole, physical_memory, punch, reserve_range};
+pub(crate) use holes::Holes;
 pub(crate) use page::{PageBatch, PageList};
 pub use write_tracker::{WriteTracker, WriteTrackerError};
 
