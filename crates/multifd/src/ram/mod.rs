@@ -79,6 +79,16 @@ impl GuestRam {
         self.blocks.iter().map(RamBlock::len).sum()
     }
 
+    /// The largest page size the blocks are backed with
+    /// ([`RamBlock::page_size`]); 4096 when there are no blocks.
+    pub fn page_size(&self) -> u64 {
+        self.blocks
+            .iter()
+            .map(RamBlock::page_size)
+            .max()
+            .unwrap_or(multifd_wire::PAGE_SIZE_U64)
+    }
+
     /// Total number of 4 KiB pages.
     pub fn total_pages(&self) -> u64 {
         self.blocks.iter().map(RamBlock::pages).sum()
