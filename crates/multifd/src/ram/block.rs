@@ -259,9 +259,11 @@ impl RamBlock {
             }
             Err(e) => return Err(Error::io(ctx(), e)),
         };
-        let mapped = file
-            .set_len(len)
-            .map_err(|e| Error::io(format!("sizing RAM file {}", path.display()), e))
+        let mapped = check_page_multiple(name, path, 0, len, &file)
+            .and_then(|()| {
+                file.set_len(len)
+                    .map_err(|e| Error::io(format!("sizing RAM file {}", path.display()), e))
+            })
             .and_then(|()| reserve(&file, path, len))
             .and_then(|()| Self::map_file(name, path, file, len, Access::ReadWrite, true, false));
         let block = match mapped {
