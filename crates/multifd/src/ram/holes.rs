@@ -10,13 +10,13 @@
 //! [`Holes`] is a cursor over one block for one pass over its pages in
 //! ascending order. Each lookup is at most two `lseek` calls and tells
 //! what lies from the asked page to the start of the next data extent
-//! after it: the data it is in, if any, and the hole that follows. Lookups are spent at most once per
-//! [`GROUP_PAGES`] pages: a file fragmented finer than that costs no more
-//! than two `lseek`s per group, the rest of the group being scanned as
-//! usual. A dense file costs one lookup per pass (its data extent runs to
-//! the end, and the cursor stops asking), and a file system that cannot
-//! tell reports everything as data (the generic `lseek`), or fails, and is
-//! asked no more.
+//! after it: the data it is in, if any, and the hole that follows.
+//! Lookups are spent at most once per [`GROUP_PAGES`] pages: a file
+//! fragmented finer than that costs no more than two `lseek`s per group,
+//! the rest of the group being scanned as usual. A dense file costs one
+//! `lseek` per pass (its data runs to the end, and the cursor stops
+//! asking); a file system that cannot tell reports everything as data
+//! (the generic `lseek`), and one whose `lseek` fails is asked no more.
 //!
 //! A page reported as a hole is sent as a zero page. The answer is what
 //! the file held when it was asked: a page the guest writes after that (a
