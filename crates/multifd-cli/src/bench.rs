@@ -398,6 +398,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let (mut raw_w, mut raw_t, mut mig_w, mut mig_t) = (vec![], vec![], vec![], vec![]);
     let (mut rall_w, mut rall_t) = (vec![], vec![]);
     let (mut srss, mut rrss) = (0.0f64, 0.0f64);
+    // The page sizes guest RAM is backed with, as each side reports it.
+    let (mut spage, mut rpage) = (serde_json::Value::Null, serde_json::Value::Null);
     for run in 0..args.runs {
         image::zero_file(&dst_path, len)?;
         let uri = free_uri(&args.transport, &args.dir, 3 * run)?.to_string();
@@ -461,6 +463,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
         mig_t.push(m.recv["duration_s"].as_f64().unwrap_or(f64::NAN));
         srss = srss.max(m.send["rss_overhead_peak_mib"].as_f64().unwrap_or(f64::NAN));
         rrss = rrss.max(m.recv["rss_overhead_peak_mib"].as_f64().unwrap_or(f64::NAN));
+        spage = m.send["ram_page_size"].clone();
+        rpage = m.recv["ram_page_size"].clone();
         eprintln!(
             "run {}: raw {:.3} s (transfer {:.3} s), raw reading all RAM {:.3} s ({:.3} s), migration {:.3} s (transfer {:.3} s)",
             run + 1,
@@ -494,6 +498,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 "migration_vs_raw_read_all_transfer": at / mt,
                 "raw_read_all_vs_raw": rw / aw, "raw_read_all_vs_raw_transfer": rt / at,
                 "send_rss_overhead_peak_mib": srss, "recv_rss_overhead_peak_mib": rrss,
+                "send_ram_page_size": spage, "recv_ram_page_size": rpage,
             })
         );
     }
@@ -531,6 +536,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
         );
     }
     eprintln!("memory beyond guest RAM (peak): sender {srss:.1} MiB, receiver {rrss:.1} MiB");
+    eprintln!(
+        "guest RAM page size: sender {spage} bytes, receiver {rpage} bytes (4096 on the wire)"
+    );
     Ok(())
 }
 

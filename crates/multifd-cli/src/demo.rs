@@ -103,6 +103,11 @@ pub fn run(a: DemoArgs) -> Result<()> {
     }
     crate::summary("sent", &sent, rss);
     eprintln!(
+        "guest RAM pages: {} KiB at the source, {} KiB at the destination (4 KiB on the wire)",
+        src.page_size() / 1024,
+        received.ram.page_size() / 1024
+    );
+    eprintln!(
         "verified: all {} pages byte-identical ({} as data, {} as zero pages)",
         block.pages(),
         received.stats.normal_pages,

@@ -34,7 +34,7 @@ fn file_options(direct_io: bool) -> FileOptions {
 
 fn report(role: &str, stats: &multifd::Stats, cfg: &MigrationConfig, common: &Common, rss: f64) {
     if common.json {
-        print_json(role, stats, cfg, rss);
+        print_json(role, stats, cfg, rss, None);
     } else if !common.quiet {
         summary(role, stats, rss);
     }

@@ -198,10 +198,22 @@ pub(crate) fn with_progress<T>(
     (out, rss.peak_mib())
 }
 
-fn print_json(role: &str, stats: &multifd::Stats, cfg: &MigrationConfig, rss_mib: f64) {
+/// Prints the final statistics as one JSON object. `ram_page_size`: the
+/// page size guest RAM is backed with here (`GuestRam::page_size`), when
+/// this side maps guest RAM.
+fn print_json(
+    role: &str,
+    stats: &multifd::Stats,
+    cfg: &MigrationConfig,
+    rss_mib: f64,
+    ram_page_size: Option<u64>,
+) {
     let mut v = serde_json::to_value(stats).expect("stats serialise");
     let obj = v.as_object_mut().expect("object");
     obj.insert("role".into(), role.into());
+    if let Some(size) = ram_page_size {
+        obj.insert("ram_page_size".into(), size.into());
+    }
     obj.insert("channels".into(), cfg.channels.into());
     obj.insert("compression".into(), cfg.method.compression.name().into());
     obj.insert("rss_overhead_peak_mib".into(), rss_mib.into());

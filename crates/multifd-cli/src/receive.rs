@@ -189,7 +189,13 @@ pub fn run(a: ReceiveArgs) -> Result<()> {
             .with_context(|| format!("storing snapshot in {}", dir.display()))?;
     }
     if a.common.json {
-        print_json("receive", &incoming.stats, &config, rss_mib);
+        print_json(
+            "receive",
+            &incoming.stats,
+            &config,
+            rss_mib,
+            Some(incoming.ram.page_size()),
+        );
     } else if !a.common.quiet {
         summary("received", &incoming.stats, rss_mib);
     }

@@ -120,7 +120,7 @@ pub fn run(a: SendArgs) -> Result<()> {
         });
     let stats = result.with_context(|| format!("migrating to {uri}"))?;
     if a.common.json {
-        print_json("send", &stats, &config, rss_mib);
+        print_json("send", &stats, &config, rss_mib, Some(ram.page_size()));
     } else if !a.common.quiet {
         summary("sent", &stats, rss_mib);
     }

@@ -264,3 +264,132 @@ fn dirty_rounds_over_unix_socket() {
         uri,
     );
 }
+
+/// A guest whose RAM is a sparse file it writes itself (another process's
+/// shared mapping, here positioned writes): on the first dirty sync it
+/// fills pages that were holes when round 1 sent them as zero pages
+/// without reading them, and reports them dirty.
+struct HoleFiller {
+    file: std::fs::File,
+    pages: Vec<u64>,
+    syncs: usize,
+}
+
+impl SourceVm for HoleFiller {
+    fn collect_dirty(&mut self, _: &GuestRam, dirty: &mut [Vec<u64>]) -> multifd::Result<()> {
+        use std::os::unix::fs::FileExt;
+        self.syncs += 1;
+        if self.syncs == 1 {
+            for &p in &self.pages {
+                self.file
+                    .write_all_at(&[p as u8 | 0x80; 4096], p * PAGE)
+                    .unwrap();
+                dirty[0].push(p * PAGE);
+            }
+        }
+        Ok(())
+    }
+
+    fn pause(&mut self) -> multifd::Result<()> {
+        Ok(())
+    }
+
+    fn device_state(&mut self) -> multifd::Result<Vec<u8>> {
+        Ok(Vec::new())
+    }
+}
+
+/// Pages in holes of a file-backed source are zero pages known without a
+/// read; a hole the guest fills after that is re-sent from the dirty log,
+/// and the destination ends identical, with every zero-page mode. On tmpfs
+/// a hole read through a mapping is memory allocated: the source file must
+/// not grow.
+#[test]
+fn holes_of_a_sparse_source_file_are_zero_pages_and_filled_holes_are_resent() {
+    use std::os::unix::fs::{FileExt, MetadataExt};
+    let shm = std::path::Path::new("/dev/shm");
+    for zero in [
+        ZeroPageDetection::Multifd,
+        ZeroPageDetection::Legacy,
+        ZeroPageDetection::None,
+    ] {
+        let dir = if shm.is_dir() {
+            tempfile::tempdir_in(shm).unwrap()
+        } else {
+            tempfile::tempdir().unwrap()
+        };
+        let path = dir.path().join("ram");
+        let pages = 4096u64;
+        let file = std::fs::File::create(&path).unwrap();
+        file.set_len(pages * PAGE).unwrap();
+        let mut rng = Rng(7);
+        // Data in a few extents, each page patterned; the rest holes.
+        for p in (0..40).chain(1000..1100).chain(3000..3001) {
+            let mut page = [0u8; 4096];
+            page[(rng.next() % 4096) as usize] = 1 + (rng.next() % 255) as u8;
+            page[0] = p as u8 | 1;
+            file.write_all_at(&page, p * PAGE).unwrap();
+        }
+        // A page of zeros written out: data to the file system, a zero
+        // page to the scan.
+        file.write_all_at(&[0; 4096], 2000 * PAGE).unwrap();
+        file.sync_all().unwrap();
+        let allocated = || std::fs::metadata(&path).unwrap().blocks() * 512;
+        let before = allocated();
+        let mut src = GuestRam::new();
+        src.push(RamBlock::open_file("pc.ram", &path, multifd::Access::ReadOnly, None).unwrap())
+            .unwrap();
+        let config = cfg(3, Compression::None, zero, FlushMode::PerRound);
+        let listener = Listener::bind(&tcp()).unwrap();
+        let uri = listener.local_uri().unwrap();
+        let ropts = ReceiveOptions {
+            config: config.clone(),
+            accept_timeout: Some(Duration::from_secs(10)),
+            ..ReceiveOptions::default()
+        };
+        let sopts = SourceOptions {
+            config,
+            downtime_limit: Duration::ZERO,
+            max_rounds: 4,
+            ..SourceOptions::default()
+        };
+        let mut guest = HoleFiller {
+            file: std::fs::OpenOptions::new().write(true).open(&path).unwrap(),
+            pages: vec![50, 51, 2500, 4095],
+            syncs: 0,
+        };
+        let (rp, sp) = (Progress::default(), Progress::default());
+        let (sent, received) = std::thread::scope(|s| {
+            let r = s.spawn(|| multifd::receive(&listener, &ropts, &mut AnonRam, &rp));
+            let sent = multifd::migrate(&uri, &src, &mut guest, &sopts, &sp);
+            (sent, r.join().unwrap())
+        });
+        let (sent, received) = (sent.unwrap(), received.unwrap());
+        // Before the comparison below reads every page.
+        let after = allocated();
+        assert!(
+            identical(&src, &received.ram),
+            "{zero:?}: destination differs"
+        );
+        let mut page = [0u8; 4096];
+        received.ram.blocks()[0]
+            .read_page(2500 * PAGE, &mut page)
+            .unwrap();
+        assert!(page.iter().all(|&b| b == 2500u64 as u8 | 0x80), "{zero:?}");
+        match zero {
+            ZeroPageDetection::None => assert_eq!(sent.zero_pages, 0),
+            _ => {
+                assert!(
+                    sent.zero_pages >= pages - 142,
+                    "{zero:?}: {}",
+                    sent.zero_pages
+                );
+                // Only the guest's four pages were added.
+                assert!(
+                    after <= before + 4 * PAGE,
+                    "{zero:?}: the source file grew from {before} to {after} bytes"
+                );
+            }
+        }
+    }
+}

@@ -260,8 +260,8 @@ impl PageWriter<'_> {
             .and_then(|l| l.get(index))
             .ok_or(Error::Internal("pages before the block list"))?;
         let bitmap = &self.shared.bitmaps[index];
-        list.populate_read();
-        let (sorted, normal) = list.zero_pages_last(self.detect, offsets);
+        batch.populate_read(self.detect);
+        let (sorted, normal) = batch.zero_pages_last(self.detect, offsets);
         let (data, zeros) = sorted.split_at(normal);
         let fd = self.file.as_raw_fd();
         for run in data.runs() {

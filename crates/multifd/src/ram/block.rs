@@ -38,6 +38,9 @@ pub struct RamBlock {
     /// zero page that was never received needs no write.
     starts_zeroed: bool,
     path: Option<PathBuf>,
+    /// The size of the pages the kernel backs the mapping with (see
+    /// [`RamBlock::page_size`]); migration pages are 4096 bytes whatever it is.
+    page_size: u64,
     received: ReceivedBitmap,
 }
 
@@ -48,6 +51,7 @@ impl std::fmt::Debug for RamBlock {
             .field("len", &self.len)
             .field("access", &self.access)
             .field("path", &self.path)
+            .field("page_size", &self.page_size)
             .finish_non_exhaustive()
     }
 }
@@ -59,6 +63,9 @@ trait Mapping: Send + Sync {
     fn ptr(&self) -> *mut u8;
     /// The file behind it, if any.
     fn file(&self) -> Option<&FileOffset>;
+    /// Whether it is a shared mapping (writes land in the file, and the
+    /// file's contents are the memory's).
+    fn shared(&self) -> bool;
 }
 
 impl<B: Bitmap + Send + Sync> Mapping for MmapRegion<B> {
@@ -67,6 +74,9 @@ impl<B: Bitmap + Send + Sync> Mapping for MmapRegion<B> {
     }
     fn file(&self) -> Option<&FileOffset> {
         self.file_offset()
+    }
+    fn shared(&self) -> bool {
+        self.flags() & libc::MAP_SHARED != 0
     }
 }
 
@@ -181,6 +191,8 @@ impl RamBlock {
             )
         })?;
         let size = check_name_and_len(name, len)?;
+        let page_size = file_page_size(file);
+        check_page_multiple(name, path, offset, len, file)?;
         let prot = match access {
             Access::ReadOnly => libc::PROT_READ,
             Access::ReadWrite => libc::PROT_READ | libc::PROT_WRITE,
@@ -198,6 +210,7 @@ impl RamBlock {
             access,
             starts_zeroed,
             path: Some(path.to_owned()),
+            page_size,
             received: ReceivedBitmap::new(len / PAGE_SIZE_U64),
         };
         // SAFETY: the range is exactly the block's mapping, page-aligned;
@@ -246,9 +259,11 @@ impl RamBlock {
             }
             Err(e) => return Err(Error::io(ctx(), e)),
         };
-        let mapped = file
-            .set_len(len)
-            .map_err(|e| Error::io(format!("sizing RAM file {}", path.display()), e))
+        let mapped = check_page_multiple(name, path, 0, len, &file)
+            .and_then(|()| {
+                file.set_len(len)
+                    .map_err(|e| Error::io(format!("sizing RAM file {}", path.display()), e))
+            })
             .and_then(|()| reserve(&file, path, len))
             .and_then(|()| Self::map_file(name, path, file, len, Access::ReadWrite, true, false));
         let block = match mapped {
@@ -282,7 +297,40 @@ impl RamBlock {
                 libc::MADV_RANDOM,
             );
         }
+        block.advise_huge_pages();
         Ok(block)
+    }
+
+    /// Asks for transparent huge pages (`MADV_HUGEPAGE`) for a file we
+    /// created and mapped, where the file system gives them when asked
+    /// (tmpfs mounted `huge=advise`); elsewhere this changes nothing. Best
+    /// effort. It does not change [`RamBlock::page_size`]: on tmpfs the
+    /// space reservation (`fallocate`) has already allocated the file's
+    /// pages, small ones on a `huge=advise` mount (fallocate sees no
+    /// mapping and its advice), so the advice only lets khugepaged collapse
+    /// them later, and takes effect at once only where pages are faulted in
+    /// rather than reserved (file systems that cannot reserve).
+    ///
+    /// Only for files, whose whole space is reserved before the migration
+    /// (`fallocate`): huge pages there cost no memory that was not taken
+    /// already. Never for anonymous destination RAM, which is allocated as
+    /// pages arrive: there a hostile source writing one byte every 2 MiB
+    /// would make each 4 KiB it sends cost a 2 MiB page, 512 times the
+    /// memory it should.
+    fn advise_huge_pages(&self) {
+        if self.access != Access::ReadWrite || self.region.file().is_none() {
+            return;
+        }
+        // SAFETY: the range is exactly the block's mapping, page-aligned;
+        // MADV_HUGEPAGE only changes which page size later faults (and
+        // khugepaged) may use for it, not its contents or its protection.
+        unsafe {
+            libc::madvise(
+                self.region.ptr().cast(),
+                self.len as usize,
+                libc::MADV_HUGEPAGE,
+            );
+        }
     }
 
     fn map_file(
@@ -318,9 +366,17 @@ impl RamBlock {
             Access::ReadOnly => libc::PROT_READ,
             Access::ReadWrite => libc::PROT_READ | libc::PROT_WRITE,
         };
-        let (file, path) = match backing {
-            Some((file, path)) => (Some(FileOffset::new(file, 0)), Some(path.to_owned())),
-            None => (None, None),
+        let (file, path, page_size) = match backing {
+            Some((file, path)) => {
+                check_page_multiple(name, path, 0, len, &file)?;
+                let page_size = file_page_size(&file);
+                (
+                    Some(FileOffset::new(file, 0)),
+                    Some(path.to_owned()),
+                    page_size,
+                )
+            }
+            None => (None, None, PAGE_SIZE_U64),
         };
         let region = MmapRegion::<()>::build(file, size, prot, flags).map_err(|e| Error::Map {
             name: name.to_owned(),
@@ -333,6 +389,7 @@ impl RamBlock {
             access,
             starts_zeroed,
             path,
+            page_size,
             received: ReceivedBitmap::new(len / PAGE_SIZE_U64),
         })
     }
@@ -366,6 +423,9 @@ impl RamBlock {
                 "RAM block {name:?}: the mapping is not page-aligned"
             )));
         }
+        let page_size = region
+            .file_offset()
+            .map_or(PAGE_SIZE_U64, |fo| file_page_size(fo.file()));
         Ok(Self {
             name: name.to_owned(),
             len,
@@ -373,6 +433,7 @@ impl RamBlock {
             access,
             starts_zeroed,
             path: None,
+            page_size,
             received: ReceivedBitmap::new(len / PAGE_SIZE_U64),
         })
     }
@@ -397,9 +458,27 @@ impl RamBlock {
         self.len / PAGE_SIZE_U64
     }
 
+    /// The size of the pages the kernel backs the block with: the huge
+    /// page size on hugetlbfs, the transparent huge page size on a tmpfs
+    /// that uses them for the file (mounted `huge=always` or
+    /// `huge=within_size`), 4096 otherwise. Pages on the wire
+    /// stay 4096 bytes.
+    pub fn page_size(&self) -> u64 {
+        self.page_size
+    }
+
     /// The file behind the mapping, if any.
     pub fn path(&self) -> Option<&Path> {
         self.path.as_deref()
+    }
+
+    /// The file and the file offset of the block's first byte, when the
+    /// block is a shared mapping of a file this crate opened (so the
+    /// file's holes are the memory's zeros, and nobody else uses the
+    /// descriptor's file position).
+    pub(super) fn own_shared_file(&self) -> Option<(&File, u64)> {
+        let fo = self.region.file()?;
+        (self.path.is_some() && self.region.shared()).then(|| (fo.file(), fo.start()))
     }
 
     /// Whether the block may be written.
@@ -553,12 +632,95 @@ pub(crate) fn min_hole(file: &File) -> u64 {
 /// Whether `file` is on tmpfs (where reserving space allocates memory).
 pub(crate) fn is_tmpfs(file: &File) -> bool {
     const TMPFS_MAGIC: libc::c_long = 0x0102_1994;
+    statfs(file).is_some_and(|(magic, _)| magic == TMPFS_MAGIC)
+}
+
+/// `fstatfs` of `file`: its file system's magic number and block size.
+fn statfs(file: &File) -> Option<(libc::c_long, u64)> {
     let mut st = std::mem::MaybeUninit::<libc::statfs>::uninit();
     // SAFETY: fstatfs writes one `struct statfs` into the buffer it is
     // given, which is that size; the descriptor is kept open by `file`.
     let r = unsafe { libc::fstatfs(file.as_raw_fd(), st.as_mut_ptr()) };
     // SAFETY: fstatfs filled the struct when it returned 0.
-    r == 0 && unsafe { st.assume_init() }.f_type as libc::c_long == TMPFS_MAGIC
+    let st = (r == 0).then(|| unsafe { st.assume_init() })?;
+    Some((st.f_type as libc::c_long, st.f_bsize as u64))
+}
+
+const HUGETLBFS_MAGIC: libc::c_long = 0x9584_58f6;
+
+/// Fails unless `offset..offset + len` of `file` covers whole pages of a
+/// hugetlbfs file (which is mapped and sized in huge pages only).
+fn check_page_multiple(name: &str, path: &Path, offset: u64, len: u64, file: &File) -> Result<()> {
+    let Some((HUGETLBFS_MAGIC, page)) = statfs(file) else {
+        return Ok(());
+    };
+    if page == 0 || (offset.is_multiple_of(page) && len.is_multiple_of(page)) {
+        return Ok(());
+    }
+    Err(Error::Config(format!(
+        "RAM block {name:?}: {len} bytes at offset {offset} of {} are not whole pages \
+         of its hugetlbfs ({page} bytes each)",
+        path.display()
+    )))
+}
+
+/// The size of the pages the kernel backs a shared mapping of `file` with
+/// (see [`RamBlock::page_size`]).
+fn file_page_size(file: &File) -> u64 {
+    const TMPFS_MAGIC: libc::c_long = 0x0102_1994;
+    match statfs(file) {
+        Some((HUGETLBFS_MAGIC, page)) if page >= PAGE_SIZE_U64 => page,
+        Some((TMPFS_MAGIC, _)) if tmpfs_uses_huge_pages(file) => thp_size(),
+        _ => PAGE_SIZE_U64,
+    }
+}
+
+/// The transparent huge page size (`hpage_pmd_size`; 2 MiB if unknown).
+fn thp_size() -> u64 {
+    std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/hpage_pmd_size")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(2 << 20)
+}
+
+/// Whether the tmpfs `file` is on gives it transparent huge pages: the
+/// system-wide `shmem_enabled` forces or denies them, else the mount's
+/// `huge=` option decides (`always`, `within_size`; not `advise`, see
+/// [`RamBlock::advise_huge_pages`]).
+fn tmpfs_uses_huge_pages(file: &File) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let shmem = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/shmem_enabled")
+        .unwrap_or_default();
+    if shmem.contains("[force]") {
+        return true;
+    }
+    if shmem.contains("[deny]") || shmem.is_empty() {
+        return false;
+    }
+    let Ok(md) = file.metadata() else {
+        return false;
+    };
+    let dev = format!("{}:{}", libc::major(md.dev()), libc::minor(md.dev()));
+    let Ok(mounts) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    // "ID PARENT MAJ:MIN ROOT POINT OPTS [TAGS...] - TYPE SOURCE SUPER_OPTS"
+    let huge = mounts.lines().find_map(|line| {
+        let mut fields = line.split(' ');
+        if fields.nth(2) != Some(dev.as_str()) {
+            return None;
+        }
+        let (_, tail) = line.split_once(" - ")?;
+        let super_opts = tail.split(' ').nth(2)?;
+        Some(
+            super_opts
+                .split(',')
+                .find_map(|o| o.strip_prefix("huge="))
+                .unwrap_or("never")
+                .to_owned(),
+        )
+    });
+    matches!(huge.as_deref(), Some("always" | "within_size"))
 }
 
 /// Gives back the space of `len` bytes of `file` from `start` on
@@ -588,7 +750,7 @@ pub(crate) fn punch(file: &File, start: u64, len: u64) -> std::io::Result<()> {
 
 /// `lseek(fd, from, whence)` for `SEEK_HOLE` / `SEEK_DATA`: the offset
 /// found, or `None` when there is none past `from` (`ENXIO`).
-fn seek(file: &File, from: u64, whence: libc::c_int) -> std::io::Result<Option<u64>> {
+pub(super) fn seek(file: &File, from: u64, whence: libc::c_int) -> std::io::Result<Option<u64>> {
     let from = libc::off_t::try_from(from).map_err(|_| std::io::ErrorKind::InvalidInput)?;
     // SAFETY: lseek only moves the file offset of a descriptor that `file`
     // keeps open; nothing else in this process reads or writes through

@@ -15,6 +15,7 @@
 //! the crate.
 
 mod block;
+mod holes;
 mod page;
 mod received;
 mod write_tracker;
@@ -22,6 +23,7 @@ mod zero;
 
 pub use block::{Access, RamBlock};
 pub(crate) use block::{data_ranges, is_tmpfs, min_hole, physical_memory, punch, reserve_range};
+pub(crate) use holes::Holes;
 pub(crate) use page::{PageBatch, PageList};
 pub use write_tracker::{WriteTracker, WriteTrackerError};
 
@@ -75,6 +77,16 @@ impl GuestRam {
     /// Sum of all block lengths.
     pub fn total_len(&self) -> u64 {
         self.blocks.iter().map(RamBlock::len).sum()
+    }
+
+    /// The largest page size the blocks are backed with
+    /// ([`RamBlock::page_size`]); 4096 when there are no blocks.
+    pub fn page_size(&self) -> u64 {
+        self.blocks
+            .iter()
+            .map(RamBlock::page_size)
+            .max()
+            .unwrap_or(multifd_wire::PAGE_SIZE_U64)
     }
 
     /// Total number of 4 KiB pages.

@@ -273,10 +273,13 @@ impl<'b, 'o> PageList<'b, 'o> {
     /// Writes the offsets into `out`, data pages first and zero pages after
     /// them (QEMU's `multifd_send_zero_page_detect()` order); returns the
     /// reordered list and how many data pages lead it. With `detect` false
-    /// every page counts as data.
-    pub(crate) fn zero_pages_last<'v>(
+    /// every page counts as data. Pages whose index is set in the bit set
+    /// `known_zero` (bit `i % 64` of word `i / 64`; missing words are
+    /// clear) count as zero without being scanned.
+    fn split_zero_pages<'v>(
         &self,
         detect: bool,
+        known_zero: &[u64],
         out: &'v mut Vec<u64>,
     ) -> (PageList<'b, 'v>, usize) {
         out.clear();
@@ -284,8 +287,8 @@ impl<'b, 'o> PageList<'b, 'o> {
         // Data pages fill `out` from the front, zero pages from the back
         // (reversed, then put back in order): no second buffer.
         let (mut front, mut back) = (0, out.len());
-        for page in self.iter() {
-            if detect && page.is_zero() {
+        for (i, page) in self.iter().enumerate() {
+            if detect && (bit(known_zero, i) || page.is_zero()) {
                 back -= 1;
                 out[back] = page.offset;
             } else {
@@ -303,14 +306,20 @@ impl<'b, 'o> PageList<'b, 'o> {
     }
 
     /// Maps each run of consecutive pages with one system call before they
-    /// are read (see [`RamBlock::populate_read`]).
-    pub(crate) fn populate_read(&self) {
+    /// are read (see [`RamBlock::populate_read`]), leaving out the pages
+    /// whose index is set in `skip` (a bit set as for
+    /// [`PageList::split_zero_pages`]).
+    fn populate_read_except(&self, skip: &[u64]) {
         let batch = self.offsets;
         let mut i = 0;
         while i < batch.len() {
+            if bit(skip, i) {
+                i += 1;
+                continue;
+            }
             let start = batch[i];
             let mut j = i + 1;
-            while j < batch.len() && batch[j] == batch[j - 1] + PAGE_SIZE_U64 {
+            while j < batch.len() && batch[j] == batch[j - 1] + PAGE_SIZE_U64 && !bit(skip, j) {
                 j += 1;
             }
             if j - i > 1 {
@@ -320,6 +329,11 @@ impl<'b, 'o> PageList<'b, 'o> {
             i = j;
         }
     }
+}
+
+/// Whether bit `i` of the bit set `words` is set (missing words are clear).
+fn bit(words: &[u64], i: usize) -> bool {
+    words.get(i / 64).is_some_and(|w| w & (1 << (i % 64)) != 0)
 }
 
 /// Consecutive pages of one block: what one positioned read or write of a
@@ -461,11 +475,15 @@ impl<'b> PageList<'b, '_> {
 }
 
 /// Pages of one block collected for one packet, each checked as it is
-/// added: what the source's driver hands a channel.
+/// added: what the source's driver hands a channel. Pages known to read as
+/// zero (they lie in a hole of the block's file, see [`super::Holes`]) are
+/// marked, so zero-page detection neither reads nor scans them.
 #[derive(Debug)]
 pub(crate) struct PageBatch<'b> {
     block: &'b RamBlock,
     offsets: Vec<u64>,
+    /// Bit `i` set: page `i` is known to be zero. Empty when none is.
+    known_zero: Vec<u64>,
 }
 
 impl<'b> PageBatch<'b> {
@@ -474,6 +492,7 @@ impl<'b> PageBatch<'b> {
         Self {
             block,
             offsets: Vec::with_capacity(capacity),
+            known_zero: Vec::new(),
         }
     }
 
@@ -481,6 +500,19 @@ impl<'b> PageBatch<'b> {
     pub(crate) fn push(&mut self, offset: u64) -> Result<()> {
         self.block.page(offset)?;
         self.offsets.push(offset);
+        Ok(())
+    }
+
+    /// Adds the page at `offset`, known to read as zero (it was in a hole
+    /// of the block's file when that was asked), checked to lie inside the
+    /// block.
+    pub(crate) fn push_known_zero(&mut self, offset: u64) -> Result<()> {
+        self.push(offset)?;
+        let i = self.offsets.len() - 1;
+        if self.known_zero.len() <= i / 64 {
+            self.known_zero.resize(i / 64 + 1, 0);
+        }
+        self.known_zero[i / 64] |= 1 << (i % 64);
         Ok(())
     }
 
@@ -500,6 +532,26 @@ impl<'b> PageBatch<'b> {
             block: self.block,
             offsets: &self.offsets,
         }
+    }
+
+    /// Maps the pages that are to be read (see [`PageList::populate_read_except`]):
+    /// with zero-page detection (`detect`), not those known to be zero,
+    /// which are never read.
+    pub(crate) fn populate_read(&self, detect: bool) {
+        let skip: &[u64] = if detect { &self.known_zero } else { &[] };
+        self.as_list().populate_read_except(skip);
+    }
+
+    /// The batch's pages, data pages first and zero pages after them (see
+    /// [`PageList::split_zero_pages`]); pages known to be zero count as
+    /// zero pages without being scanned.
+    pub(crate) fn zero_pages_last<'v>(
+        &self,
+        detect: bool,
+        out: &'v mut Vec<u64>,
+    ) -> (PageList<'b, 'v>, usize) {
+        self.as_list()
+            .split_zero_pages(detect, &self.known_zero, out)
     }
 }
 
@@ -584,10 +636,12 @@ mod tests {
         let b = RamBlock::anonymous("m0", 8 * 4096).unwrap();
         b.write_page(2 * 4096, &[1; PAGE_SIZE]).unwrap();
         b.write_page(5 * 4096, &[2; PAGE_SIZE]).unwrap();
-        let offsets: Vec<u64> = (0..8).map(|p| p * 4096).collect();
-        let list = b.page_list(&offsets).unwrap();
+        let mut batch = PageBatch::new(&b, 8);
+        for p in 0..8 {
+            batch.push(p * 4096).unwrap();
+        }
         let mut out = Vec::new();
-        let (sorted, normal) = list.zero_pages_last(true, &mut out);
+        let (sorted, normal) = batch.zero_pages_last(true, &mut out);
         assert_eq!(normal, 2);
         assert_eq!(
             sorted.offsets(),
@@ -596,8 +650,36 @@ mod tests {
         let (data, zeros) = sorted.split_at(normal);
         assert_eq!(data.len(), 2);
         assert!(zeros.iter().all(|p| p.is_zero()));
-        let (_, normal) = list.zero_pages_last(false, &mut out);
+        let (_, normal) = batch.zero_pages_last(false, &mut out);
         assert_eq!(normal, 8, "no detection: every page is data");
+    }
+
+    #[test]
+    fn known_zero_pages_are_neither_scanned_nor_taken_for_data() {
+        let b = RamBlock::anonymous("m0", 8 * 4096).unwrap();
+        b.write_page(2 * 4096, &[1; PAGE_SIZE]).unwrap();
+        b.write_page(3 * 4096, &[1; PAGE_SIZE]).unwrap();
+        let mut batch = PageBatch::new(&b, 8);
+        for p in 0..8 {
+            if p == 3 || p == 6 {
+                // Marked zero: taken as it is, whatever the page holds
+                // (the marking is what a hole lookup found earlier).
+                batch.push_known_zero(p * 4096).unwrap();
+            } else {
+                batch.push(p * 4096).unwrap();
+            }
+        }
+        let mut out = Vec::new();
+        let (sorted, normal) = batch.zero_pages_last(true, &mut out);
+        assert_eq!(normal, 1);
+        assert_eq!(
+            sorted.offsets(),
+            &[0x2000, 0, 0x1000, 0x3000, 0x4000, 0x5000, 0x6000, 0x7000]
+        );
+        let (_, normal) = batch.zero_pages_last(false, &mut out);
+        assert_eq!(normal, 8, "no detection: every page is data");
+        assert!(batch.push_known_zero(8 * 4096).is_err());
+        batch.populate_read(true);
     }
 
     #[test]

@@ -60,12 +60,14 @@ impl ChannelWorker<'_, '_> {
         offsets: &mut Vec<u64>,
     ) -> Result<()> {
         let pages = batch.as_list();
-        pages.populate_read();
         // Zero-page detection on this thread: data pages first, zero pages
-        // after them (QEMU's multifd_send_zero_page_detect()).
+        // after them (QEMU's multifd_send_zero_page_detect()). Pages the
+        // driver found in holes of the block's file are neither mapped nor
+        // scanned.
         let detect = self.zero_pages == ZeroPageDetection::Multifd;
+        batch.populate_read(detect);
         let compression = self.method.compression();
-        let (sorted, normal) = pages.zero_pages_last(detect, offsets);
+        let (sorted, normal) = batch.zero_pages_last(detect, offsets);
         let (data, _) = sorted.split_at(normal);
         let mut iovs: Vec<IoSlice<'_>> = Vec::with_capacity(normal + 1);
         iovs.push(IoSlice::new(&[]));

@@ -42,7 +42,7 @@ use super::{OnLimit, SourceOptions, SourceVm};
 use crate::config::{FlushMode, ZeroPageDetection};
 use crate::error::{Error, Result};
 use crate::lifecycle::{self, Abort, Cancel, Watchdog};
-use crate::ram::{GuestRam, PageBatch, RamBlock};
+use crate::ram::{GuestRam, Holes, PageBatch, RamBlock};
 use crate::stats::{MigrationStatus, Progress, SyncFigures};
 
 /// QEMU reads (and discards) a vmdesc after EOF and warns when it is
@@ -333,33 +333,57 @@ impl<'a> Driver<'a> {
         for (b, block) in ram.blocks().iter().enumerate() {
             match round {
                 Round::All => {
+                    // Pages in holes of the block's file are zero pages
+                    // known without reading them. Only in the first round:
+                    // dirty pages were written, and a hole filled after the
+                    // lookup is logged dirty and sent again.
+                    let mut holes = match self.opts.config.zero_page_detection {
+                        ZeroPageDetection::None => None,
+                        _ => Holes::new(block),
+                    };
                     let offsets = (0..block.pages()).map(|p| p * PAGE_SIZE_U64);
-                    self.send_block(block, offsets)?;
+                    self.send_block(block, offsets, holes.as_mut())?;
+                    if let Some(h) = holes {
+                        tracing::debug!(
+                            block = block.name(),
+                            hole_pages = h.hole_pages(),
+                            lseeks = h.lseeks(),
+                            "pages found in file holes"
+                        );
+                    }
                 }
-                Round::Dirty(d) => self.send_block(block, d[b].iter().copied())?,
+                Round::Dirty(d) => self.send_block(block, d[b].iter().copied(), None)?,
             }
         }
         Ok(planned)
     }
 
-    /// Sends `offsets` of `block`: in batches to the channels, or (legacy
-    /// zero-page detection) zero pages as ZERO records on the main stream.
+    /// Sends `offsets` (ascending when `holes` is given) of `block`: in
+    /// batches to the channels, or (legacy zero-page detection) zero pages
+    /// as ZERO records on the main stream. Pages `holes` finds in holes of
+    /// the block's file are zero pages without being read.
     fn send_block(
         &mut self,
         block: &'a RamBlock,
         offsets: impl Iterator<Item = u64>,
+        mut holes: Option<&mut Holes<'_>>,
     ) -> Result<()> {
         let legacy_zero = self.opts.config.zero_page_detection == ZeroPageDetection::Legacy;
         let per_batch = self.batch_pages;
         let mut batch = PageBatch::new(block, per_batch);
         for offset in offsets {
-            if legacy_zero && block.is_zero_page(offset)? {
+            let hole = holes.as_mut().is_some_and(|h| h.is_hole(offset));
+            if legacy_zero && (hole || block.is_zero_page(offset)?) {
                 self.main.encode(|e| e.zero_page(block.name(), offset))?;
                 self.progress.add(&self.progress.zero_pages, 1);
                 self.main.flush_if_large()?;
                 continue;
             }
-            batch.push(offset)?;
+            if hole {
+                batch.push_known_zero(offset)?;
+            } else {
+                batch.push(offset)?;
+            }
             if batch.len() >= per_batch {
                 self.check_cancel()?;
                 let full = std::mem::replace(&mut batch, PageBatch::new(block, per_batch));
