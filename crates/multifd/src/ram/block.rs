@@ -80,6 +80,15 @@ impl<B: Bitmap + Send + Sync> Mapping for MmapRegion<B> {
     }
 }
 
+/// Advice about a block's mapping (see [`RamBlock::advise`]).
+#[derive(Clone, Copy)]
+enum Advice {
+    /// `MADV_RANDOM`: no read-around on a fault.
+    NoReadAround,
+    /// `MADV_HUGEPAGE`: transparent huge pages where allowed.
+    HugePages,
+}
+
 /// Checks a block's name and length: the name must fit the wire (1 to 255
 /// bytes, QEMU's `idstr`), the length be a non-zero multiple of 4096 that
 /// this process can map.
@@ -213,15 +222,7 @@ impl RamBlock {
             page_size,
             received: ReceivedBitmap::new(len / PAGE_SIZE_U64),
         };
-        // SAFETY: the range is exactly the block's mapping, page-aligned;
-        // MADV_RANDOM only changes the kernel's read-ahead policy for it.
-        unsafe {
-            libc::madvise(
-                block.region.ptr().cast(),
-                block.len as usize,
-                libc::MADV_RANDOM,
-            );
-        }
+        block.advise(Advice::NoReadAround);
         Ok(block)
     }
 
@@ -287,16 +288,7 @@ impl RamBlock {
         // which fills the page cache with zeros and makes reserved but
         // never-written ranges look like data to SEEK_HOLE, so that
         // `release_unwritten` could not give them back. Best effort.
-        // SAFETY: the range is exactly the block's mapping, page-aligned;
-        // MADV_RANDOM only changes the kernel's read-ahead policy for it,
-        // no contents and no mapping attributes.
-        unsafe {
-            libc::madvise(
-                block.region.ptr().cast(),
-                block.len as usize,
-                libc::MADV_RANDOM,
-            );
-        }
+        block.advise(Advice::NoReadAround);
         block.advise_huge_pages();
         Ok(block)
     }
@@ -321,15 +313,23 @@ impl RamBlock {
         if self.access != Access::ReadWrite || self.region.file().is_none() {
             return;
         }
-        // SAFETY: the range is exactly the block's mapping, page-aligned;
-        // MADV_HUGEPAGE only changes which page size later faults (and
-        // khugepaged) may use for it, not its contents or its protection.
+        self.advise(Advice::HugePages);
+    }
+
+    /// Gives the kernel `advice` for the block's whole mapping. Best
+    /// effort: a kernel or file system that ignores it changes nothing.
+    fn advise(&self, advice: Advice) {
+        let flag = match advice {
+            Advice::NoReadAround => libc::MADV_RANDOM,
+            Advice::HugePages => libc::MADV_HUGEPAGE,
+        };
+        // SAFETY: the range is exactly the block's mapping, page-aligned
+        // and alive while `self` is; both pieces of advice only change the
+        // kernel's policy for it (read-ahead, which page size later faults
+        // and khugepaged may use), never its contents, protection or
+        // extent.
         unsafe {
-            libc::madvise(
-                self.region.ptr().cast(),
-                self.len as usize,
-                libc::MADV_HUGEPAGE,
-            );
+            libc::madvise(self.region.ptr().cast(), self.len as usize, flag);
         }
     }
 
