@@ -371,17 +371,21 @@ impl Proxy {
         true
     }
 
+    /// The connections accepted so far.
+    fn links(&self) -> Vec<Arc<Link>> {
+        self.shared
+            .links
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
     /// Waits until every forwarded connection accepted so far has ended,
     /// at most `limit`; whether they all have. (A `Silent` one ends only
     /// when the sender closes it.)
     pub fn wait_all_ended(&self, limit: Duration) -> bool {
         let deadline = Instant::now() + limit;
-        let links: Vec<Arc<Link>> = self
-            .shared
-            .links
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
+        let links = self.links();
         let ok = links.iter().filter(|l| l.up.is_some()).all(|l| {
             l.ended
                 .wait(deadline.saturating_duration_since(Instant::now()))
@@ -406,12 +410,7 @@ impl Proxy {
     /// after the grace (half-open sockets someone left behind).
     pub fn finish(mut self, grace: Duration) -> usize {
         let deadline = Instant::now() + grace;
-        let links: Vec<Arc<Link>> = self
-            .shared
-            .links
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
+        let links = self.links();
         let open = links
             .iter()
             .filter(|l| {
