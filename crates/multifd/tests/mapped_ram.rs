@@ -390,3 +390,157 @@ fn hostile_files_fail_cleanly_before_touching_ram() {
     .unwrap_err();
     assert!(matches!(e, Error::Mismatch(_)), "{e:?}");
 }
+
+/// Present pages in runs of 1 to 40 pages between holes of 1 to 40 pages
+/// (so holes both shorter and longer than the ones a read steps over,
+/// and exactly at the limit), then one run longer than a read and one
+/// long hole. Returns the RAM and which pages are present.
+fn runs_and_holes_ram(pages: u64) -> (GuestRam, Vec<bool>) {
+    let block = RamBlock::anonymous("m0", pages * PAGE_SIZE_U64).unwrap();
+    let mut present = vec![false; pages as usize];
+    let mut lens = [1u64, 16, 17, 3, 40, 15, 2, 33, 5, 18, 1, 9, 17]
+        .iter()
+        .cycle();
+    let mut p = 0;
+    let long_run = (mapped_ram::MAX_READ / PAGE_SIZE_U64) * 2 + 5;
+    let tail = long_run + 600;
+    while p + 80 < pages - tail {
+        let run = *lens.next().unwrap();
+        let hole = *lens.next().unwrap();
+        for q in p..p + run {
+            present[q as usize] = true;
+        }
+        p += run + hole;
+    }
+    for q in p..p + long_run {
+        present[q as usize] = true;
+    }
+    // The rest (600 pages and more) stays a hole.
+    for (q, &here) in present.iter().enumerate() {
+        if here {
+            let mut data = [0u8; 4096];
+            data[..8].copy_from_slice(&(q as u64 + 1).to_le_bytes());
+            data[8..].fill(q as u8 | 0x80);
+            block.write_page(q as u64 * PAGE_SIZE_U64, &data).unwrap();
+        }
+    }
+    let mut ram = GuestRam::new();
+    ram.push(block).unwrap();
+    (ram, present)
+}
+
+/// Gives the blocks of files already full of 0x5a bytes: memory that is
+/// not known to be zero, so absent pages must be made zero.
+struct Stale(std::path::PathBuf);
+
+impl multifd::RamProvider for Stale {
+    fn provide(&mut self, blocks: &[multifd::RamBlockInfo]) -> multifd::Result<GuestRam> {
+        let mut ram = GuestRam::new();
+        for b in blocks {
+            let path = self.0.join(format!("{}.ram", b.idstr));
+            std::fs::write(&path, vec![0x5a; b.used_length as usize]).unwrap();
+            ram.push(RamBlock::open_file(
+                &b.idstr,
+                &path,
+                multifd::Access::ReadWrite,
+                Some(b.used_length),
+            )?)?;
+        }
+        Ok(ram)
+    }
+}
+
+/// Reads step over short holes: the hole's bytes in the file (stale data
+/// here, as a file written over several rounds has) never reach guest
+/// RAM, every present page lands, and absent pages read as zero, also in
+/// a destination whose memory held other bytes; with and without direct
+/// I/O, with one and with several threads.
+#[test]
+fn reads_over_short_holes_never_bring_their_bytes_into_ram() {
+    use std::os::unix::fs::FileExt;
+    let dir = tempfile::tempdir().unwrap();
+    let pages = 6000;
+    let (ram, present) = runs_and_holes_ram(pages);
+    let uri = FileUri::new(dir.path().join("holes.mr"));
+    mapped_ram::save(
+        &uri,
+        &ram,
+        &mut StaticRam,
+        &opts(2),
+        &FileOptions::default(),
+        &Progress::default(),
+    )
+    .unwrap();
+    let image = mapped_ram::read_file(&uri, 1 << 20).unwrap();
+    let bitmap = image.bitmap(0);
+    for (p, &here) in present.iter().enumerate() {
+        assert_eq!(bitmap.get(p as u64), Some(here), "page {p}");
+    }
+    let holes: Vec<u64> = bitmap
+        .runs()
+        .zip(bitmap.runs().skip(1))
+        .map(|(a, b)| b.start - a.end)
+        .collect();
+    let limit = mapped_ram::MAX_HOLE_READ_OVER;
+    assert!(holes.contains(&1) && holes.contains(&limit) && holes.contains(&(limit + 1)));
+    // Stale bytes in every absent page of the file.
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&uri.path)
+        .unwrap();
+    let pages_at = image.layouts[0].pages_offset();
+    for (p, &here) in present.iter().enumerate() {
+        if !here {
+            f.write_all_at(&[0xa5; 4096], pages_at + p as u64 * PAGE_SIZE_U64)
+                .unwrap();
+        }
+    }
+    drop(f);
+    let n_present = present.iter().filter(|&&p| p).count() as u64;
+    for direct_io in [false, true] {
+        for channels in [1u8, 3] {
+            let ropts = RestoreOptions {
+                channels,
+                file: FileOptions {
+                    direct_io,
+                    ..FileOptions::default()
+                },
+                ..RestoreOptions::default()
+            };
+            let what = format!("direct-io {direct_io}, {channels} channels");
+            // Memory known to be zero: absent pages are not touched.
+            let inc = match mapped_ram::restore(&uri, &mut AnonRam, &ropts, &Progress::default()) {
+                Err(Error::DirectIoUnsupported { .. }) if direct_io => {
+                    eprintln!("skipped: the file system refuses O_DIRECT");
+                    continue;
+                }
+                r => r.unwrap(),
+            };
+            assert_eq!(ram_diff(&ram, &inc.ram), None, "{what}");
+            assert_eq!(inc.ram.blocks()[0].received_pages(), n_present, "{what}");
+            assert_eq!(inc.stats.normal_pages, n_present, "{what}");
+            assert_eq!(inc.stats.bytes, n_present * PAGE_SIZE_U64, "{what}");
+            drop(inc);
+            // Memory full of other bytes: absent pages are made zero.
+            let dest = tempfile::tempdir().unwrap();
+            let inc = mapped_ram::restore(
+                &uri,
+                &mut Stale(dest.path().to_owned()),
+                &ropts,
+                &Progress::default(),
+            )
+            .unwrap();
+            assert_eq!(ram_diff(&ram, &inc.ram), None, "{what}, stale destination");
+            assert_eq!(inc.stats.normal_pages, n_present, "{what}");
+            assert_eq!(inc.stats.zero_pages, pages - n_present, "{what}");
+            drop(inc);
+            let bytes = std::fs::read(dest.path().join("m0.ram")).unwrap();
+            for (p, &here) in present.iter().enumerate() {
+                let page = &bytes[p * 4096..(p + 1) * 4096];
+                if !here {
+                    assert!(page.iter().all(|&b| b == 0), "{what}: page {p} not zero");
+                }
+            }
+        }
+    }
+}

@@ -9,8 +9,9 @@
 //!   `O_DIRECT`), and its main stream is laid out as the file's.
 //! * [`restore`]: a file (QEMU's or ours) into RAM from a
 //!   [`RamProvider`](crate::RamProvider): the structure is read and
-//!   checked first ([`read_file`]), then N threads `preadv` runs of
-//!   present pages straight into guest memory.
+//!   checked first ([`read_file`]), then N threads `preadv` stretches of
+//!   present pages straight into guest memory (short holes between them
+//!   are read into a discard buffer, never into guest RAM).
 //! * [`Capture`]: a network migration (from QEMU or from us) stored as a
 //!   file, by [`crate::receive`] into mappings of the file's pages regions.
 //! * [`play`]: a file sent to a network destination (a QEMU started with
@@ -35,7 +36,7 @@ mod uri;
 pub use capture::Capture;
 pub use play::play;
 pub use read::{FileImage, read_file};
-pub use restore::{MAX_READ, RestoreOptions, restore};
+pub use restore::{MAX_HOLE_READ_OVER, MAX_READ, RestoreOptions, restore};
 pub use save::save;
 pub use uri::FileUri;
 

@@ -1,8 +1,9 @@
 //! Restoring from a mapped-ram file: the structure is read and checked
 //! first ([`read_file`]: main stream, layouts, bitmaps, tail), then the
 //! present pages are read straight into guest RAM by N threads, each with
-//! its own descriptor, one `preadv` per run of present pages (pieces of at
-//! most [`MAX_READ`]).
+//! its own descriptor: one `preadv` per stretch of the pages region of at
+//! most [`MAX_READ`], which may step over short holes
+//! ([`MAX_HOLE_READ_OVER`] pages) whose bytes go to a discard buffer.
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
@@ -19,12 +20,25 @@ use super::{FileOptions, FileUri};
 use crate::destination::{Incoming, RamProvider, StreamSetup};
 use crate::error::{Error, Result};
 use crate::lifecycle::{self, Abort, Cancel};
-use crate::ram::GuestRam;
+use crate::ram::{GuestRam, RamBlock};
 use crate::stats::Progress;
 use crate::transport::sys;
 
-/// Largest single read: 4 MiB (QEMU reads 1 MiB pieces).
+/// Largest single read, the holes it steps over included: 4 MiB (QEMU
+/// reads 1 MiB pieces).
 pub const MAX_READ: u64 = 4 << 20;
+
+/// Longest hole (run of absent pages, in pages) a read steps over: its
+/// bytes are read into a per-thread discard buffer instead of splitting
+/// the read in two.
+///
+/// Images have present pages in short runs between a few zero pages
+/// (which are absent from the file), so one read per run of present pages
+/// means many small `preadv` calls: each a system call and, with
+/// `O_DIRECT`, a device request of its own, which at a few pages costs
+/// more than moving up to 64 KiB more bytes. Longer holes are not read:
+/// those bytes would cost memory and device bandwidth for nothing.
+pub const MAX_HOLE_READ_OVER: u64 = 16;
 
 /// A thread claims pieces in groups of about this many bytes, so that
 /// each descriptor reads long stretches of the file in order.
@@ -58,14 +72,47 @@ impl Default for RestoreOptions {
     }
 }
 
-/// One piece of work: pages `pages` of block `block`, read from the file
-/// (`present`) or made zero.
-#[derive(Debug, Clone, Copy)]
-struct Piece {
-    block: usize,
+/// One piece of work, on pages `first..first + pages` of block `block`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Piece {
+    /// One read from the file: every page is present except the holes
+    /// `holes` (indices into [`Plan::holes`]), whose bytes are discarded.
+    Read {
+        block: usize,
+        first: u64,
+        pages: u64,
+        holes: (usize, usize),
+    },
+    /// Absent pages made zero (in a block that may hold other data).
+    Zero {
+        block: usize,
+        first: u64,
+        pages: u64,
+    },
+}
+
+impl Piece {
+    fn pages(&self) -> u64 {
+        match *self {
+            Piece::Read { pages, .. } | Piece::Zero { pages, .. } => pages,
+        }
+    }
+}
+
+/// A hole inside a read: `pages` absent pages from page `first` of the
+/// block, at most [`MAX_HOLE_READ_OVER`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Hole {
     first: u64,
     pages: u64,
-    present: bool,
+}
+
+/// What the threads do: the pieces in file order, and the holes the
+/// reads step over.
+#[derive(Debug, Default)]
+struct Plan {
+    pieces: Vec<Piece>,
+    holes: Vec<Hole>,
 }
 
 /// Restores the mapped-ram file `uri` into RAM from `provider` (told the
@@ -141,8 +188,8 @@ pub(crate) fn load_pages(
     opts: &RestoreOptions,
     progress: &Progress,
 ) -> Result<()> {
-    let pieces = plan(image, ram, indices);
-    let groups = group(&pieces);
+    let plan = plan(image, ram, indices);
+    let groups = group(&plan.pieces);
     let next = AtomicUsize::new(0);
     let abort = Abort::new();
     let mut files = Vec::with_capacity(opts.channels.into());
@@ -163,7 +210,7 @@ pub(crate) fn load_pages(
                         image,
                         ram,
                         indices,
-                        pieces: &pieces,
+                        plan: &plan,
                         groups: &groups,
                         next: &next,
                         abort: &abort,
@@ -192,39 +239,93 @@ pub(crate) fn load_pages(
     }
 }
 
-/// The pieces, in file order: runs of present pages cut at [`MAX_READ`],
-/// and runs of absent pages of blocks that may hold other data.
-fn plan(image: &FileImage, ram: &GuestRam, indices: &[usize]) -> Vec<Piece> {
-    let max = MAX_READ / PAGE_SIZE_U64;
-    let mut out = Vec::new();
+/// The plan of a restore: for each block, the runs of present pages read
+/// in stretches of at most [`MAX_READ`] (stepping over holes of at most
+/// [`MAX_HOLE_READ_OVER`] pages), and the absent pages zeroed in blocks
+/// that may hold other data.
+fn plan(image: &FileImage, ram: &GuestRam, indices: &[usize]) -> Plan {
+    let mut out = Plan::default();
     for (i, layout) in image.layouts.iter().enumerate() {
         let zero_absent = !ram.blocks()[indices[i]].starts_zeroed();
-        let mut push = |first: u64, end: u64, present: bool| {
-            let mut k = first;
-            while k < end {
-                let n = (end - k).min(if present { max } else { u64::MAX });
-                out.push(Piece {
-                    block: i,
-                    first: k,
-                    pages: n,
-                    present,
-                });
-                k += n;
-            }
-        };
-        let mut next = 0;
-        for run in image.bitmap(i).runs() {
-            if zero_absent {
-                push(next, run.start, false);
-            }
-            push(run.start, run.end, true);
-            next = run.end;
-        }
-        if zero_absent {
-            push(next, layout.num_pages(), false);
-        }
+        plan_block(
+            &mut out,
+            i,
+            image.bitmap(i).runs(),
+            layout.num_pages(),
+            zero_absent,
+        );
     }
     out
+}
+
+/// Adds block `block`'s pieces to `out`: `runs` are its runs of present
+/// pages (ascending, disjoint, not touching, within `num_pages`); absent
+/// pages become [`Piece::Zero`] when `zero_absent`.
+fn plan_block(
+    out: &mut Plan,
+    block: usize,
+    runs: impl Iterator<Item = std::ops::Range<u64>>,
+    num_pages: u64,
+    zero_absent: bool,
+) {
+    let max = MAX_READ / PAGE_SIZE_U64;
+    // The read being built: its first page, its end, and where its holes
+    // start in `out.holes`.
+    let mut open: Option<(u64, u64, usize)> = None;
+    let close = |out: &mut Plan, open: &mut Option<(u64, u64, usize)>| {
+        if let Some((first, end, holes)) = open.take() {
+            out.pieces.push(Piece::Read {
+                block,
+                first,
+                pages: end - first,
+                holes: (holes, out.holes.len()),
+            });
+        }
+    };
+    let mut next = 0;
+    for run in runs {
+        debug_assert!(next <= run.start && run.start < run.end && run.end <= num_pages);
+        if zero_absent && next < run.start {
+            out.pieces.push(Piece::Zero {
+                block,
+                first: next,
+                pages: run.start - next,
+            });
+        }
+        let mut k = run.start;
+        while k < run.end {
+            match open {
+                // The hole before `k` is short and the read has room for
+                // at least one more page: extend it over the hole.
+                Some((first, end, _)) if k - end <= MAX_HOLE_READ_OVER && k - first < max => {
+                    if k > end {
+                        out.holes.push(Hole {
+                            first: end,
+                            pages: k - end,
+                        });
+                    }
+                    let n = (run.end - k).min(first + max - k);
+                    open = open.map(|(f, _, h)| (f, k + n, h));
+                    k += n;
+                }
+                _ => {
+                    close(out, &mut open);
+                    let n = (run.end - k).min(max);
+                    open = Some((k, k + n, out.holes.len()));
+                    k += n;
+                }
+            }
+        }
+        next = run.end;
+    }
+    close(out, &mut open);
+    if zero_absent && next < num_pages {
+        out.pieces.push(Piece::Zero {
+            block,
+            first: next,
+            pages: num_pages - next,
+        });
+    }
 }
 
 /// Consecutive pieces grouped to about [`GROUP_BYTES`]: `groups[g]..groups[g + 1]`.
@@ -232,7 +333,7 @@ fn group(pieces: &[Piece]) -> Vec<usize> {
     let mut bounds = vec![0];
     let mut bytes = 0;
     for (i, p) in pieces.iter().enumerate() {
-        bytes += p.pages * PAGE_SIZE_U64;
+        bytes += p.pages() * PAGE_SIZE_U64;
         if bytes >= GROUP_BYTES {
             bounds.push(i + 1);
             bytes = 0;
@@ -251,7 +352,7 @@ struct Loader<'a, 'w> {
     image: &'a FileImage,
     ram: &'a GuestRam,
     indices: &'a [usize],
-    pieces: &'a [Piece],
+    plan: &'a Plan,
     groups: &'a [usize],
     next: &'a AtomicUsize,
     abort: &'a Abort<'w>,
@@ -260,7 +361,10 @@ struct Loader<'a, 'w> {
 
 impl Loader<'_, '_> {
     fn run(self) -> Result<()> {
-        let fd = self.file.as_raw_fd();
+        // Where the bytes of the holes a read steps over go: anonymous
+        // memory (page-aligned, as `O_DIRECT` needs), never guest RAM.
+        // Every hole of a read is read into its start; nothing reads it.
+        let discard = RamBlock::anonymous("discard", MAX_HOLE_READ_OVER * PAGE_SIZE_U64)?;
         loop {
             if self.abort.is_aborted() {
                 return Err(Error::Aborted);
@@ -269,31 +373,269 @@ impl Loader<'_, '_> {
             if g + 1 >= self.groups.len() {
                 return Ok(());
             }
-            for p in &self.pieces[self.groups[g]..self.groups[g + 1]] {
-                let block = &self.ram.blocks()[self.indices[p.block]];
-                let run = block.page_run(p.first * PAGE_SIZE_U64, p.pages)?;
-                if p.present {
-                    let layout = &self.image.layouts[p.block];
-                    let at = layout.pages_offset() + run.offset();
-                    sys::preadv_exact(fd, at, &mut [run.io_slice_mut()?]).map_err(|e| {
-                        if e.kind() == std::io::ErrorKind::UnexpectedEof {
-                            Error::IncompleteFile {
-                                path: self.path.to_owned(),
-                                reason: "became shorter while it was read".into(),
-                            }
-                        } else {
-                            file::direct_io_error(self.path, self.direct, e, "reading pages from")
-                        }
-                    })?;
-                    run.mark_received();
-                    let pr = self.progress;
-                    pr.add(&pr.bytes, run.len());
-                    pr.add(&pr.normal_pages, run.pages());
-                } else {
-                    run.apply_zero()?;
-                    self.progress.add(&self.progress.zero_pages, run.pages());
+            for p in &self.plan.pieces[self.groups[g]..self.groups[g + 1]] {
+                match *p {
+                    Piece::Read {
+                        block,
+                        first,
+                        pages,
+                        holes,
+                    } => self.read(
+                        &discard,
+                        block,
+                        first,
+                        pages,
+                        &self.plan.holes[holes.0..holes.1],
+                    )?,
+                    Piece::Zero {
+                        block,
+                        first,
+                        pages,
+                    } => {
+                        let block = &self.ram.blocks()[self.indices[block]];
+                        block.page_run(first * PAGE_SIZE_U64, pages)?.apply_zero()?;
+                        self.progress.add(&self.progress.zero_pages, pages);
+                    }
                 }
             }
+        }
+    }
+
+    /// Reads pages `first..first + pages` of block `block` from the file
+    /// with one `preadv`: present pages straight into guest RAM, the
+    /// `holes` into `discard`.
+    fn read(
+        &self,
+        discard: &RamBlock,
+        block: usize,
+        first: u64,
+        pages: u64,
+        holes: &[Hole],
+    ) -> Result<()> {
+        let ram = &self.ram.blocks()[self.indices[block]];
+        let end = first + pages;
+        let mut present = Vec::with_capacity(holes.len() + 1);
+        let mut iovs = Vec::with_capacity(2 * holes.len() + 1);
+        let mut k = first;
+        let last = Hole {
+            first: end,
+            pages: 0,
+        };
+        for h in holes.iter().chain(std::iter::once(&last)) {
+            if h.first > k {
+                let run = ram.page_run(k * PAGE_SIZE_U64, h.first - k)?;
+                iovs.push(run.io_slice_mut()?);
+                present.push(run);
+            }
+            if h.pages > 0 {
+                iovs.push(discard.page_run(0, h.pages)?.io_slice_mut()?);
+            }
+            k = h.first + h.pages;
+        }
+        let layout = &self.image.layouts[block];
+        let at = layout.pages_offset() + first * PAGE_SIZE_U64;
+        sys::preadv_exact(self.file.as_raw_fd(), at, &mut iovs).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                Error::IncompleteFile {
+                    path: self.path.to_owned(),
+                    reason: "became shorter while it was read".into(),
+                }
+            } else {
+                file::direct_io_error(self.path, self.direct, e, "reading pages from")
+            }
+        })?;
+        drop(iovs);
+        let pr = self.progress;
+        for run in &present {
+            run.mark_received();
+            pr.add(&pr.bytes, run.len());
+            pr.add(&pr.normal_pages, run.pages());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// The runs of `true` in `bits`.
+    fn runs(bits: &[bool]) -> Vec<std::ops::Range<u64>> {
+        let mut out = Vec::new();
+        let mut start = None;
+        for (i, &b) in bits.iter().chain(std::iter::once(&false)).enumerate() {
+            match (b, start) {
+                (true, None) => start = Some(i as u64),
+                (false, Some(s)) => {
+                    out.push(s..i as u64);
+                    start = None;
+                }
+                _ => {}
+            }
+        }
+        out
+    }
+
+    /// Checks a block's plan against its bitmap: every present page read
+    /// exactly once into RAM, only absent pages (in short holes) read into
+    /// the discard buffer, reads within [`MAX_READ`] starting and ending
+    /// on present pages, absent pages zeroed exactly once when asked, and
+    /// a new read only where the last one could not go on.
+    fn check(bits: &[bool], zero_absent: bool) {
+        let mut plan = Plan::default();
+        plan_block(
+            &mut plan,
+            7,
+            runs(bits).into_iter(),
+            bits.len() as u64,
+            zero_absent,
+        );
+        let max = MAX_READ / PAGE_SIZE_U64;
+        let mut read = vec![0u32; bits.len()];
+        let mut zeroed = vec![0u32; bits.len()];
+        let mut last_read: Option<(u64, u64)> = None;
+        for p in &plan.pieces {
+            match *p {
+                Piece::Read {
+                    block,
+                    first,
+                    pages,
+                    holes,
+                } => {
+                    assert_eq!(block, 7);
+                    assert!(pages > 0 && pages <= max);
+                    let end = first + pages;
+                    assert!(bits[first as usize] && bits[end as usize - 1]);
+                    let holes = &plan.holes[holes.0..holes.1];
+                    let mut k = first;
+                    for h in holes {
+                        assert!(h.first > k && h.pages > 0 && h.pages <= MAX_HOLE_READ_OVER);
+                        assert!(h.first + h.pages < end);
+                        for q in h.first..h.first + h.pages {
+                            assert!(!bits[q as usize], "present page {q} in a hole");
+                        }
+                        k = h.first + h.pages;
+                    }
+                    let in_hole = |q: u64| {
+                        holes
+                            .iter()
+                            .any(|h| (h.first..h.first + h.pages).contains(&q))
+                    };
+                    for q in first..end {
+                        if !in_hole(q) {
+                            assert!(bits[q as usize], "absent page {q} read into RAM");
+                            read[q as usize] += 1;
+                        }
+                    }
+                    if let Some((f, e)) = last_read {
+                        assert!(
+                            first - e > MAX_HOLE_READ_OVER || first - f >= max,
+                            "read at {first} could have gone on the one at {f}..{e}"
+                        );
+                    }
+                    last_read = Some((first, end));
+                }
+                Piece::Zero {
+                    block,
+                    first,
+                    pages,
+                } => {
+                    assert_eq!(block, 7);
+                    for q in first..first + pages {
+                        zeroed[q as usize] += 1;
+                    }
+                }
+            }
+        }
+        for (q, &b) in bits.iter().enumerate() {
+            assert_eq!(read[q], u32::from(b), "page {q} read");
+            assert_eq!(zeroed[q], u32::from(!b && zero_absent), "page {q} zeroed");
+        }
+    }
+
+    #[test]
+    fn holes_at_the_limit_are_read_over_longer_ones_split() {
+        let h = MAX_HOLE_READ_OVER as usize;
+        // 3 present, a hole at the limit, 2 present, a longer hole, 1.
+        let mut bits = vec![true; 3];
+        bits.extend(vec![false; h]);
+        bits.extend([true, true]);
+        bits.extend(vec![false; h + 1]);
+        bits.push(true);
+        check(&bits, true);
+        let mut plan = Plan::default();
+        plan_block(
+            &mut plan,
+            0,
+            runs(&bits).into_iter(),
+            bits.len() as u64,
+            false,
+        );
+        assert_eq!(
+            plan.pieces,
+            [
+                Piece::Read {
+                    block: 0,
+                    first: 0,
+                    pages: 5 + h as u64,
+                    holes: (0, 1)
+                },
+                Piece::Read {
+                    block: 0,
+                    first: 2 * h as u64 + 6,
+                    pages: 1,
+                    holes: (1, 1)
+                },
+            ]
+        );
+        assert_eq!(
+            plan.holes,
+            [Hole {
+                first: 3,
+                pages: MAX_HOLE_READ_OVER
+            }]
+        );
+    }
+
+    #[test]
+    fn a_long_run_is_cut_at_max_read() {
+        let max = (MAX_READ / PAGE_SIZE_U64) as usize;
+        let mut bits = vec![true; 2 * max + 3];
+        bits[max - 2] = false;
+        check(&bits, false);
+        check(&bits, true);
+        let mut plan = Plan::default();
+        plan_block(
+            &mut plan,
+            0,
+            runs(&bits).into_iter(),
+            bits.len() as u64,
+            false,
+        );
+        let sizes: Vec<u64> = plan.pieces.iter().map(Piece::pages).collect();
+        assert_eq!(sizes, [max as u64, max as u64, 3]);
+    }
+
+    proptest! {
+        #[test]
+        fn plans_read_each_present_page_once(
+            // Run lengths, alternately present and absent, some long.
+            lens in proptest::collection::vec(
+                prop_oneof![1u64..20, 15u64..19, 1u64..1500], 0..60),
+            first_present in any::<bool>(),
+            zero_absent in any::<bool>(),
+        ) {
+            let mut bits = Vec::new();
+            let mut here = first_present;
+            for n in lens {
+                bits.extend(std::iter::repeat_n(here, n as usize));
+                here = !here;
+            }
+            if bits.is_empty() {
+                bits.push(false);
+            }
+            check(&bits, zero_absent);
         }
     }
 }
