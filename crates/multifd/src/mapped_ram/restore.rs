@@ -482,15 +482,21 @@ mod tests {
     /// the discard buffer, reads within [`MAX_READ`] starting and ending
     /// on present pages, absent pages zeroed exactly once when asked, and
     /// a new read only where the last one could not go on.
-    fn check(bits: &[bool], zero_absent: bool) {
+    /// The plan of one block (number `block`) with bitmap `bits`.
+    fn plan_of(block: usize, bits: &[bool], zero_absent: bool) -> Plan {
         let mut plan = Plan::default();
         plan_block(
             &mut plan,
-            7,
+            block,
             runs(bits).into_iter(),
             bits.len() as u64,
             zero_absent,
         );
+        plan
+    }
+
+    fn check(bits: &[bool], zero_absent: bool) {
+        let plan = plan_of(7, bits, zero_absent);
         let max = MAX_READ / PAGE_SIZE_U64;
         let mut read = vec![0u32; bits.len()];
         let mut zeroed = vec![0u32; bits.len()];
@@ -564,14 +570,7 @@ mod tests {
         bits.extend(vec![false; h + 1]);
         bits.push(true);
         check(&bits, true);
-        let mut plan = Plan::default();
-        plan_block(
-            &mut plan,
-            0,
-            runs(&bits).into_iter(),
-            bits.len() as u64,
-            false,
-        );
+        let plan = plan_of(0, &bits, false);
         assert_eq!(
             plan.pieces,
             [
@@ -605,14 +604,7 @@ mod tests {
         bits[max - 2] = false;
         check(&bits, false);
         check(&bits, true);
-        let mut plan = Plan::default();
-        plan_block(
-            &mut plan,
-            0,
-            runs(&bits).into_iter(),
-            bits.len() as u64,
-            false,
-        );
+        let plan = plan_of(0, &bits, false);
         let sizes: Vec<u64> = plan.pieces.iter().map(Piece::pages).collect();
         assert_eq!(sizes, [max as u64, max as u64, 3]);
     }
