@@ -18,6 +18,7 @@ mod block;
 mod holes;
 mod page;
 mod received;
+mod staged;
 mod write_tracker;
 mod zero;
 
@@ -25,6 +26,7 @@ pub use block::{Access, RamBlock};
 pub(crate) use block::{data_ranges, is_tmpfs, min_hole, physical_memory, punch, reserve_range};
 pub(crate) use holes::Holes;
 pub(crate) use page::{PageBatch, PageList};
+pub(crate) use staged::Staging;
 pub use write_tracker::{WriteTracker, WriteTrackerError};
 
 use crate::error::{Error, Result};

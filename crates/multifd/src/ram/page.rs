@@ -332,7 +332,7 @@ impl<'b, 'o> PageList<'b, 'o> {
 }
 
 /// Whether bit `i` of the bit set `words` is set (missing words are clear).
-fn bit(words: &[u64], i: usize) -> bool {
+pub(super) fn bit(words: &[u64], i: usize) -> bool {
     words.get(i / 64).is_some_and(|w| w & (1 << (i % 64)) != 0)
 }
 
@@ -524,6 +524,22 @@ impl<'b> PageBatch<'b> {
     /// True when it holds no page.
     pub(crate) fn is_empty(&self) -> bool {
         self.offsets.is_empty()
+    }
+
+    /// The block the pages are of.
+    pub(crate) fn block(&self) -> &'b RamBlock {
+        self.block
+    }
+
+    /// The pages' offsets, in the order they were added.
+    pub(super) fn offsets(&self) -> &[u64] {
+        &self.offsets
+    }
+
+    /// The pages known to be zero, as a bit set over [`PageBatch::offsets`]
+    /// (missing words are clear).
+    pub(super) fn known_zero(&self) -> &[u64] {
+        &self.known_zero
     }
 
     /// The batch as a checked list.

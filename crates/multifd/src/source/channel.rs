@@ -13,7 +13,7 @@ use crate::config::ZeroPageDetection;
 use crate::error::{Endpoint, Error, Result};
 use crate::lifecycle::Abort;
 use crate::method::SendMethod;
-use crate::ram::PageBatch;
+use crate::ram::{PageBatch, Staging};
 use crate::stats::Progress;
 use crate::transport::{Connection, IoSlice};
 
@@ -42,9 +42,12 @@ impl ChannelWorker<'_, '_> {
     pub(super) fn run(mut self, jobs: JobQueue<'_>) -> Result<()> {
         let mut header: Box<Header> = Box::new([0; RAM_PACKET_HEADER_SIZE]);
         let mut offsets: Vec<u64> = Vec::with_capacity(PAGES_PER_PACKET);
+        let mut staging = Staging::default();
         while let Some(job) = jobs.next() {
             match job {
-                Job::Pages(batch) => self.send_pages(&batch, &mut header, &mut offsets)?,
+                Job::Pages(batch) => {
+                    self.send_pages(&batch, &mut header, &mut offsets, &mut staging)?
+                }
                 Job::Sync => self.send_sync(&mut header)?,
             }
         }
@@ -58,15 +61,19 @@ impl ChannelWorker<'_, '_> {
         batch: &PageBatch<'_>,
         header: &mut Header,
         offsets: &mut Vec<u64>,
+        staging: &mut Staging,
     ) -> Result<()> {
+        let detect = self.zero_pages == ZeroPageDetection::Multifd;
+        let compression = self.method.compression();
+        if compression == multifd_wire::packet::Compression::None && Staging::applies(batch) {
+            return self.send_staged(batch, header, offsets, staging, detect);
+        }
         let pages = batch.as_list();
         // Zero-page detection on this thread: data pages first, zero pages
         // after them (QEMU's multifd_send_zero_page_detect()). Pages the
         // driver found in holes of the block's file are neither mapped nor
         // scanned.
-        let detect = self.zero_pages == ZeroPageDetection::Multifd;
         batch.populate_read(detect);
-        let compression = self.method.compression();
         let (sorted, normal) = batch.zero_pages_last(detect, offsets);
         let (data, _) = sorted.split_at(normal);
         let mut iovs: Vec<IoSlice<'_>> = Vec::with_capacity(normal + 1);
@@ -105,6 +112,54 @@ impl ChannelWorker<'_, '_> {
         p.add(&p.bytes, RAM_PACKET_HEADER_SIZE as u64 + u64::from(payload));
         p.add(&p.normal_pages, normal as u64);
         p.add(&p.zero_pages, (sorted.len() - normal) as u64);
+        Ok(())
+    }
+
+    /// [`ChannelWorker::send_pages`] without compression for a block that
+    /// is a shared mapping of a file: the pages are read through the file
+    /// into `staging` and sent from there (see [`Staging`]).
+    fn send_staged(
+        &mut self,
+        batch: &PageBatch<'_>,
+        header: &mut Header,
+        offsets: &mut Vec<u64>,
+        staging: &mut Staging,
+        detect: bool,
+    ) -> Result<()> {
+        let normal = staging
+            .read(batch, detect, offsets)
+            .ok_or(Error::Internal("a staged batch of a block without its file"))?
+            .map_err(|e| Error::io(format!("multifd channel {}: reading guest RAM", self.id), e))?;
+        let mut iovs: Vec<IoSlice<'_>> = Vec::with_capacity(normal + 1);
+        iovs.push(IoSlice::new(&[]));
+        iovs.extend(staging.data_slices());
+        let payload = (normal * multifd_wire::PAGE_SIZE) as u32;
+        RamPacketEncoder {
+            compression: multifd_wire::packet::Compression::None,
+            sync: false,
+            packet_num: self.packet_num.fetch_add(1, Ordering::Relaxed),
+            ramblock: batch.block().name(),
+            offsets,
+            normal_pages: normal,
+            next_packet_size: payload,
+        }
+        .encode(header)
+        .map_err(|source| Error::Encode {
+            endpoint: Endpoint::Channel(self.id),
+            source,
+        })?;
+        iovs[0] = IoSlice::new(&header[..]);
+        self.limiter.take(
+            RAM_PACKET_HEADER_SIZE as u64 + u64::from(payload),
+            self.abort,
+        );
+        self.conn
+            .writev_all(&mut iovs)
+            .map_err(|e| Error::io(format!("multifd channel {}: writing a packet", self.id), e))?;
+        let p = self.progress;
+        p.add(&p.bytes, RAM_PACKET_HEADER_SIZE as u64 + u64::from(payload));
+        p.add(&p.normal_pages, normal as u64);
+        p.add(&p.zero_pages, (offsets.len() - normal) as u64);
         Ok(())
     }
 
