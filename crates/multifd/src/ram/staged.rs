@@ -83,9 +83,7 @@ impl Staging {
                 continue;
             }
             let mut j = i + 1;
-            while j < offsets.len()
-                && offsets[j] == offsets[j - 1] + PAGE_SIZE_U64
-                && !bit(skip, j)
+            while j < offsets.len() && offsets[j] == offsets[j - 1] + PAGE_SIZE_U64 && !bit(skip, j)
             {
                 j += 1;
             }
@@ -218,7 +216,11 @@ mod tests {
         let mut batch = PageBatch::new(&anon, 1);
         batch.push(0).unwrap();
         assert!(!Staging::applies(&batch));
-        assert!(Staging::default().read(&batch, true, &mut Vec::new()).is_none());
+        assert!(
+            Staging::default()
+                .read(&batch, true, &mut Vec::new())
+                .is_none()
+        );
     }
 
     #[test]

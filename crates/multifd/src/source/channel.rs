@@ -128,7 +128,9 @@ impl ChannelWorker<'_, '_> {
     ) -> Result<()> {
         let normal = staging
             .read(batch, detect, offsets)
-            .ok_or(Error::Internal("a staged batch of a block without its file"))?
+            .ok_or(Error::Internal(
+                "a staged batch of a block without its file",
+            ))?
             .map_err(|e| Error::io(format!("multifd channel {}: reading guest RAM", self.id), e))?;
         let mut iovs: Vec<IoSlice<'_>> = Vec::with_capacity(normal + 1);
         iovs.push(IoSlice::new(&[]));
