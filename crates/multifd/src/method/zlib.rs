@@ -8,7 +8,10 @@
 use flate2::{Compress, Compression as Level, Decompress, FlushCompress, FlushDecompress, Status};
 use multifd_wire::packet::{Compression, MAX_COMPRESSED_PAYLOAD, RamPacketHeader};
 
-use super::{RecvMethod, SendMethod, compression_failed, corrupt, gather, read_payload, scatter};
+use super::{
+    DataPages, RecvMethod, SendMethod, compression_failed, compressor_input, corrupt, read_payload,
+    scatter,
+};
 use crate::error::{Error, Result};
 use crate::ram::PageList;
 use crate::transport::{Connection, IoSlice};
@@ -36,24 +39,33 @@ impl SendMethod for ZlibSend {
 
     fn prepare<'a>(
         &'a mut self,
-        pages: PageList<'a, '_>,
+        pages: DataPages<'a, '_>,
         iovs: &mut Vec<IoSlice<'a>>,
     ) -> Result<u32> {
-        gather(pages, &mut self.input);
         self.out.clear();
-        let start = self.z.total_in();
-        loop {
-            if self.out.capacity() - self.out.len() < 64 * 1024 {
-                self.out.reserve(64 * 1024);
-            }
-            let consumed = (self.z.total_in() - start) as usize;
-            self.z
-                .compress_vec(&self.input[consumed..], &mut self.out, FlushCompress::Sync)
-                .map_err(|e| compression_failed("zlib", e))?;
-            let all_in = (self.z.total_in() - start) as usize == self.input.len();
-            // The sync flush is complete once it did not fill the output.
-            if all_in && self.out.len() < self.out.capacity() {
-                break;
+        let mut input = compressor_input(pages, &mut self.input).peekable();
+        while let Some(chunk) = input.next() {
+            // The packet's last input ends with the sync flush.
+            let flush = if input.peek().is_some() {
+                FlushCompress::None
+            } else {
+                FlushCompress::Sync
+            };
+            let start = self.z.total_in();
+            loop {
+                if self.out.capacity() - self.out.len() < 64 * 1024 {
+                    self.out.reserve(64 * 1024);
+                }
+                let consumed = (self.z.total_in() - start) as usize;
+                self.z
+                    .compress_vec(&chunk[consumed..], &mut self.out, flush)
+                    .map_err(|e| compression_failed("zlib", e))?;
+                let all_in = (self.z.total_in() - start) as usize == chunk.len();
+                // All is in (and a sync flush complete) once the output
+                // was not filled.
+                if all_in && self.out.len() < self.out.capacity() {
+                    break;
+                }
             }
         }
         if self.out.len() > MAX_COMPRESSED_PAYLOAD as usize {

@@ -5,7 +5,10 @@
 use multifd_wire::packet::{Compression, MAX_COMPRESSED_PAYLOAD, RamPacketHeader};
 use zstd::stream::raw::{DParameter, Decoder, Encoder, InBuffer, Operation, OutBuffer};
 
-use super::{RecvMethod, SendMethod, compression_failed, corrupt, gather, read_payload, scatter};
+use super::{
+    DataPages, RecvMethod, SendMethod, compression_failed, compressor_input, corrupt, read_payload,
+    scatter,
+};
 use crate::error::{Error, Result};
 use crate::ram::PageList;
 use crate::transport::{Connection, IoSlice};
@@ -38,17 +41,18 @@ impl SendMethod for ZstdSend {
 
     fn prepare<'a>(
         &'a mut self,
-        pages: PageList<'a, '_>,
+        pages: DataPages<'a, '_>,
         iovs: &mut Vec<IoSlice<'a>>,
     ) -> Result<u32> {
-        gather(pages, &mut self.input);
         let fail = |e: std::io::Error| compression_failed("zstd", e);
         let mut out = OutBuffer::around(&mut self.out[..]);
-        let mut input = InBuffer::around(&self.input[..]);
-        while input.pos() < self.input.len() {
-            self.z.run(&mut input, &mut out).map_err(fail)?;
-            if out.pos() == out.capacity() {
-                return Err(too_big());
+        for chunk in compressor_input(pages, &mut self.input) {
+            let mut input = InBuffer::around(chunk);
+            while input.pos() < chunk.len() {
+                self.z.run(&mut input, &mut out).map_err(fail)?;
+                if out.pos() == out.capacity() {
+                    return Err(too_big());
+                }
             }
         }
         while self.z.flush(&mut out).map_err(fail)? != 0 {

@@ -45,21 +45,14 @@ impl std::fmt::Debug for Staging {
 }
 
 impl Staging {
-    /// Whether `batch` can be read through its block's file: the block is
-    /// a shared mapping of a file this crate opened, backed by 4 KiB pages.
-    pub(crate) fn applies(batch: &PageBatch<'_>) -> bool {
-        let block = batch.block();
-        block.page_size() == PAGE_SIZE_U64 && block.own_shared_file().is_some()
-    }
-
     /// Reads the batch's pages through the block's file (one `preadv` per
     /// run of consecutive offsets), except those known to be zero when
     /// `detect` is set, then sorts them as
     /// [`PageBatch::zero_pages_last`] does: fills `out` with the offsets,
     /// data pages first, and returns how many data pages lead it. With
     /// `detect` false every page is data. The data pages' bytes are then
-    /// [`Staging::data_slices`]. `None` when the batch does not
-    /// [apply](Staging::applies).
+    /// [`Staging::data_pages`]. `None` (nothing read) unless the block is
+    /// a shared mapping of a file this crate opened, backed by 4 KiB pages.
     pub(crate) fn read(
         &mut self,
         batch: &PageBatch<'_>,
@@ -111,6 +104,11 @@ impl Staging {
         }
         out[back..].reverse();
         Some(Ok(self.data.len()))
+    }
+
+    /// Number of data pages of the last [`Staging::read`].
+    pub(crate) fn data_len(&self) -> usize {
+        self.data.len()
     }
 
     /// The data pages of the last [`Staging::read`], in order.
@@ -170,7 +168,6 @@ mod tests {
             batch.push(p * P).unwrap();
         }
         batch.push_known_zero(6 * P).unwrap();
-        assert!(Staging::applies(&batch));
         let mut staging = Staging::default();
         let mut out = Vec::new();
         let normal = staging.read(&batch, true, &mut out).unwrap().unwrap();
@@ -215,7 +212,6 @@ mod tests {
         let anon = RamBlock::anonymous("m0", 4 * P).unwrap();
         let mut batch = PageBatch::new(&anon, 1);
         batch.push(0).unwrap();
-        assert!(!Staging::applies(&batch));
         assert!(
             Staging::default()
                 .read(&batch, true, &mut Vec::new())

@@ -12,7 +12,7 @@ use super::rate_limit::RateLimiter;
 use crate::config::ZeroPageDetection;
 use crate::error::{Endpoint, Error, Result};
 use crate::lifecycle::Abort;
-use crate::method::SendMethod;
+use crate::method::{DataPages, SendMethod};
 use crate::ram::{PageBatch, Staging};
 use crate::stats::Progress;
 use crate::transport::{Connection, IoSlice};
@@ -63,19 +63,28 @@ impl ChannelWorker<'_, '_> {
         offsets: &mut Vec<u64>,
         staging: &mut Staging,
     ) -> Result<()> {
-        let detect = self.zero_pages == ZeroPageDetection::Multifd;
-        let compression = self.method.compression();
-        if compression == multifd_wire::packet::Compression::None && Staging::applies(batch) {
-            return self.send_staged(batch, header, offsets, staging, detect);
-        }
-        let pages = batch.as_list();
         // Zero-page detection on this thread: data pages first, zero pages
         // after them (QEMU's multifd_send_zero_page_detect()). Pages the
-        // driver found in holes of the block's file are neither mapped nor
-        // scanned.
-        batch.populate_read(detect);
-        let (sorted, normal) = batch.zero_pages_last(detect, offsets);
-        let (data, _) = sorted.split_at(normal);
+        // driver found in holes of the block's file are neither read nor
+        // scanned. A block that is a shared mapping of a file of 4 KiB
+        // pages is read through the file into the channel's own buffer
+        // (see `Staging`), anything else through its mapping.
+        let detect = self.zero_pages == ZeroPageDetection::Multifd;
+        let compression = self.method.compression();
+        let (sorted, normal, data) = match staging.read(batch, detect, offsets) {
+            Some(read) => {
+                let normal = read.map_err(|e| {
+                    Error::io(format!("multifd channel {}: reading guest RAM", self.id), e)
+                })?;
+                (&offsets[..], normal, DataPages::Own(staging))
+            }
+            None => {
+                batch.populate_read(detect);
+                let (sorted, normal) = batch.zero_pages_last(detect, offsets);
+                let (data, _) = sorted.split_at(normal);
+                (sorted.offsets(), normal, DataPages::Guest(data))
+            }
+        };
         let mut iovs: Vec<IoSlice<'_>> = Vec::with_capacity(normal + 1);
         iovs.push(IoSlice::new(&[]));
         // A packet of zero pages only has no payload (QEMU skips the method
@@ -90,8 +99,8 @@ impl ChannelWorker<'_, '_> {
             compression,
             sync: false,
             packet_num: self.packet_num.fetch_add(1, Ordering::Relaxed),
-            ramblock: pages.block().name(),
-            offsets: sorted.offsets(),
+            ramblock: batch.block().name(),
+            offsets: sorted,
             normal_pages: normal,
             next_packet_size: payload,
         }
@@ -112,56 +121,6 @@ impl ChannelWorker<'_, '_> {
         p.add(&p.bytes, RAM_PACKET_HEADER_SIZE as u64 + u64::from(payload));
         p.add(&p.normal_pages, normal as u64);
         p.add(&p.zero_pages, (sorted.len() - normal) as u64);
-        Ok(())
-    }
-
-    /// [`ChannelWorker::send_pages`] without compression for a block that
-    /// is a shared mapping of a file: the pages are read through the file
-    /// into `staging` and sent from there (see [`Staging`]).
-    fn send_staged(
-        &mut self,
-        batch: &PageBatch<'_>,
-        header: &mut Header,
-        offsets: &mut Vec<u64>,
-        staging: &mut Staging,
-        detect: bool,
-    ) -> Result<()> {
-        let normal = staging
-            .read(batch, detect, offsets)
-            .ok_or(Error::Internal(
-                "a staged batch of a block without its file",
-            ))?
-            .map_err(|e| Error::io(format!("multifd channel {}: reading guest RAM", self.id), e))?;
-        let mut iovs: Vec<IoSlice<'_>> = Vec::with_capacity(normal + 1);
-        iovs.push(IoSlice::new(&[]));
-        iovs.extend(staging.data_slices());
-        let payload = (normal * multifd_wire::PAGE_SIZE) as u32;
-        RamPacketEncoder {
-            compression: multifd_wire::packet::Compression::None,
-            sync: false,
-            packet_num: self.packet_num.fetch_add(1, Ordering::Relaxed),
-            ramblock: batch.block().name(),
-            offsets,
-            normal_pages: normal,
-            next_packet_size: payload,
-        }
-        .encode(header)
-        .map_err(|source| Error::Encode {
-            endpoint: Endpoint::Channel(self.id),
-            source,
-        })?;
-        iovs[0] = IoSlice::new(&header[..]);
-        self.limiter.take(
-            RAM_PACKET_HEADER_SIZE as u64 + u64::from(payload),
-            self.abort,
-        );
-        self.conn
-            .writev_all(&mut iovs)
-            .map_err(|e| Error::io(format!("multifd channel {}: writing a packet", self.id), e))?;
-        let p = self.progress;
-        p.add(&p.bytes, RAM_PACKET_HEADER_SIZE as u64 + u64::from(payload));
-        p.add(&p.normal_pages, normal as u64);
-        p.add(&p.zero_pages, (offsets.len() - normal) as u64);
         Ok(())
     }
 
