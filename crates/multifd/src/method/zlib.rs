@@ -133,11 +133,16 @@ impl RecvMethod for ZlibRecv {
             pos += used;
             filled += made;
         }
-        // The sync flush's empty stored block may still be unread.
-        while pos < self.payload.len() {
+        // The sync flush's empty stored block may still be unread, and the
+        // decoder may hold the rest of a match beyond the pages even with
+        // all input read: one more call, with room to spare, finds either.
+        loop {
             let (used, made) = self.inflate(pos, 0, true)?;
             if made != 0 {
                 return Err(self.corrupt("more data than the packet's pages"));
+            }
+            if pos + used == self.payload.len() {
+                break;
             }
             if used == 0 {
                 return Err(self.corrupt(format!(

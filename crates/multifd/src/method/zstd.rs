@@ -115,15 +115,20 @@ impl RecvMethod for ZstdRecv {
             }
             done += len;
         }
-        // A flush may leave block framing after the last page's bytes.
+        // A flush may leave block framing after the last page's bytes, and
+        // the decoder may hold decoded bytes beyond the pages even with all
+        // input read: one more call, with room to spare, finds either.
         let mut spare = [0u8; 64];
-        while pos < payload.len() {
+        loop {
             let (before, mut made) = (pos, 0);
             self.z
                 .decompress(payload, &mut pos, &mut spare, &mut made)
                 .map_err(|e| bad(e.to_owned()))?;
             if made != 0 {
                 return Err(bad("more data than the packet's pages".into()));
+            }
+            if pos == payload.len() {
+                break;
             }
             if pos == before {
                 return Err(bad(format!(
