@@ -167,6 +167,19 @@ fn load_into(
         compression,
         ..MethodConfig::default()
     };
+    let mut recv = new_recv(&cfg, 1).unwrap();
+    load_with(&mut *recv, compression, dst, pages, payload)
+}
+
+/// Loads `payload` as the next packet of `recv` for the pages `pages`
+/// (indices) of `dst`.
+fn load_with(
+    recv: &mut dyn RecvMethod,
+    compression: Compression,
+    dst: &RamBlock,
+    pages: &[u64],
+    payload: &[u8],
+) -> crate::error::Result<()> {
     let offsets: Vec<u64> = pages.iter().map(|p| p * 4096).collect();
     let (a, b) = UnixStream::pair().unwrap();
     let mut tx = crate::transport::Connection::from_unix_for_tests(a);
@@ -185,7 +198,6 @@ fn load_into(
     .encode(&mut hdr)
     .unwrap();
     let h = RamPacketHeader::decode(&hdr).unwrap();
-    let mut recv = new_recv(&cfg, 1).unwrap();
     recv.load(&h, dst.page_list(h.normal()).unwrap(), &mut rx)
 }
 
@@ -244,5 +256,35 @@ fn a_bad_payload_errors_without_touching_other_pages() {
             );
         }
         assert_eq!(dst.received_pages(), 3, "{compression}");
+    }
+}
+
+#[test]
+fn runs_of_zero_only_packets_load() {
+    // A packet of zero pages only has an empty payload (QEMU sends such
+    // runs, before the first data packet too); none may upset the stream.
+    let src = RamBlock::anonymous("m0", 8 * 4096).unwrap();
+    fill(&src, 9);
+    for compression in [Compression::Zstd, Compression::Zlib] {
+        let cfg = MethodConfig {
+            compression,
+            ..MethodConfig::default()
+        };
+        let good = payload_of(compression, &src, &[1, 2]);
+        let dst = RamBlock::anonymous("m0", 8 * 4096).unwrap();
+        let mut recv = new_recv(&cfg, 1).unwrap();
+        for _ in 0..40 {
+            load_with(&mut *recv, compression, &dst, &[], &[]).unwrap();
+        }
+        load_with(&mut *recv, compression, &dst, &[1, 2], &good).unwrap();
+        for _ in 0..40 {
+            load_with(&mut *recv, compression, &dst, &[], &[]).unwrap();
+        }
+        for p in [1u64, 2] {
+            let (mut x, mut y) = ([0u8; PAGE_SIZE], [0u8; PAGE_SIZE]);
+            src.read_page(p * 4096, &mut x).unwrap();
+            dst.read_page(p * 4096, &mut y).unwrap();
+            assert!(x == y, "{compression}: page {p}");
+        }
     }
 }

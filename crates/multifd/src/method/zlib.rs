@@ -166,7 +166,8 @@ impl RecvMethod for ZlibRecv {
         conn: &mut Connection,
     ) -> Result<()> {
         read_payload(conn, self.channel, hdr.next_packet_size, &mut self.payload)?;
-        let mut pos = if self.header_read {
+        // A packet of zero pages only has an empty payload, even first.
+        let mut pos = if self.header_read || self.payload.is_empty() {
             0
         } else {
             self.read_header()?

@@ -117,9 +117,12 @@ impl RecvMethod for ZstdRecv {
         }
         // A flush may leave block framing after the last page's bytes, and
         // the decoder may hold decoded bytes beyond the pages even with all
-        // input read: one more call, with room to spare, finds either.
+        // input read: one more call, with room to spare, finds either. An
+        // empty payload (a packet of zero pages only) has nothing to check,
+        // and calling would count towards libzstd's limit on calls without
+        // progress.
         let mut spare = [0u8; 64];
-        loop {
+        while !payload.is_empty() {
             let (before, mut made) = (pos, 0);
             self.z
                 .decompress(payload, &mut pos, &mut spare, &mut made)
