@@ -244,9 +244,9 @@ impl PageDecompressor {
 
     /// Decompresses from `input[*in_pos..]` straight into the guest pages
     /// of `run`, from byte `*filled` of the run on, advancing both. Stops
-    /// when the run is full or the input gives no more. Fails on a
-    /// read-only block (`Err(Err(_))`) or a corrupt stream (libzstd's
-    /// error, `Err(Ok(_))` in the outer result's `Ok`).
+    /// when the run is full or the input gives no more. A read-only block
+    /// is an `Err`; a stream libzstd rejects is `Ok(Err(its error's
+    /// name))`.
     pub(crate) fn decompress_into_run(
         &mut self,
         input: &[u8],
