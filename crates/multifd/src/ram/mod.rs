@@ -20,12 +20,14 @@ mod page;
 mod received;
 mod write_tracker;
 mod zero;
+mod zstd_pages;
 
 pub use block::{Access, RamBlock};
 pub(crate) use block::{data_ranges, is_tmpfs, min_hole, physical_memory, punch, reserve_range};
 pub(crate) use holes::Holes;
 pub(crate) use page::{PageBatch, PageList};
 pub use write_tracker::{WriteTracker, WriteTrackerError};
+pub(crate) use zstd_pages::{PageCompressor, PageDecompressor};
 
 use crate::error::{Error, Result};
 use multifd_wire::stream::RamBlockInfo;
