@@ -243,7 +243,7 @@ pub fn raw_send(a: RawArgs) -> Result<()> {
                     let mut c = Connection::connect(uri, Duration::from_secs(5), None)?;
                     c.write_all(&[off.to_be_bytes(), len.to_be_bytes()].concat())?;
                     if through_file {
-                        return blast_through_file(&mut c, &file, (off, len), (roff, rlen));
+                        return blast_through_file(&mut c, file, (off, len), (roff, rlen));
                     }
                     let chunks = len.div_ceil(CHUNK).max(1);
                     let mut read_to = roff;

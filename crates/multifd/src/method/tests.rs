@@ -161,3 +161,161 @@ fn corrupt_zlib_payload_is_a_typed_error() {
     let err = recv.load(&h, pages, &mut rx).unwrap_err();
     assert!(matches!(err, crate::error::Error::Corrupt { .. }), "{err}");
 }
+
+/// The payload `compression` makes of the source pages `pages` (indices)
+/// as the first packet of a channel.
+fn payload_of(compression: Compression, src: &RamBlock, pages: &[u64]) -> Vec<u8> {
+    let cfg = MethodConfig {
+        compression,
+        ..MethodConfig::default()
+    };
+    let offsets: Vec<u64> = pages.iter().map(|p| p * 4096).collect();
+    let (a, mut b) = UnixStream::pair().unwrap();
+    let mut tx = crate::transport::Connection::from_unix_for_tests(a);
+    let mut send = new_send(&cfg).unwrap();
+    let mut iovs = Vec::new();
+    let n = send
+        .prepare(
+            DataPages::Guest(src.page_list(&offsets).unwrap()),
+            &mut iovs,
+        )
+        .unwrap();
+    tx.writev_all(&mut iovs).unwrap();
+    let mut out = vec![0u8; n as usize];
+    std::io::Read::read_exact(&mut b, &mut out).unwrap();
+    out
+}
+
+/// Loads `payload` as the first packet of a channel for the pages `pages`
+/// (indices) of `dst`.
+fn load_into(
+    compression: Compression,
+    dst: &RamBlock,
+    pages: &[u64],
+    payload: &[u8],
+) -> crate::error::Result<()> {
+    let cfg = MethodConfig {
+        compression,
+        ..MethodConfig::default()
+    };
+    let mut recv = new_recv(&cfg, 1).unwrap();
+    load_with(&mut *recv, compression, dst, pages, payload)
+}
+
+/// Loads `payload` as the next packet of `recv` for the pages `pages`
+/// (indices) of `dst`.
+fn load_with(
+    recv: &mut dyn RecvMethod,
+    compression: Compression,
+    dst: &RamBlock,
+    pages: &[u64],
+    payload: &[u8],
+) -> crate::error::Result<()> {
+    let offsets: Vec<u64> = pages.iter().map(|p| p * 4096).collect();
+    let (a, b) = UnixStream::pair().unwrap();
+    let mut tx = crate::transport::Connection::from_unix_for_tests(a);
+    let mut rx = crate::transport::Connection::from_unix_for_tests(b);
+    std::io::Write::write_all(&mut tx, payload).unwrap();
+    let mut hdr = [0u8; RAM_PACKET_HEADER_SIZE];
+    RamPacketEncoder {
+        compression,
+        sync: false,
+        packet_num: 0,
+        ramblock: "m0",
+        offsets: &offsets,
+        normal_pages: offsets.len(),
+        next_packet_size: payload.len() as u32,
+    }
+    .encode(&mut hdr)
+    .unwrap();
+    let h = RamPacketHeader::decode(&hdr).unwrap();
+    recv.load(&h, dst.page_list(h.normal()).unwrap(), &mut rx)
+}
+
+#[test]
+fn a_bad_payload_errors_without_touching_other_pages() {
+    // The packet's pages are 2, 3 (a run) and 6 of a block of 8 whose
+    // other pages hold a sentinel; whatever the payload, they keep it and
+    // no page of the packet is marked received.
+    let src = RamBlock::anonymous("m0", 8 * 4096).unwrap();
+    fill(&src, 5);
+    let packet = [2u64, 3, 6];
+    for compression in [Compression::Zstd, Compression::Zlib] {
+        let good = payload_of(compression, &src, &packet);
+        let longer = payload_of(compression, &src, &[0, 1, 2, 4, 5, 7]);
+        let mut flipped = good.clone();
+        let mid = flipped.len() / 2;
+        flipped[mid..].iter_mut().for_each(|b| *b ^= 0x5a);
+        let cases: [(&str, Vec<u8>); 4] = [
+            ("short", good[..good.len() / 2].to_vec()),
+            ("garbage", vec![0x55; 300]),
+            ("corrupt", flipped),
+            ("more pages than the packet", longer),
+        ];
+        for (what, payload) in cases {
+            let dst = RamBlock::anonymous("m0", 8 * 4096).unwrap();
+            for p in [0u64, 1, 4, 5, 7] {
+                dst.write_page(p * 4096, &[0xa5; PAGE_SIZE]).unwrap();
+            }
+            let err = load_into(compression, &dst, &packet, &payload)
+                .expect_err(&format!("{compression} {what}"));
+            assert!(
+                matches!(err, crate::error::Error::Corrupt { .. }),
+                "{compression} {what}: {err}"
+            );
+            for p in [0u64, 1, 4, 5, 7] {
+                let mut page = [0u8; PAGE_SIZE];
+                dst.read_page(p * 4096, &mut page).unwrap();
+                assert!(
+                    page == [0xa5; PAGE_SIZE],
+                    "{compression} {what}: page {p} written"
+                );
+            }
+            assert_eq!(dst.received_pages(), 5, "{compression} {what}");
+        }
+        // The good payload still loads, into exactly its pages.
+        let dst = RamBlock::anonymous("m0", 8 * 4096).unwrap();
+        load_into(compression, &dst, &packet, &good).unwrap();
+        for p in 0..8u64 {
+            let (mut x, mut y) = ([0u8; PAGE_SIZE], [0u8; PAGE_SIZE]);
+            src.read_page(p * 4096, &mut x).unwrap();
+            dst.read_page(p * 4096, &mut y).unwrap();
+            assert_eq!(
+                x == y,
+                packet.contains(&p) || x == [0; PAGE_SIZE],
+                "page {p}"
+            );
+        }
+        assert_eq!(dst.received_pages(), 3, "{compression}");
+    }
+}
+
+#[test]
+fn runs_of_zero_only_packets_load() {
+    // A packet of zero pages only has an empty payload (QEMU sends such
+    // runs, before the first data packet too); none may upset the stream.
+    let src = RamBlock::anonymous("m0", 8 * 4096).unwrap();
+    fill(&src, 9);
+    for compression in [Compression::Zstd, Compression::Zlib] {
+        let cfg = MethodConfig {
+            compression,
+            ..MethodConfig::default()
+        };
+        let good = payload_of(compression, &src, &[1, 2]);
+        let dst = RamBlock::anonymous("m0", 8 * 4096).unwrap();
+        let mut recv = new_recv(&cfg, 1).unwrap();
+        for _ in 0..40 {
+            load_with(&mut *recv, compression, &dst, &[], &[]).unwrap();
+        }
+        load_with(&mut *recv, compression, &dst, &[1, 2], &good).unwrap();
+        for _ in 0..40 {
+            load_with(&mut *recv, compression, &dst, &[], &[]).unwrap();
+        }
+        for p in [1u64, 2] {
+            let (mut x, mut y) = ([0u8; PAGE_SIZE], [0u8; PAGE_SIZE]);
+            src.read_page(p * 4096, &mut x).unwrap();
+            dst.read_page(p * 4096, &mut y).unwrap();
+            assert!(x == y, "{compression}: page {p}");
+        }
+    }
+}

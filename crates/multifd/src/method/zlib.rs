@@ -2,10 +2,19 @@
 //! header, never finished) per channel for the whole migration; the pages of
 //! a packet are fed without flushing and the packet ends with a sync flush,
 //! so its payload ends in `00 00 ff ff` and decodes given the packets
-//! before it. Feeding the packet's pages in one call or page by page gives
-//! the same stream.
+//! before it. The sender feeds a packet's pages in one call, or page by page
+//! when they were read through the RAM file (QEMU feeds
+//! them one by one); how the input was cut does not matter to a receiver.
+//!
+//! The stream is never finished, so its Adler-32 trailer is never written
+//! nor checked: both ends run a raw deflate stream and handle the 2-byte
+//! zlib header themselves (the sender puts the header a zlib stream of its
+//! level starts with before its first packet, the receiver checks and skips
+//! it), so neither computes a checksum nobody reads. The bytes on the wire
+//! are those of a zlib stream, unchanged.
 
 use flate2::{Compress, Compression as Level, Decompress, FlushCompress, FlushDecompress, Status};
+use multifd_wire::PAGE_SIZE;
 use multifd_wire::packet::{Compression, MAX_COMPRESSED_PAYLOAD, RamPacketHeader};
 
 use super::{
@@ -17,15 +26,28 @@ use crate::ram::PageList;
 use crate::transport::{Connection, IoSlice};
 
 pub(super) struct ZlibSend {
+    /// Raw deflate: the zlib stream without its header and checksum.
     z: Compress,
+    /// The zlib header, until the first packet carries it.
+    header: Option<[u8; 2]>,
     input: Vec<u8>,
     out: Vec<u8>,
+}
+
+/// The 2-byte header a zlib stream compressing at `level` starts with.
+fn zlib_header(level: u32) -> [u8; 2] {
+    let mut z = Compress::new(Level::new(level), true);
+    let mut out = Vec::with_capacity(64);
+    z.compress_vec(&[], &mut out, FlushCompress::Sync)
+        .expect("flushing an empty zlib stream");
+    [out[0], out[1]]
 }
 
 impl ZlibSend {
     pub(super) fn new(level: u32) -> Self {
         Self {
-            z: Compress::new(Level::new(level), true),
+            z: Compress::new(Level::new(level), false),
+            header: Some(zlib_header(level)),
             input: Vec::new(),
             out: Vec::with_capacity(MAX_COMPRESSED_PAYLOAD as usize),
         }
@@ -43,6 +65,9 @@ impl SendMethod for ZlibSend {
         iovs: &mut Vec<IoSlice<'a>>,
     ) -> Result<u32> {
         self.out.clear();
+        if let Some(header) = self.header.take() {
+            self.out.extend_from_slice(&header);
+        }
         let mut input = compressor_input(pages, &mut self.input).peekable();
         while let Some(chunk) = input.next() {
             // The packet's last input ends with the sync flush.
@@ -81,7 +106,11 @@ impl SendMethod for ZlibSend {
 
 pub(super) struct ZlibRecv {
     channel: u8,
+    /// Raw inflate: the zlib stream after its header, checksum unchecked
+    /// (the stream never ends, so its trailer never comes).
     z: Decompress,
+    /// Whether the zlib header (at the start of the first packet) was read.
+    header_read: bool,
     payload: Vec<u8>,
     pages: Vec<u8>,
 }
@@ -90,10 +119,29 @@ impl ZlibRecv {
     pub(super) fn new(channel: u8) -> Self {
         Self {
             channel,
-            z: Decompress::new(true),
+            z: Decompress::new(false),
+            header_read: false,
             payload: Vec::new(),
             pages: Vec::new(),
         }
+    }
+
+    /// Checks the zlib header at the start of the payload (RFC 1950:
+    /// deflate, a window of at most 32 KiB, no preset dictionary, check
+    /// bits right); returns its length.
+    fn read_header(&mut self) -> Result<usize> {
+        let [cmf, flg, ..] = self.payload[..] else {
+            return Err(self.corrupt("first packet shorter than a zlib header"));
+        };
+        let ok = cmf & 0x0f == 8
+            && cmf >> 4 <= 7
+            && flg & 0x20 == 0
+            && (u16::from(cmf) << 8 | u16::from(flg)) % 31 == 0;
+        if !ok {
+            return Err(self.corrupt(format!("not a zlib header: {cmf:02x} {flg:02x}")));
+        }
+        self.header_read = true;
+        Ok(2)
     }
 
     fn corrupt(&self, reason: impl Into<String>) -> Error {
@@ -131,8 +179,14 @@ impl RecvMethod for ZlibRecv {
         conn: &mut Connection,
     ) -> Result<()> {
         read_payload(conn, self.channel, hdr.next_packet_size, &mut self.payload)?;
-        self.pages.resize(pages.len() * multifd_wire::PAGE_SIZE, 0);
-        let (mut pos, mut filled) = (0, 0);
+        // A packet of zero pages only has an empty payload, even first.
+        let mut pos = if self.header_read || self.payload.is_empty() {
+            0
+        } else {
+            self.read_header()?
+        };
+        self.pages.resize(pages.len() * PAGE_SIZE, 0);
+        let mut filled = 0;
         while filled < self.pages.len() {
             let (used, made) = self.inflate(pos, filled, false)?;
             if used == 0 && made == 0 {
@@ -145,11 +199,16 @@ impl RecvMethod for ZlibRecv {
             pos += used;
             filled += made;
         }
-        // The sync flush's empty stored block may still be unread.
-        while pos < self.payload.len() {
+        // The sync flush's empty stored block may still be unread, and the
+        // decoder may hold the rest of a match beyond the pages even with
+        // all input read: one more call, with room to spare, finds either.
+        loop {
             let (used, made) = self.inflate(pos, 0, true)?;
             if made != 0 {
                 return Err(self.corrupt("more data than the packet's pages"));
+            }
+            if pos + used == self.payload.len() {
+                break;
             }
             if used == 0 {
                 return Err(self.corrupt(format!(
@@ -161,5 +220,69 @@ impl RecvMethod for ZlibRecv {
             pos += used;
         }
         scatter(pages, &self.pages)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Read;
+    use std::os::unix::net::UnixStream;
+
+    use multifd_wire::PAGE_SIZE;
+
+    use super::*;
+    use crate::ram::RamBlock;
+    use crate::transport::Connection;
+
+    #[test]
+    fn payloads_are_those_of_a_zlib_stream() {
+        // Header plus raw deflate must give, packet by packet, the bytes a
+        // zlib stream with a sync flush per packet gives.
+        let block = RamBlock::anonymous("m0", 40 * PAGE_SIZE as u64).unwrap();
+        for p in 0..40u64 {
+            let mut page = [0u8; PAGE_SIZE];
+            for (i, b) in page.iter_mut().enumerate() {
+                *b = ((i as u64 * 2_654_435_761 + p * 97) >> (7 + p % 3)) as u8;
+            }
+            block.write_page(p * PAGE_SIZE as u64, &page).unwrap();
+        }
+        let (a, mut b) = UnixStream::pair().unwrap();
+        let mut tx = Connection::from_unix_for_tests(a);
+        let mut send = ZlibSend::new(1);
+        let mut zlib = Compress::new(Level::new(1), true);
+        let long: Vec<u64> = (3..40).collect();
+        for packet in [&[0u64, 1, 2][..], &long, &[7, 5, 6]] {
+            let offsets: Vec<u64> = packet.iter().map(|p| p * PAGE_SIZE as u64).collect();
+            let pages = block.page_list(&offsets).unwrap();
+            let mut iovs = Vec::new();
+            let n = send.prepare(DataPages::Guest(pages), &mut iovs).unwrap() as usize;
+            tx.writev_all(&mut iovs).unwrap();
+            let mut got = vec![0u8; n];
+            b.read_exact(&mut got).unwrap();
+
+            let mut input = vec![0u8; offsets.len() * PAGE_SIZE];
+            for (chunk, &off) in input.chunks_exact_mut(PAGE_SIZE).zip(&offsets) {
+                block.read_page(off, chunk.try_into().unwrap()).unwrap();
+            }
+            let mut want = Vec::with_capacity(1 << 20);
+            zlib.compress_vec(&input, &mut want, FlushCompress::Sync)
+                .unwrap();
+            assert_eq!(got, want, "packet {packet:?}");
+        }
+    }
+
+    #[test]
+    fn a_bad_zlib_header_is_corrupt() {
+        let mut recv = ZlibRecv::new(1);
+        for bad in [&[0x78u8][..], &[0x78, 0x02], &[0x79, 0x01], &[0x78, 0x20]] {
+            recv.payload = bad.to_vec();
+            let err = recv.read_header().unwrap_err();
+            assert!(
+                matches!(err, Error::Corrupt { method: "zlib", .. }),
+                "{bad:02x?}: {err}"
+            );
+        }
+        recv.payload = vec![0x78, 0x01];
+        assert_eq!(recv.read_header().unwrap(), 2);
     }
 }

@@ -2,20 +2,19 @@
 //! never ended; the pages of a packet are fed with "continue" and the packet
 //! ends with a flush, so a packet decodes given the packets before it.
 
+use multifd_wire::PAGE_SIZE;
 use multifd_wire::packet::{Compression, MAX_COMPRESSED_PAYLOAD, RamPacketHeader};
-use zstd::stream::raw::{DParameter, Decoder, Encoder, InBuffer, Operation, OutBuffer};
 
-use super::{
-    DataPages, RecvMethod, SendMethod, compression_failed, compressor_input, corrupt, read_payload,
-    scatter,
-};
+use super::{DataPages, RecvMethod, SendMethod, compression_failed, corrupt, read_payload};
 use crate::error::{Error, Result};
-use crate::ram::PageList;
+use crate::ram::{PageCompressor, PageDecompressor, PageList};
 use crate::transport::{Connection, IoSlice};
 
+/// The sending half: pages are compressed straight from guest RAM, one
+/// run of consecutive pages per call, as QEMU feeds its pages, or, when
+/// they were read through the RAM file, from the channel's buffer.
 pub(super) struct ZstdSend {
-    z: Encoder<'static>,
-    input: Vec<u8>,
+    z: PageCompressor,
     out: Vec<u8>,
 }
 
@@ -26,9 +25,8 @@ fn too_big() -> Error {
 impl ZstdSend {
     pub(super) fn new(level: i32) -> Result<Self> {
         Ok(Self {
-            z: Encoder::new(level)
+            z: PageCompressor::new(level)
                 .map_err(|e| Error::Config(format!("zstd level {level}: {e}")))?,
-            input: Vec::new(),
             out: vec![0; MAX_COMPRESSED_PAYLOAD as usize],
         })
     }
@@ -44,23 +42,30 @@ impl SendMethod for ZstdSend {
         pages: DataPages<'a, '_>,
         iovs: &mut Vec<IoSlice<'a>>,
     ) -> Result<u32> {
-        let fail = |e: std::io::Error| compression_failed("zstd", e);
-        let mut out = OutBuffer::around(&mut self.out[..]);
-        for chunk in compressor_input(pages, &mut self.input) {
-            let mut input = InBuffer::around(chunk);
-            while input.pos() < chunk.len() {
-                self.z.run(&mut input, &mut out).map_err(fail)?;
-                if out.pos() == out.capacity() {
-                    return Err(too_big());
+        let fail = |e: &str| compression_failed("zstd", e);
+        let mut len = 0;
+        let fits = |fed: std::result::Result<bool, &str>| -> Result<()> {
+            if fed.map_err(fail)? {
+                Ok(())
+            } else {
+                Err(too_big())
+            }
+        };
+        match pages {
+            DataPages::Guest(list) => {
+                for run in list.runs() {
+                    fits(self.z.compress_run(run, &mut self.out, &mut len))?;
+                }
+            }
+            DataPages::Own(staging) => {
+                for page in staging.data_pages() {
+                    fits(self.z.compress_bytes(page, &mut self.out, &mut len))?;
                 }
             }
         }
-        while self.z.flush(&mut out).map_err(fail)? != 0 {
-            if out.pos() == out.capacity() {
-                return Err(too_big());
-            }
+        if !self.z.flush(&mut self.out, &mut len).map_err(fail)? {
+            return Err(too_big());
         }
-        let len = out.pos();
         iovs.push(IoSlice::new(&self.out[..len]));
         Ok(len as u32)
     }
@@ -71,24 +76,22 @@ impl SendMethod for ZstdSend {
 /// (2^27) would let a frame header make a channel allocate 128 MiB.
 pub(super) const WINDOW_LOG_MAX: u32 = 25;
 
+/// The receiving half: a packet's payload is decompressed straight into
+/// its pages, one run of consecutive pages at a time.
 pub(super) struct ZstdRecv {
     channel: u8,
-    z: Decoder<'static>,
+    z: PageDecompressor,
     payload: Vec<u8>,
-    pages: Vec<u8>,
 }
 
 impl ZstdRecv {
     pub(super) fn new(channel: u8) -> Result<Self> {
-        let failed = |e: std::io::Error| compression_failed("zstd", format!("decoder: {e}"));
-        let mut z = Decoder::new().map_err(failed)?;
-        z.set_parameter(DParameter::WindowLogMax(WINDOW_LOG_MAX))
-            .map_err(failed)?;
+        let z = PageDecompressor::new(WINDOW_LOG_MAX)
+            .map_err(|e| compression_failed("zstd", format!("decoder: {e}")))?;
         Ok(Self {
             channel,
             z,
             payload: Vec::new(),
-            pages: Vec::new(),
         })
     }
 }
@@ -103,43 +106,56 @@ impl RecvMethod for ZstdRecv {
         let channel = self.channel;
         let bad = |reason: String| corrupt(channel, "zstd", reason);
         read_payload(conn, channel, hdr.next_packet_size, &mut self.payload)?;
-        self.pages.resize(pages.len() * multifd_wire::PAGE_SIZE, 0);
-        let mut input = InBuffer::around(&self.payload[..]);
-        let mut out = OutBuffer::around(&mut self.pages[..]);
-        while out.pos() < out.capacity() {
-            let before = (input.pos(), out.pos());
-            self.z
-                .run(&mut input, &mut out)
-                .map_err(|e| bad(e.to_string()))?;
-            if (input.pos(), out.pos()) == before {
-                return Err(bad(format!(
-                    "payload of {} bytes holds only {} of {} bytes of pages",
-                    hdr.next_packet_size,
-                    out.pos(),
-                    out.capacity()
-                )));
+        let payload = &self.payload[..];
+        let total = pages.len() * PAGE_SIZE;
+        let (mut pos, mut done) = (0, 0);
+        for run in pages.runs() {
+            let (len, mut filled) = (run.len() as usize, 0);
+            while filled < len {
+                let before = (pos, filled);
+                self.z
+                    .decompress_into_run(payload, &mut pos, run, &mut filled)?
+                    .map_err(|e| bad(e.to_owned()))?;
+                if (pos, filled) == before {
+                    return Err(bad(format!(
+                        "payload of {} bytes holds only {} of {total} bytes of pages",
+                        hdr.next_packet_size,
+                        done + filled,
+                    )));
+                }
             }
+            done += len;
         }
-        // A flush may leave block framing after the last page's bytes.
+        // A flush may leave block framing after the last page's bytes, and
+        // the decoder may hold decoded bytes beyond the pages even with all
+        // input read: one more call, with room to spare, finds either. An
+        // empty payload (a packet of zero pages only) has nothing to check,
+        // and calling would count towards libzstd's limit on calls without
+        // progress.
         let mut spare = [0u8; 64];
-        while input.pos() < self.payload.len() {
-            let before = input.pos();
-            let mut extra = OutBuffer::around(&mut spare[..]);
+        while !payload.is_empty() {
+            let (before, mut made) = (pos, 0);
             self.z
-                .run(&mut input, &mut extra)
-                .map_err(|e| bad(e.to_string()))?;
-            if extra.pos() != 0 {
+                .decompress(payload, &mut pos, &mut spare, &mut made)
+                .map_err(|e| bad(e.to_owned()))?;
+            if made != 0 {
                 return Err(bad("more data than the packet's pages".into()));
             }
-            if input.pos() == before {
+            if pos == payload.len() {
+                break;
+            }
+            if pos == before {
                 return Err(bad(format!(
                     "{} bytes left over after {} pages",
-                    self.payload.len() - before,
+                    payload.len() - before,
                     pages.len()
                 )));
             }
         }
-        scatter(pages, &self.pages)
+        for page in pages.iter() {
+            page.mark_received();
+        }
+        Ok(())
     }
 }
 
@@ -149,7 +165,7 @@ mod tests {
 
     use multifd_wire::PAGE_SIZE;
     use multifd_wire::packet::{RAM_PACKET_HEADER_SIZE, RamPacketEncoder};
-    use zstd::stream::raw::CParameter;
+    use zstd::stream::raw::{CParameter, Encoder, InBuffer, Operation, OutBuffer};
 
     use super::*;
     use crate::ram::RamBlock;

@@ -21,6 +21,7 @@ mod received;
 mod staged;
 mod write_tracker;
 mod zero;
+mod zstd_pages;
 
 pub use block::{Access, RamBlock};
 pub(crate) use block::{data_ranges, is_tmpfs, min_hole, physical_memory, punch, reserve_range};
@@ -28,6 +29,7 @@ pub(crate) use holes::Holes;
 pub(crate) use page::{PageBatch, PageList};
 pub(crate) use staged::Staging;
 pub use write_tracker::{WriteTracker, WriteTrackerError};
+pub(crate) use zstd_pages::{PageCompressor, PageDecompressor};
 
 use crate::error::{Error, Result};
 use multifd_wire::stream::RamBlockInfo;

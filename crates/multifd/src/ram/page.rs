@@ -397,10 +397,18 @@ impl<'b> PageRun<'b> {
         self.pages * PAGE_SIZE_U64
     }
 
-    fn ptr(&self) -> *mut u8 {
+    /// Raw pointer to the run's first byte; the run's `len()` bytes from
+    /// it are mapped while the block is borrowed ('b). Guest memory: never
+    /// to be turned into a reference.
+    pub(super) fn ptr(&self) -> *mut u8 {
         // SAFETY: the invariant makes `offset` a whole page inside the
         // block, which is `page_ptr`'s contract.
         unsafe { self.block.page_ptr(self.offset) }
+    }
+
+    /// Fails unless the run's block is mapped writable.
+    pub(super) fn check_writable(&self) -> Result<()> {
+        self.block.check_writable()
     }
 
     /// One vector over the whole run, for a positioned write of guest

@@ -46,7 +46,7 @@ impl ChannelWorker<'_, '_> {
         while let Some(job) = jobs.next() {
             match job {
                 Job::Pages(batch) => {
-                    self.send_pages(&batch, &mut header, &mut offsets, &mut staging)?
+                    self.send_pages(&batch, &mut header, &mut offsets, &mut staging)?;
                 }
                 Job::Sync => self.send_sync(&mut header)?,
             }
