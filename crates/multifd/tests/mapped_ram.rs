@@ -544,3 +544,103 @@ fn reads_over_short_holes_never_bring_their_bytes_into_ram() {
         }
     }
 }
+
+/// Gives the blocks as new RAM files in a directory (what `--ram` files
+/// that do not exist yet are): their pages are written through the files'
+/// descriptors, not through the mappings.
+struct Fresh(std::path::PathBuf);
+
+impl multifd::RamProvider for Fresh {
+    fn provide(&mut self, blocks: &[multifd::RamBlockInfo]) -> multifd::Result<GuestRam> {
+        let mut ram = GuestRam::new();
+        for b in blocks {
+            let path = self.0.join(format!("{}.ram", b.idstr));
+            ram.push(RamBlock::create_file(&b.idstr, &path, b.used_length)?)?;
+        }
+        Ok(ram)
+    }
+}
+
+/// Restoring into RAM files (written through their descriptors) gives
+/// the same bytes as restoring into anonymous memory (read into the
+/// mapping), with the saved file on the project's disk and on /dev/shm,
+/// with and without direct I/O: the files themselves hold the image, and
+/// absent pages are zero in them, also where the file held other bytes.
+#[test]
+fn restores_into_ram_files_match_the_mapped_path_on_disk_and_tmpfs() {
+    let pages = 6000;
+    let (ram, present) = runs_and_holes_ram(pages);
+    let n_present = present.iter().filter(|&&p| p).count() as u64;
+    let mut places = vec![tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap()];
+    if std::path::Path::new("/dev/shm").is_dir() {
+        places.push(tempfile::tempdir_in("/dev/shm").unwrap());
+    }
+    for dir in &places {
+        let uri = FileUri::new(dir.path().join("ram-files.mr"));
+        mapped_ram::save(
+            &uri,
+            &ram,
+            &mut StaticRam,
+            &opts(3),
+            &FileOptions::default(),
+            &Progress::default(),
+        )
+        .unwrap();
+        for direct_io in [false, true] {
+            let ropts = RestoreOptions {
+                channels: 2,
+                file: FileOptions {
+                    direct_io,
+                    ..FileOptions::default()
+                },
+                ..RestoreOptions::default()
+            };
+            let what = format!("{}, direct-io {direct_io}", dir.path().display());
+            let mapped = match mapped_ram::restore(&uri, &mut AnonRam, &ropts, &Progress::default())
+            {
+                Err(Error::DirectIoUnsupported { .. }) if direct_io => {
+                    eprintln!("skipped {what}: the file system refuses O_DIRECT");
+                    continue;
+                }
+                r => r.unwrap(),
+            };
+            assert_eq!(ram_diff(&ram, &mapped.ram), None, "{what}, mapped");
+            for stale in [false, true] {
+                let dest = tempfile::tempdir_in(dir.path()).unwrap();
+                let inc = if stale {
+                    mapped_ram::restore(
+                        &uri,
+                        &mut Stale(dest.path().to_owned()),
+                        &ropts,
+                        &Progress::default(),
+                    )
+                } else {
+                    mapped_ram::restore(
+                        &uri,
+                        &mut Fresh(dest.path().to_owned()),
+                        &ropts,
+                        &Progress::default(),
+                    )
+                }
+                .unwrap();
+                let what = format!("{what}, stale {stale}");
+                assert_eq!(ram_diff(&mapped.ram, &inc.ram), None, "{what}");
+                // Absent pages made zero count as received.
+                let received = if stale { pages } else { n_present };
+                assert_eq!(inc.ram.blocks()[0].received_pages(), received, "{what}");
+                assert_eq!(inc.stats.normal_pages, n_present, "{what}");
+                assert_eq!(inc.stats.bytes, n_present * PAGE_SIZE_U64, "{what}");
+                drop(inc);
+                let bytes = std::fs::read(dest.path().join("m0.ram")).unwrap();
+                let mut page = [0u8; 4096];
+                for p in 0..pages {
+                    ram.blocks()[0]
+                        .read_page(p * PAGE_SIZE_U64, &mut page)
+                        .unwrap();
+                    let at = (p * PAGE_SIZE_U64) as usize;
+                    assert!(bytes[at..at + 4096] == page, "{what}: page {p} of the file");
+                }
+            }
+        }
+    }
+}

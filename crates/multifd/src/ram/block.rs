@@ -481,6 +481,22 @@ impl RamBlock {
         (self.path.is_some() && self.region.shared()).then(|| (fo.file(), fo.start()))
     }
 
+    /// The descriptor and file offset through which the block's pages can
+    /// be written without touching its mapping: a writable shared mapping
+    /// of a file this crate opened, whose page cache the mapping shows, so
+    /// a `pwrite` there is what the guest reads. Not on hugetlbfs, which
+    /// has no `write`.
+    pub(crate) fn write_through_file(&self) -> Option<(&File, u64)> {
+        if self.access != Access::ReadWrite {
+            return None;
+        }
+        let (file, start) = self.own_shared_file()?;
+        match statfs(file) {
+            Some((HUGETLBFS_MAGIC, _)) | None => None,
+            Some(_) => Some((file, start)),
+        }
+    }
+
     /// Whether the block may be written.
     pub fn access(&self) -> Access {
         self.access

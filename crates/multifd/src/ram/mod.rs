@@ -24,7 +24,7 @@ mod zero;
 pub use block::{Access, RamBlock};
 pub(crate) use block::{data_ranges, is_tmpfs, min_hole, physical_memory, punch, reserve_range};
 pub(crate) use holes::Holes;
-pub(crate) use page::{PageBatch, PageList};
+pub(crate) use page::{PageBatch, PageList, PageRun};
 pub use write_tracker::{WriteTracker, WriteTrackerError};
 
 use crate::error::{Error, Result};
