@@ -644,3 +644,75 @@ fn restores_into_ram_files_match_the_mapped_path_on_disk_and_tmpfs() {
         }
     }
 }
+
+/// A source whose RAM is a file is read through the file's descriptor:
+/// the saved file is byte for byte the one saved from the same bytes in
+/// anonymous memory, with zero pages that are holes of the source file,
+/// zero pages written as data, and without zero-page detection.
+#[test]
+fn saving_from_a_ram_file_matches_saving_from_memory() {
+    use std::os::unix::fs::FileExt;
+    let pages = 6000;
+    let (ram, present) = runs_and_holes_ram(pages);
+    let mut places = vec![tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap()];
+    if std::path::Path::new("/dev/shm").is_dir() {
+        places.push(tempfile::tempdir_in("/dev/shm").unwrap());
+    }
+    for dir in &places {
+        // The source file: present pages written, absent ones holes except
+        // every seventh, written as zeros.
+        let path = dir.path().join("source.ram");
+        let f = std::fs::File::create(&path).unwrap();
+        f.set_len(pages * PAGE_SIZE_U64).unwrap();
+        let mut page = [0u8; 4096];
+        for (p, &here) in present.iter().enumerate() {
+            let at = p as u64 * PAGE_SIZE_U64;
+            if here {
+                ram.blocks()[0].read_page(at, &mut page).unwrap();
+                f.write_all_at(&page, at).unwrap();
+            } else if p % 7 == 0 {
+                f.write_all_at(&[0u8; 4096], at).unwrap();
+            }
+        }
+        drop(f);
+        let mut from_file = GuestRam::new();
+        from_file
+            .push(
+                RamBlock::open_file("m0", &path, multifd::Access::ReadOnly, Some(pages * 4096))
+                    .unwrap(),
+            )
+            .unwrap();
+        for zp in [ZeroPageDetection::Multifd, ZeroPageDetection::None] {
+            let mut o = opts(3);
+            o.config.zero_page_detection = zp;
+            let mut saved = Vec::new();
+            for (what, source) in [("memory", &ram), ("file", &from_file)] {
+                let uri = FileUri::new(dir.path().join(format!("{what}-{}.mr", zp.name())));
+                mapped_ram::save(
+                    &uri,
+                    source,
+                    &mut StaticRam,
+                    &o,
+                    &FileOptions::default(),
+                    &Progress::default(),
+                )
+                .unwrap();
+                let inc = restore_into_anon(&uri, 2).unwrap();
+                assert_eq!(ram_diff(&ram, &inc.ram), None, "{what}, {zp:?}");
+                let image = mapped_ram::read_file(&uri, 1 << 20).unwrap();
+                let n_present = present.iter().filter(|&&p| p).count() as u64;
+                let expected = match zp {
+                    ZeroPageDetection::None => pages,
+                    _ => n_present,
+                };
+                assert_eq!(image.present_pages(0), expected, "{what}, {zp:?}");
+                saved.push(std::fs::read(&uri.path).unwrap());
+            }
+            assert!(
+                saved[0] == saved[1],
+                "{}, {zp:?}: files differ",
+                dir.path().display()
+            );
+        }
+    }
+}

@@ -482,6 +482,14 @@ impl RamBlock {
     }
 
     /// The descriptor and file offset through which the block's pages can
+    /// be read without touching its mapping: a shared mapping of a file
+    /// this crate opened, whose page cache the mapping shows, so a `pread`
+    /// there sees what the guest wrote.
+    pub(crate) fn read_through_file(&self) -> Option<(&File, u64)> {
+        self.own_shared_file()
+    }
+
+    /// The descriptor and file offset through which the block's pages can
     /// be written without touching its mapping: a writable shared mapping
     /// of a file this crate opened, whose page cache the mapping shows, so
     /// a `pwrite` there is what the guest reads. Not on hugetlbfs, which
