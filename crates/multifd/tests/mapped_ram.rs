@@ -716,3 +716,52 @@ fn saving_from_a_ram_file_matches_saving_from_memory() {
         }
     }
 }
+
+/// A restore into new `--ram` files on tmpfs, whose pages are written
+/// through the files' descriptors, does not reserve the files: they hold
+/// the image, and only its present pages take memory.
+#[test]
+fn restored_ram_files_on_tmpfs_hold_only_present_pages() {
+    if !std::path::Path::new("/dev/shm").is_dir() {
+        eprintln!("skipped: no /dev/shm");
+        return;
+    }
+    let pages = 6000;
+    let (ram, present) = runs_and_holes_ram(pages);
+    let n_present = present.iter().filter(|&&p| p).count() as u64;
+    let dir = tempfile::tempdir_in("/dev/shm").unwrap();
+    let uri = FileUri::new(dir.path().join("tmpfs.mr"));
+    mapped_ram::save(
+        &uri,
+        &ram,
+        &mut StaticRam,
+        &opts(2),
+        &FileOptions::default(),
+        &Progress::default(),
+    )
+    .unwrap();
+    let target = dir.path().join("m0.ram");
+    let named = [("m0".to_owned(), target.clone())].into_iter().collect();
+    let mut provider = multifd::snapshot::FileRamProvider::new(named, None, false)
+        .unwrap()
+        .written_through_files();
+    let ropts = RestoreOptions {
+        channels: 3,
+        ..RestoreOptions::default()
+    };
+    let inc = mapped_ram::restore(&uri, &mut provider, &ropts, &Progress::default()).unwrap();
+    // Before anything reads the mapping (a read fault on tmpfs allocates).
+    let allocated = std::fs::metadata(&target).unwrap().blocks() * 512;
+    assert_eq!(allocated, n_present * PAGE_SIZE_U64, "bytes allocated");
+    assert_eq!(ram_diff(&ram, &inc.ram), None);
+    drop(inc);
+    let bytes = std::fs::read(&target).unwrap();
+    let mut page = [0u8; 4096];
+    for p in 0..pages {
+        ram.blocks()[0]
+            .read_page(p * PAGE_SIZE_U64, &mut page)
+            .unwrap();
+        let at = (p * PAGE_SIZE_U64) as usize;
+        assert!(bytes[at..at + 4096] == page, "page {p} of the file");
+    }
+}

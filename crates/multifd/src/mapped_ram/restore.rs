@@ -505,8 +505,20 @@ impl Loader<'_, '_> {
                 let bytes = buffer.page_run((k - first) * PAGE_SIZE_U64, run.pages())?;
                 sys::pwritev_all(fd, start + run.offset(), &mut [bytes.io_slice()]).map_err(
                     |e| {
-                        let path = ram.path().unwrap_or(Path::new("?")).display();
-                        Error::io(format!("writing pages to RAM file {path}"), e)
+                        let path = ram.path().unwrap_or(Path::new("?"));
+                        // A RAM file on tmpfs may not be reserved (see
+                        // `FileRamProvider::written_through_files`).
+                        match e.raw_os_error() {
+                            Some(libc::ENOSPC | libc::EDQUOT) => Error::NoSpace {
+                                path: path.to_owned(),
+                                needed: run.len(),
+                                source: e,
+                            },
+                            _ => Error::io(
+                                format!("writing pages to RAM file {}", path.display()),
+                                e,
+                            ),
+                        }
                     },
                 )?;
                 self.received(&run);

@@ -22,7 +22,9 @@ mod write_tracker;
 mod zero;
 
 pub use block::{Access, RamBlock};
-pub(crate) use block::{data_ranges, is_tmpfs, min_hole, physical_memory, punch, reserve_range};
+pub(crate) use block::{
+    Reserve, data_ranges, is_tmpfs, min_hole, physical_memory, punch, reserve_range,
+};
 pub(crate) use holes::Holes;
 pub(crate) use page::{PageBatch, PageList, PageRun};
 pub use write_tracker::{WriteTracker, WriteTrackerError};
