@@ -51,6 +51,16 @@ const BATCH_PAGES: usize = 1024;
 /// core's cache when the write copies it out again.
 const COPY_PAGES: usize = 64;
 
+/// Longest run of zero pages (scanned, in a buffer) a write goes on over
+/// on a file system with unwritten extents (see [`PageWriter::copy`]):
+/// the zero bytes are written, the pages' bits stay clear. Each separate
+/// write into a reserved (unwritten) extent converts and splits it, and
+/// an image's data pages come in runs of a few pages between short runs
+/// of zero pages, so one write per run costs ext4 more than the zero bytes
+/// do. A restore reads over holes this short anyway
+/// ([`super::MAX_HOLE_READ_OVER`]).
+const WRITE_OVER_ZEROS: u64 = 16;
+
 /// Saves `ram` (and whatever `vm` adds: a running guest's dirty pages,
 /// device state) to the mapped-ram file `target`, as QEMU's `migrate
 /// file:` with the `mapped-ram` capability would, over
@@ -152,6 +162,7 @@ fn save_inner(
 ) -> Result<()> {
     let path = &target.path;
     let detect = opts.config.zero_page_detection != ZeroPageDetection::None;
+    let over_zeros = !file_opts.direct_io && !ram::is_tmpfs(main);
     let mut writers = Vec::with_capacity(shared.channels as usize);
     for id in 0..opts.config.channels {
         writers.push(PageWriter {
@@ -162,6 +173,7 @@ fn save_inner(
             ram,
             shared,
             detect,
+            over_zeros,
             progress,
         });
     }
@@ -240,6 +252,10 @@ struct PageWriter<'a> {
     ram: &'a GuestRam,
     shared: &'a Shared,
     detect: bool,
+    /// Writes go on over short runs of zero pages ([`WRITE_OVER_ZEROS`]):
+    /// not on tmpfs (the zero pages would take memory) nor with direct
+    /// I/O (they would take device bandwidth).
+    over_zeros: bool,
     progress: &'a Progress,
 }
 
@@ -295,7 +311,9 @@ impl PageWriter<'_> {
     /// consecutive pages is read with one `pread` into `buffer`, scanned
     /// there, and its runs of data pages written from it, so the guest's
     /// mapping is never faulted in (on tmpfs that costs more than the
-    /// extra copy through a buffer the cache holds).
+    /// extra copy through a buffer the cache holds). Where `over_zeros`,
+    /// a write goes on over runs of at most [`WRITE_OVER_ZEROS`] zero
+    /// pages between data pages.
     fn copy(
         &self,
         batch: &PageBatch<'_>,
@@ -332,7 +350,14 @@ impl PageWriter<'_> {
                 let path = block.path().unwrap_or(Path::new("?")).display();
                 Error::io(format!("reading RAM file {path}"), e)
             })?;
-            // Runs of data pages (or of zero pages) in the buffer.
+            // Runs of data pages (or of zero pages) in the buffer; the
+            // pending write is pages `from..to` of the buffer, from a data
+            // page to a data page.
+            let flush = |(from, to): (u64, u64)| -> Result<()> {
+                let bytes = buffer.page_run(from * PAGE_SIZE_U64, to - from)?;
+                self.pwrite(layout, first + from * PAGE_SIZE_U64, bytes.io_slice())
+            };
+            let mut pending: Option<(u64, u64)> = None;
             let mut k = 0;
             while k < n {
                 let is_zero = |q: u64| -> Result<bool> {
@@ -347,13 +372,28 @@ impl PageWriter<'_> {
                 if z {
                     zero += m;
                 } else {
-                    let bytes = buffer.page_run(k * PAGE_SIZE_U64, m)?;
-                    self.pwrite(layout, first + k * PAGE_SIZE_U64, bytes.io_slice())?;
                     normal += m;
-                    self.progress.add(&self.progress.bytes, bytes.len());
+                    self.progress.add(&self.progress.bytes, m * PAGE_SIZE_U64);
+                    pending = match pending {
+                        // Over the short run of zero pages since the last
+                        // data: their bytes (zero, as scanned) are written
+                        // too, their bit stays clear.
+                        Some((from, to)) if self.over_zeros && k - to <= WRITE_OVER_ZEROS => {
+                            Some((from, k + m))
+                        }
+                        other => {
+                            if let Some(w) = other {
+                                flush(w)?;
+                            }
+                            Some((k, k + m))
+                        }
+                    };
                 }
                 bitmap.set_range(page, m, !z);
                 k += m;
+            }
+            if let Some(w) = pending {
+                flush(w)?;
             }
         }
         let p = self.progress;
