@@ -534,6 +534,11 @@ impl<'b> PageBatch<'b> {
         self.offsets.is_empty()
     }
 
+    /// Whether the batch's `i`-th page is known to be zero.
+    pub(crate) fn is_known_zero(&self, i: usize) -> bool {
+        bit(&self.known_zero, i)
+    }
+
     /// The batch as a checked list.
     pub(crate) fn as_list(&self) -> PageList<'b, '_> {
         PageList {
