@@ -93,8 +93,10 @@ pub fn restore(
     if named.is_empty() && snapshot_dir.is_none() {
         bail!("give --ram IDSTR=FILE and/or --snapshot DIR: where should the RAM go?");
     }
+    // The restore writes pages through the files' descriptors.
     let mut provider = FileRamProvider::new(named, snapshot_dir.clone(), false)
-        .context("preparing destination RAM")?;
+        .context("preparing destination RAM")?
+        .written_through_files();
     let (result, rss) = with_progress(common.quiet || common.json, 0, |p, _| {
         mapped_ram::restore(source, &mut provider, opts, p)
     });

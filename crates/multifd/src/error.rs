@@ -231,8 +231,10 @@ pub enum Error {
         path: PathBuf,
     },
     /// The file system has no room for a RAM file: its space is reserved
-    /// up front, so a full file system is this error and never a SIGBUS
-    /// while guest pages are written.
+    /// up front (or, for a file on tmpfs whose pages are only written
+    /// through its descriptor, a write finds it full), so a full file
+    /// system is this error and never a SIGBUS while guest pages are
+    /// written.
     #[error("no space to reserve {needed} bytes for RAM file {}", path.display())]
     NoSpace {
         /// The RAM file.

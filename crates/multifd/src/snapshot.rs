@@ -41,7 +41,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::destination::{Incoming, RamProvider};
 use crate::error::{Endpoint, Error, Result};
-use crate::ram::{Access, GuestRam, RamBlock};
+use crate::ram::{Access, GuestRam, RamBlock, Reserve};
 use crate::source::StreamPlan;
 
 /// Version of the manifest layout.
@@ -212,6 +212,9 @@ pub struct FileRamProvider {
     named: BTreeMap<String, PathBuf>,
     snapshot_dir: Option<PathBuf>,
     ready: BTreeMap<String, RamBlock>,
+    /// Whether new files on tmpfs get their space reserved (see
+    /// [`FileRamProvider::written_through_files`]).
+    reserve: Reserve,
 }
 
 impl FileRamProvider {
@@ -242,7 +245,19 @@ impl FileRamProvider {
             named,
             snapshot_dir,
             ready,
+            reserve: Reserve::Always,
         })
+    }
+
+    /// For a consumer that writes the pages of the files it is given only
+    /// through their descriptors (a mapped-ram restore): new files on
+    /// tmpfs are then not reserved. There a full file system fails a
+    /// write with an error, not a SIGBUS, and reserving would allocate
+    /// (and clear) memory for every page the image does not hold, which
+    /// the restore leaves as holes, as QEMU's restored RAM has them.
+    pub fn written_through_files(mut self) -> Self {
+        self.reserve = Reserve::NotOnTmpfs;
+        self
     }
 
     /// Whether any block has a destination at all.
@@ -269,14 +284,15 @@ impl FileRamProvider {
                 }
                 block
             } else if let Some(path) = self.named.get(&info.idstr) {
-                RamBlock::create_or_size_empty(&info.idstr, path, info.used_length)?
+                RamBlock::create_or_size_empty(&info.idstr, path, info.used_length, self.reserve)?
             } else if let Some(dir) = &self.snapshot_dir {
                 let ram_dir = match &ram_dir_path {
                     Some(p) => p,
                     None => ram_dir_path.insert(ram_dir(dir)?),
                 };
                 let path = ram_dir.join(block_file_name(index, &info.idstr));
-                let block = RamBlock::create_file(&info.idstr, &path, info.used_length)?;
+                let block =
+                    RamBlock::create_reserving(&info.idstr, &path, info.used_length, self.reserve)?;
                 created.push(path);
                 block
             } else {

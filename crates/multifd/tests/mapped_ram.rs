@@ -544,3 +544,224 @@ fn reads_over_short_holes_never_bring_their_bytes_into_ram() {
         }
     }
 }
+
+/// Gives the blocks as new RAM files in a directory (what `--ram` files
+/// that do not exist yet are): their pages are written through the files'
+/// descriptors, not through the mappings.
+struct Fresh(std::path::PathBuf);
+
+impl multifd::RamProvider for Fresh {
+    fn provide(&mut self, blocks: &[multifd::RamBlockInfo]) -> multifd::Result<GuestRam> {
+        let mut ram = GuestRam::new();
+        for b in blocks {
+            let path = self.0.join(format!("{}.ram", b.idstr));
+            ram.push(RamBlock::create_file(&b.idstr, &path, b.used_length)?)?;
+        }
+        Ok(ram)
+    }
+}
+
+/// Restoring into RAM files (written through their descriptors) gives
+/// the same bytes as restoring into anonymous memory (read into the
+/// mapping), with the saved file on the project's disk and on /dev/shm,
+/// with and without direct I/O: the files themselves hold the image, and
+/// absent pages are zero in them, also where the file held other bytes.
+#[test]
+fn restores_into_ram_files_match_the_mapped_path_on_disk_and_tmpfs() {
+    let pages = 6000;
+    let (ram, present) = runs_and_holes_ram(pages);
+    let n_present = present.iter().filter(|&&p| p).count() as u64;
+    let mut places = vec![tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap()];
+    if std::path::Path::new("/dev/shm").is_dir() {
+        places.push(tempfile::tempdir_in("/dev/shm").unwrap());
+    }
+    for dir in &places {
+        let uri = FileUri::new(dir.path().join("ram-files.mr"));
+        mapped_ram::save(
+            &uri,
+            &ram,
+            &mut StaticRam,
+            &opts(3),
+            &FileOptions::default(),
+            &Progress::default(),
+        )
+        .unwrap();
+        for direct_io in [false, true] {
+            let ropts = RestoreOptions {
+                channels: 2,
+                file: FileOptions {
+                    direct_io,
+                    ..FileOptions::default()
+                },
+                ..RestoreOptions::default()
+            };
+            let what = format!("{}, direct-io {direct_io}", dir.path().display());
+            let mapped = match mapped_ram::restore(&uri, &mut AnonRam, &ropts, &Progress::default())
+            {
+                Err(Error::DirectIoUnsupported { .. }) if direct_io => {
+                    eprintln!("skipped {what}: the file system refuses O_DIRECT");
+                    continue;
+                }
+                r => r.unwrap(),
+            };
+            assert_eq!(ram_diff(&ram, &mapped.ram), None, "{what}, mapped");
+            for stale in [false, true] {
+                let dest = tempfile::tempdir_in(dir.path()).unwrap();
+                let inc = if stale {
+                    mapped_ram::restore(
+                        &uri,
+                        &mut Stale(dest.path().to_owned()),
+                        &ropts,
+                        &Progress::default(),
+                    )
+                } else {
+                    mapped_ram::restore(
+                        &uri,
+                        &mut Fresh(dest.path().to_owned()),
+                        &ropts,
+                        &Progress::default(),
+                    )
+                }
+                .unwrap();
+                let what = format!("{what}, stale {stale}");
+                assert_eq!(ram_diff(&mapped.ram, &inc.ram), None, "{what}");
+                // Absent pages made zero count as received.
+                let received = if stale { pages } else { n_present };
+                assert_eq!(inc.ram.blocks()[0].received_pages(), received, "{what}");
+                assert_eq!(inc.stats.normal_pages, n_present, "{what}");
+                assert_eq!(inc.stats.bytes, n_present * PAGE_SIZE_U64, "{what}");
+                drop(inc);
+                let bytes = std::fs::read(dest.path().join("m0.ram")).unwrap();
+                let mut page = [0u8; 4096];
+                for p in 0..pages {
+                    ram.blocks()[0]
+                        .read_page(p * PAGE_SIZE_U64, &mut page)
+                        .unwrap();
+                    let at = (p * PAGE_SIZE_U64) as usize;
+                    assert!(bytes[at..at + 4096] == page, "{what}: page {p} of the file");
+                }
+            }
+        }
+    }
+}
+
+/// A source whose RAM is a file is read through the file's descriptor:
+/// the saved file is byte for byte the one saved from the same bytes in
+/// anonymous memory, with zero pages that are holes of the source file,
+/// zero pages written as data, and without zero-page detection.
+#[test]
+fn saving_from_a_ram_file_matches_saving_from_memory() {
+    use std::os::unix::fs::FileExt;
+    let pages = 6000;
+    let (ram, present) = runs_and_holes_ram(pages);
+    let mut places = vec![tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap()];
+    if std::path::Path::new("/dev/shm").is_dir() {
+        places.push(tempfile::tempdir_in("/dev/shm").unwrap());
+    }
+    for dir in &places {
+        // The source file: present pages written, absent ones holes except
+        // every seventh, written as zeros.
+        let path = dir.path().join("source.ram");
+        let f = std::fs::File::create(&path).unwrap();
+        f.set_len(pages * PAGE_SIZE_U64).unwrap();
+        let mut page = [0u8; 4096];
+        for (p, &here) in present.iter().enumerate() {
+            let at = p as u64 * PAGE_SIZE_U64;
+            if here {
+                ram.blocks()[0].read_page(at, &mut page).unwrap();
+                f.write_all_at(&page, at).unwrap();
+            } else if p % 7 == 0 {
+                f.write_all_at(&[0u8; 4096], at).unwrap();
+            }
+        }
+        drop(f);
+        let mut from_file = GuestRam::new();
+        from_file
+            .push(
+                RamBlock::open_file("m0", &path, multifd::Access::ReadOnly, Some(pages * 4096))
+                    .unwrap(),
+            )
+            .unwrap();
+        for zp in [ZeroPageDetection::Multifd, ZeroPageDetection::None] {
+            let mut o = opts(3);
+            o.config.zero_page_detection = zp;
+            let mut saved = Vec::new();
+            for (what, source) in [("memory", &ram), ("file", &from_file)] {
+                let uri = FileUri::new(dir.path().join(format!("{what}-{}.mr", zp.name())));
+                mapped_ram::save(
+                    &uri,
+                    source,
+                    &mut StaticRam,
+                    &o,
+                    &FileOptions::default(),
+                    &Progress::default(),
+                )
+                .unwrap();
+                let inc = restore_into_anon(&uri, 2).unwrap();
+                assert_eq!(ram_diff(&ram, &inc.ram), None, "{what}, {zp:?}");
+                let image = mapped_ram::read_file(&uri, 1 << 20).unwrap();
+                let n_present = present.iter().filter(|&&p| p).count() as u64;
+                let expected = match zp {
+                    ZeroPageDetection::None => pages,
+                    _ => n_present,
+                };
+                assert_eq!(image.present_pages(0), expected, "{what}, {zp:?}");
+                saved.push(std::fs::read(&uri.path).unwrap());
+            }
+            assert!(
+                saved[0] == saved[1],
+                "{}, {zp:?}: files differ",
+                dir.path().display()
+            );
+        }
+    }
+}
+
+/// A restore into new `--ram` files on tmpfs, whose pages are written
+/// through the files' descriptors, does not reserve the files: they hold
+/// the image, and only its present pages take memory.
+#[test]
+fn restored_ram_files_on_tmpfs_hold_only_present_pages() {
+    if !std::path::Path::new("/dev/shm").is_dir() {
+        eprintln!("skipped: no /dev/shm");
+        return;
+    }
+    let pages = 6000;
+    let (ram, present) = runs_and_holes_ram(pages);
+    let n_present = present.iter().filter(|&&p| p).count() as u64;
+    let dir = tempfile::tempdir_in("/dev/shm").unwrap();
+    let uri = FileUri::new(dir.path().join("tmpfs.mr"));
+    mapped_ram::save(
+        &uri,
+        &ram,
+        &mut StaticRam,
+        &opts(2),
+        &FileOptions::default(),
+        &Progress::default(),
+    )
+    .unwrap();
+    let target = dir.path().join("m0.ram");
+    let named = [("m0".to_owned(), target.clone())].into_iter().collect();
+    let mut provider = multifd::snapshot::FileRamProvider::new(named, None, false)
+        .unwrap()
+        .written_through_files();
+    let ropts = RestoreOptions {
+        channels: 3,
+        ..RestoreOptions::default()
+    };
+    let inc = mapped_ram::restore(&uri, &mut provider, &ropts, &Progress::default()).unwrap();
+    // Before anything reads the mapping (a read fault on tmpfs allocates).
+    let allocated = std::fs::metadata(&target).unwrap().blocks() * 512;
+    assert_eq!(allocated, n_present * PAGE_SIZE_U64, "bytes allocated");
+    assert_eq!(ram_diff(&ram, &inc.ram), None);
+    drop(inc);
+    let bytes = std::fs::read(&target).unwrap();
+    let mut page = [0u8; 4096];
+    for p in 0..pages {
+        ram.blocks()[0]
+            .read_page(p * PAGE_SIZE_U64, &mut page)
+            .unwrap();
+        let at = (p * PAGE_SIZE_U64) as usize;
+        assert!(bytes[at..at + 4096] == page, "page {p} of the file");
+    }
+}

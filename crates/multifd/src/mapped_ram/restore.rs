@@ -1,12 +1,20 @@
 //! Restoring from a mapped-ram file: the structure is read and checked
 //! first ([`read_file`]: main stream, layouts, bitmaps, tail), then the
-//! present pages are read straight into guest RAM by N threads, each with
-//! its own descriptor: one `preadv` per stretch of the pages region of at
-//! most [`MAX_READ`], which may step over short holes
-//! ([`MAX_HOLE_READ_OVER`] pages) whose bytes go to a discard buffer.
+//! present pages are read into guest RAM by N threads, each with its own
+//! descriptor: one read per stretch of the pages region of at most
+//! [`MAX_READ`], which may step over short holes ([`MAX_HOLE_READ_OVER`]
+//! pages) whose bytes are discarded.
+//!
+//! Where a block is a shared mapping of a file this crate opened (a
+//! `--ram` file), a stretch is read into a per-thread buffer and its
+//! present runs written to the RAM file with `pwrite`: no page of guest
+//! RAM is faulted in through the mapping, which on tmpfs would first
+//! clear every page the copy then overwrites. Other blocks (anonymous
+//! memory, a caller's mapping) are read straight into the mapping with one
+//! `preadv`, the holes' bytes going to a discard buffer.
 
 use std::fs::File;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -20,8 +28,9 @@ use super::{FileOptions, FileUri};
 use crate::destination::{Incoming, RamProvider, StreamSetup};
 use crate::error::{Error, Result};
 use crate::lifecycle::{self, Abort, Cancel};
-use crate::ram::{GuestRam, RamBlock};
+use crate::ram::{GuestRam, PageRun, RamBlock};
 use crate::stats::Progress;
+use crate::transport::iov::IoSliceMut;
 use crate::transport::sys;
 
 /// Largest single read, the holes it steps over included: 4 MiB (QEMU
@@ -192,6 +201,16 @@ pub(crate) fn load_pages(
     let groups = group(&plan.pieces);
     let next = AtomicUsize::new(0);
     let abort = Abort::new();
+    // For each of the file's blocks: the RAM file's descriptor and the
+    // offset of the block in it, when its pages are written through it.
+    let through: Vec<Option<(RawFd, u64)>> = indices
+        .iter()
+        .map(|&i| {
+            ram.blocks()[i]
+                .write_through_file()
+                .map(|(f, start)| (f.as_raw_fd(), start))
+        })
+        .collect();
     let mut files = Vec::with_capacity(opts.channels.into());
     for _ in 0..opts.channels {
         files.push(file::open_channel(&uri.path, false, opts.file.direct_io)?);
@@ -210,6 +229,7 @@ pub(crate) fn load_pages(
                         image,
                         ram,
                         indices,
+                        through: &through,
                         plan: &plan,
                         groups: &groups,
                         next: &next,
@@ -352,6 +372,9 @@ struct Loader<'a, 'w> {
     image: &'a FileImage,
     ram: &'a GuestRam,
     indices: &'a [usize],
+    /// Per block of the file: where its pages are written with `pwrite`
+    /// (see the module documentation), or `None` to read into the mapping.
+    through: &'a [Option<(RawFd, u64)>],
     plan: &'a Plan,
     groups: &'a [usize],
     next: &'a AtomicUsize,
@@ -365,6 +388,10 @@ impl Loader<'_, '_> {
         // memory (page-aligned, as `O_DIRECT` needs), never guest RAM.
         // Every hole of a read is read into its start; nothing reads it.
         let discard = RamBlock::anonymous("discard", MAX_HOLE_READ_OVER * PAGE_SIZE_U64)?;
+        // Where a whole stretch is read before its present runs are
+        // written to a RAM file (page-aligned, as `O_DIRECT` needs); made
+        // on first use.
+        let mut buffer: Option<RamBlock> = None;
         loop {
             if self.abort.is_aborted() {
                 return Err(Error::Aborted);
@@ -380,13 +407,19 @@ impl Loader<'_, '_> {
                         first,
                         pages,
                         holes,
-                    } => self.read(
-                        &discard,
-                        block,
-                        first,
-                        pages,
-                        &self.plan.holes[holes.0..holes.1],
-                    )?,
+                    } => {
+                        let holes = &self.plan.holes[holes.0..holes.1];
+                        match self.through[block] {
+                            Some((fd, start)) => {
+                                if buffer.is_none() {
+                                    buffer = Some(RamBlock::anonymous("buffer", MAX_READ)?);
+                                }
+                                let buffer = buffer.as_ref().expect("made above");
+                                self.copy(buffer, (fd, start), block, first, pages, holes)?;
+                            }
+                            None => self.read(&discard, block, first, pages, holes)?,
+                        }
+                    }
                     Piece::Zero {
                         block,
                         first,
@@ -432,9 +465,75 @@ impl Loader<'_, '_> {
             }
             k = h.first + h.pages;
         }
+        self.pread(block, first, &mut iovs[..])?;
+        drop(iovs);
+        for run in &present {
+            self.received(run);
+        }
+        Ok(())
+    }
+
+    /// Reads pages `first..first + pages` of block `block` from the file
+    /// into `buffer` with one `preadv`, then writes each run of present
+    /// pages (those between the `holes`) to the RAM file `fd` (the block
+    /// starting at file offset `start`) with one `pwrite`: the holes'
+    /// bytes never leave the buffer.
+    fn copy(
+        &self,
+        buffer: &RamBlock,
+        (fd, start): (RawFd, u64),
+        block: usize,
+        first: u64,
+        pages: u64,
+        holes: &[Hole],
+    ) -> Result<()> {
+        let ram = &self.ram.blocks()[self.indices[block]];
+        self.pread(
+            block,
+            first,
+            &mut [buffer.page_run(0, pages)?.io_slice_mut()?],
+        )?;
+        let end = first + pages;
+        let last = Hole {
+            first: end,
+            pages: 0,
+        };
+        let mut k = first;
+        for h in holes.iter().chain(std::iter::once(&last)) {
+            if h.first > k {
+                let run = ram.page_run(k * PAGE_SIZE_U64, h.first - k)?;
+                let bytes = buffer.page_run((k - first) * PAGE_SIZE_U64, run.pages())?;
+                sys::pwritev_all(fd, start + run.offset(), &mut [bytes.io_slice()]).map_err(
+                    |e| {
+                        let path = ram.path().unwrap_or(Path::new("?"));
+                        // A RAM file on tmpfs may not be reserved (see
+                        // `FileRamProvider::written_through_files`).
+                        match e.raw_os_error() {
+                            Some(libc::ENOSPC | libc::EDQUOT) => Error::NoSpace {
+                                path: path.to_owned(),
+                                needed: run.len(),
+                                source: e,
+                            },
+                            _ => Error::io(
+                                format!("writing pages to RAM file {}", path.display()),
+                                e,
+                            ),
+                        }
+                    },
+                )?;
+                self.received(&run);
+            }
+            k = h.first + h.pages;
+        }
+        Ok(())
+    }
+
+    /// Reads the file's bytes of block `block` from page `first` on into
+    /// `iovs`, all of them.
+    fn pread(&self, block: usize, first: u64, iovs: &mut [IoSliceMut<'_>]) -> Result<()> {
         let layout = &self.image.layouts[block];
         let at = layout.pages_offset() + first * PAGE_SIZE_U64;
-        sys::preadv_exact(self.file.as_raw_fd(), at, &mut iovs).map_err(|e| {
+        sys::preadv_exact(self.file.as_raw_fd(), at, iovs).map_err(|e| {
             if e.kind() == std::io::ErrorKind::UnexpectedEof {
                 Error::IncompleteFile {
                     path: self.path.to_owned(),
@@ -443,15 +542,15 @@ impl Loader<'_, '_> {
             } else {
                 file::direct_io_error(self.path, self.direct, e, "reading pages from")
             }
-        })?;
-        drop(iovs);
+        })
+    }
+
+    /// Counts `run` in: its pages received, its bytes moved.
+    fn received(&self, run: &PageRun<'_>) {
+        run.mark_received();
         let pr = self.progress;
-        for run in &present {
-            run.mark_received();
-            pr.add(&pr.bytes, run.len());
-            pr.add(&pr.normal_pages, run.pages());
-        }
-        Ok(())
+        pr.add(&pr.bytes, run.len());
+        pr.add(&pr.normal_pages, run.pages());
     }
 }
 

@@ -16,8 +16,8 @@
 //! which every reader refuses.
 
 use std::fs::File;
-use std::os::fd::AsRawFd;
-use std::path::PathBuf;
+use std::os::fd::{AsRawFd, RawFd};
+use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::Instant;
 
@@ -39,11 +39,27 @@ use crate::source::{
     VmMarks,
 };
 use crate::stats::{Progress, Stats};
+use crate::transport::iov::IoSlice;
 use crate::transport::sys;
 
 /// Pages per batch handed to a channel: 4 MiB, so a run of present pages
 /// is one `pwritev` of up to 4 MiB (QEMU's jobs are 512 KiB).
 const BATCH_PAGES: usize = 1024;
+
+/// Most pages read from a RAM file at once before they are written (see
+/// [`PageWriter::copy`]): 256 KiB, so that the buffer is still in the
+/// core's cache when the write copies it out again.
+const COPY_PAGES: usize = 64;
+
+/// Longest run of zero pages (scanned, in a buffer) a write goes on over
+/// on a file system with unwritten extents (see [`PageWriter::copy`]):
+/// the zero bytes are written, the pages' bits stay clear. Each separate
+/// write into a reserved (unwritten) extent converts and splits it, and
+/// an image's data pages come in runs of a few pages between short runs
+/// of zero pages, so one write per run costs ext4 more than the zero bytes
+/// do. A restore reads over holes this short anyway
+/// ([`super::MAX_HOLE_READ_OVER`]).
+const WRITE_OVER_ZEROS: u64 = 16;
 
 /// Saves `ram` (and whatever `vm` adds: a running guest's dirty pages,
 /// device state) to the mapped-ram file `target`, as QEMU's `migrate
@@ -146,6 +162,7 @@ fn save_inner(
 ) -> Result<()> {
     let path = &target.path;
     let detect = opts.config.zero_page_detection != ZeroPageDetection::None;
+    let over_zeros = !file_opts.direct_io && !ram::is_tmpfs(main);
     let mut writers = Vec::with_capacity(shared.channels as usize);
     for id in 0..opts.config.channels {
         writers.push(PageWriter {
@@ -156,6 +173,7 @@ fn save_inner(
             ram,
             shared,
             detect,
+            over_zeros,
             progress,
         });
     }
@@ -234,24 +252,42 @@ struct PageWriter<'a> {
     ram: &'a GuestRam,
     shared: &'a Shared,
     detect: bool,
+    /// Writes go on over short runs of zero pages ([`WRITE_OVER_ZEROS`]):
+    /// not on tmpfs (the zero pages would take memory) nor with direct
+    /// I/O (they would take device bandwidth).
+    over_zeros: bool,
     progress: &'a Progress,
 }
 
 impl PageWriter<'_> {
     fn run(self, jobs: JobQueue<'_>) -> Result<()> {
         let mut offsets = Vec::with_capacity(BATCH_PAGES);
+        // Where pages of a RAM file are read before they are written (see
+        // [`PageWriter::copy`]); made on first use.
+        let mut buffer: Option<RamBlock> = None;
         while let Some(job) = jobs.next() {
             match job {
-                Job::Pages(batch) => self.write(&batch, &mut offsets)?,
+                Job::Pages(batch) => match batch.as_list().block().read_through_file() {
+                    Some((src, start)) => {
+                        if buffer.is_none() {
+                            buffer = Some(RamBlock::anonymous(
+                                "buffer",
+                                COPY_PAGES as u64 * PAGE_SIZE_U64,
+                            )?);
+                        }
+                        let buffer = buffer.as_ref().expect("made above");
+                        self.copy(&batch, (src.as_raw_fd(), start), buffer)?;
+                    }
+                    None => self.write(&batch, &mut offsets)?,
+                },
                 Job::Sync => self.shared.syncs.add(),
             }
         }
         Ok(())
     }
 
-    fn write(&self, batch: &PageBatch<'_>, offsets: &mut Vec<u64>) -> Result<()> {
-        let list = batch.as_list();
-        let block = list.block();
+    /// The layout and bitmap of `block`.
+    fn place(&self, block: &RamBlock) -> Result<(&BlockLayout, &AtomicBitmap)> {
         let index = block_index(self.ram, block)?;
         let layout = self
             .shared
@@ -259,16 +295,121 @@ impl PageWriter<'_> {
             .get()
             .and_then(|l| l.get(index))
             .ok_or(Error::Internal("pages before the block list"))?;
-        let bitmap = &self.shared.bitmaps[index];
+        Ok((layout, &self.shared.bitmaps[index]))
+    }
+
+    /// Writes `bytes` (pages `offset..` of the block) at their place in
+    /// the file.
+    fn pwrite(&self, layout: &BlockLayout, offset: u64, bytes: IoSlice<'_>) -> Result<()> {
+        let at = layout.pages_offset() + offset;
+        sys::pwritev_all(self.file.as_raw_fd(), at, &mut [bytes])
+            .map_err(|e| file::direct_io_error(&self.path, self.direct, e, "writing pages to"))
+    }
+
+    /// Writes a batch of a block backed by a file this crate mapped
+    /// (`src`, the block at file offset `start`): each stretch of
+    /// consecutive pages is read with one `pread` into `buffer`, scanned
+    /// there, and its runs of data pages written from it, so the guest's
+    /// mapping is never faulted in (on tmpfs that costs more than the
+    /// extra copy through a buffer the cache holds). Where `over_zeros`,
+    /// a write goes on over runs of at most [`WRITE_OVER_ZEROS`] zero
+    /// pages between data pages.
+    fn copy(
+        &self,
+        batch: &PageBatch<'_>,
+        (src, start): (RawFd, u64),
+        buffer: &RamBlock,
+    ) -> Result<()> {
+        let list = batch.as_list();
+        let block = list.block();
+        let (layout, bitmap) = self.place(block)?;
+        let offsets = list.offsets();
+        let (mut normal, mut zero) = (0u64, 0u64);
+        let mut i = 0;
+        while i < offsets.len() {
+            // Pages known to be zero are not read.
+            if self.detect && batch.is_known_zero(i) {
+                bitmap.set_range(offsets[i] / PAGE_SIZE_U64, 1, false);
+                zero += 1;
+                i += 1;
+                continue;
+            }
+            let first = offsets[i];
+            let mut n = 1;
+            while i + n < offsets.len()
+                && n < COPY_PAGES
+                && offsets[i + n] == first + n as u64 * PAGE_SIZE_U64
+                && !(self.detect && batch.is_known_zero(i + n))
+            {
+                n += 1;
+            }
+            i += n;
+            let n = n as u64;
+            let into = buffer.page_run(0, n)?;
+            sys::preadv_exact(src, start + first, &mut [into.io_slice_mut()?]).map_err(|e| {
+                let path = block.path().unwrap_or(Path::new("?")).display();
+                Error::io(format!("reading RAM file {path}"), e)
+            })?;
+            // Runs of data pages (or of zero pages) in the buffer; the
+            // pending write is pages `from..to` of the buffer, from a data
+            // page to a data page.
+            let flush = |(from, to): (u64, u64)| -> Result<()> {
+                let bytes = buffer.page_run(from * PAGE_SIZE_U64, to - from)?;
+                self.pwrite(layout, first + from * PAGE_SIZE_U64, bytes.io_slice())
+            };
+            let mut pending: Option<(u64, u64)> = None;
+            let mut k = 0;
+            while k < n {
+                let is_zero = |q: u64| -> Result<bool> {
+                    Ok(self.detect && buffer.page(q * PAGE_SIZE_U64)?.is_zero())
+                };
+                let z = is_zero(k)?;
+                let mut m = 1;
+                while k + m < n && is_zero(k + m)? == z {
+                    m += 1;
+                }
+                let page = first / PAGE_SIZE_U64 + k;
+                if z {
+                    zero += m;
+                } else {
+                    normal += m;
+                    self.progress.add(&self.progress.bytes, m * PAGE_SIZE_U64);
+                    pending = match pending {
+                        // Over the short run of zero pages since the last
+                        // data: their bytes (zero, as scanned) are written
+                        // too, their bit stays clear.
+                        Some((from, to)) if self.over_zeros && k - to <= WRITE_OVER_ZEROS => {
+                            Some((from, k + m))
+                        }
+                        other => {
+                            if let Some(w) = other {
+                                flush(w)?;
+                            }
+                            Some((k, k + m))
+                        }
+                    };
+                }
+                bitmap.set_range(page, m, !z);
+                k += m;
+            }
+            if let Some(w) = pending {
+                flush(w)?;
+            }
+        }
+        let p = self.progress;
+        p.add(&p.normal_pages, normal);
+        p.add(&p.zero_pages, zero);
+        Ok(())
+    }
+
+    fn write(&self, batch: &PageBatch<'_>, offsets: &mut Vec<u64>) -> Result<()> {
+        let list = batch.as_list();
+        let (layout, bitmap) = self.place(list.block())?;
         batch.populate_read(self.detect);
         let (sorted, normal) = batch.zero_pages_last(self.detect, offsets);
         let (data, zeros) = sorted.split_at(normal);
-        let fd = self.file.as_raw_fd();
         for run in data.runs() {
-            let at = layout.pages_offset() + run.offset();
-            sys::pwritev_all(fd, at, &mut [run.io_slice()]).map_err(|e| {
-                file::direct_io_error(&self.path, self.direct, e, "writing pages to")
-            })?;
+            self.pwrite(layout, run.offset(), run.io_slice())?;
             bitmap.set_range(run.offset() / PAGE_SIZE_U64, run.pages(), true);
             self.progress.add(&self.progress.bytes, run.len());
         }

@@ -24,6 +24,18 @@ pub enum Access {
     ReadWrite,
 }
 
+/// Whether a new RAM file's space is reserved when it is made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) enum Reserve {
+    /// Always (a write into a hole through the mapping of a full file
+    /// system is a SIGBUS).
+    #[default]
+    Always,
+    /// Not on tmpfs, for files whose pages are only written through their
+    /// descriptors (a full tmpfs fails such a write with an error).
+    NotOnTmpfs,
+}
+
 /// A named RAM block mapped into this process.
 ///
 /// Invariants: the mapping is `len` bytes long, page-aligned, and lives as
@@ -160,14 +172,29 @@ impl RamBlock {
     /// system cannot hold `len` bytes it is [`Error::NoSpace`]; on any
     /// error the file is removed again.
     pub fn create_file(name: &str, path: &Path, len: u64) -> Result<Self> {
-        Self::create(name, path, len, false)
+        Self::create(name, path, len, false, Reserve::Always)
+    }
+
+    /// [`RamBlock::create_file`], reserving the space as `reserve` says.
+    pub(crate) fn create_reserving(
+        name: &str,
+        path: &Path,
+        len: u64,
+        reserve: Reserve,
+    ) -> Result<Self> {
+        Self::create(name, path, len, false, reserve)
     }
 
     /// Like [`RamBlock::create_file`], but an existing *empty* file at
     /// `path` (one the user named, so a symbolic link is followed) is
     /// sized and used too. A non-empty one is [`Error::FileExists`].
-    pub(crate) fn create_or_size_empty(name: &str, path: &Path, len: u64) -> Result<Self> {
-        Self::create(name, path, len, true)
+    pub(crate) fn create_or_size_empty(
+        name: &str,
+        path: &Path,
+        len: u64,
+        reserve: Reserve,
+    ) -> Result<Self> {
+        Self::create(name, path, len, true, reserve)
     }
 
     /// Maps `len` bytes of `file` from file offset `offset` on (a multiple
@@ -226,7 +253,13 @@ impl RamBlock {
         Ok(block)
     }
 
-    fn create(name: &str, path: &Path, len: u64, take_empty: bool) -> Result<Self> {
+    fn create(
+        name: &str,
+        path: &Path,
+        len: u64,
+        take_empty: bool,
+        reserve_space: Reserve,
+    ) -> Result<Self> {
         check_name_and_len(name, len)?;
         let ctx = || format!("creating RAM file {}", path.display());
         let created = OpenOptions::new()
@@ -265,7 +298,10 @@ impl RamBlock {
                 file.set_len(len)
                     .map_err(|e| Error::io(format!("sizing RAM file {}", path.display()), e))
             })
-            .and_then(|()| reserve(&file, path, len))
+            .and_then(|()| match reserve_space {
+                Reserve::NotOnTmpfs if is_tmpfs(&file) => Ok(()),
+                _ => reserve(&file, path, len),
+            })
             .and_then(|()| Self::map_file(name, path, file, len, Access::ReadWrite, true, false));
         let block = match mapped {
             Ok(block) => block,
@@ -479,6 +515,30 @@ impl RamBlock {
     pub(super) fn own_shared_file(&self) -> Option<(&File, u64)> {
         let fo = self.region.file()?;
         (self.path.is_some() && self.region.shared()).then(|| (fo.file(), fo.start()))
+    }
+
+    /// The descriptor and file offset through which the block's pages can
+    /// be read without touching its mapping: a shared mapping of a file
+    /// this crate opened, whose page cache the mapping shows, so a `pread`
+    /// there sees what the guest wrote.
+    pub(crate) fn read_through_file(&self) -> Option<(&File, u64)> {
+        self.own_shared_file()
+    }
+
+    /// The descriptor and file offset through which the block's pages can
+    /// be written without touching its mapping: a writable shared mapping
+    /// of a file this crate opened, whose page cache the mapping shows, so
+    /// a `pwrite` there is what the guest reads. Not on hugetlbfs, which
+    /// has no `write`.
+    pub(crate) fn write_through_file(&self) -> Option<(&File, u64)> {
+        if self.access != Access::ReadWrite {
+            return None;
+        }
+        let (file, start) = self.own_shared_file()?;
+        match statfs(file) {
+            Some((HUGETLBFS_MAGIC, _)) | None => None,
+            Some(_) => Some((file, start)),
+        }
     }
 
     /// Whether the block may be written.
@@ -930,11 +990,11 @@ mod tests {
         // An empty file the user named is taken; a non-empty one is not.
         let empty = dir.path().join("empty");
         std::fs::write(&empty, b"").unwrap();
-        let b = RamBlock::create_or_size_empty("m0", &empty, 8192).unwrap();
+        let b = RamBlock::create_or_size_empty("m0", &empty, 8192, Reserve::Always).unwrap();
         assert_eq!(b.len(), 8192);
         assert!(b.starts_zeroed());
         drop(b);
-        let e = RamBlock::create_or_size_empty("m0", &existing, 4096).unwrap_err();
+        let e = RamBlock::create_or_size_empty("m0", &existing, 4096, Reserve::Always).unwrap_err();
         assert!(matches!(e, Error::FileExists { .. }), "{e:?}");
         assert_eq!(std::fs::read(&existing).unwrap(), b"keep me");
     }

@@ -24,9 +24,11 @@ mod zero;
 mod zstd_pages;
 
 pub use block::{Access, RamBlock};
-pub(crate) use block::{data_ranges, is_tmpfs, min_hole, physical_memory, punch, reserve_range};
+pub(crate) use block::{
+    Reserve, data_ranges, is_tmpfs, min_hole, physical_memory, punch, reserve_range,
+};
 pub(crate) use holes::Holes;
-pub(crate) use page::{PageBatch, PageList};
+pub(crate) use page::{PageBatch, PageList, PageRun};
 pub(crate) use staged::Staging;
 pub use write_tracker::{WriteTracker, WriteTrackerError};
 pub(crate) use zstd_pages::{PageCompressor, PageDecompressor};

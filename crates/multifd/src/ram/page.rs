@@ -332,7 +332,7 @@ impl<'b, 'o> PageList<'b, 'o> {
 }
 
 /// Whether bit `i` of the bit set `words` is set (missing words are clear).
-pub(super) fn bit(words: &[u64], i: usize) -> bool {
+fn bit(words: &[u64], i: usize) -> bool {
     words.get(i / 64).is_some_and(|w| w & (1 << (i % 64)) != 0)
 }
 
@@ -544,10 +544,9 @@ impl<'b> PageBatch<'b> {
         &self.offsets
     }
 
-    /// The pages known to be zero, as a bit set over [`PageBatch::offsets`]
-    /// (missing words are clear).
-    pub(super) fn known_zero(&self) -> &[u64] {
-        &self.known_zero
+    /// Whether the batch's `i`-th page is known to be zero.
+    pub(crate) fn is_known_zero(&self, i: usize) -> bool {
+        bit(&self.known_zero, i)
     }
 
     /// The batch as a checked list.

@@ -23,7 +23,7 @@ use std::os::fd::AsRawFd;
 
 use multifd_wire::{PAGE_SIZE, PAGE_SIZE_U64};
 
-use super::page::{PageBatch, bit};
+use super::page::PageBatch;
 use super::zero::OwnPage;
 use crate::transport::{IoSlice, IoSliceMut, sys};
 
@@ -59,24 +59,26 @@ impl Staging {
         detect: bool,
         out: &mut Vec<u64>,
     ) -> Option<io::Result<usize>> {
-        let (file, start) = batch.block().own_shared_file()?;
+        let (file, start) = batch.block().read_through_file()?;
         if batch.block().page_size() != PAGE_SIZE_U64 {
             return None;
         }
         let offsets = batch.offsets();
-        let skip = if detect { batch.known_zero() } else { &[] };
+        let known_zero = |i: usize| detect && batch.is_known_zero(i);
         while self.pages.len() < offsets.len() {
             self.pages.push(OwnPage([0; PAGE_SIZE]));
         }
         let fd = file.as_raw_fd();
         let mut i = 0;
         while i < offsets.len() {
-            if bit(skip, i) {
+            if known_zero(i) {
                 i += 1;
                 continue;
             }
             let mut j = i + 1;
-            while j < offsets.len() && offsets[j] == offsets[j - 1] + PAGE_SIZE_U64 && !bit(skip, j)
+            while j < offsets.len()
+                && offsets[j] == offsets[j - 1] + PAGE_SIZE_U64
+                && !known_zero(j)
             {
                 j += 1;
             }
@@ -94,7 +96,7 @@ impl Staging {
         self.data.clear();
         let mut back = out.len();
         for (i, &offset) in offsets.iter().enumerate() {
-            if detect && (bit(skip, i) || self.pages[i].is_zero()) {
+            if detect && (known_zero(i) || self.pages[i].is_zero()) {
                 back -= 1;
                 out[back] = offset;
             } else {

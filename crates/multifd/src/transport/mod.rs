@@ -10,7 +10,7 @@
 mod activity;
 mod conn;
 mod connect;
-mod iov;
+pub(crate) mod iov;
 mod listen;
 #[cfg(feature = "tls-psk")]
 mod psk;
