@@ -7,10 +7,12 @@
 //! the sender starts, and a sender that maps the source image), timed from the
 //! sender's start until both have exited. The raw blast (`raw-send` /
 //! `raw-receive`) moves the image's first *data-bytes* bytes, split in N
-//! contiguous pieces, straight from the source mapping into the destination
-//! mapping with plain vectored I/O: no headers, no zero-page scan, no
-//! protocol. The difference is what the migration costs beyond moving the
-//! bytes. A second blast (`raw-send --read-all`) also maps and reads the
+//! contiguous pieces, into the destination mapping with plain vectored I/O:
+//! no headers, no zero-page scan, no protocol. It reads the source the way
+//! the migration's channels do: a file of 4 KiB pages through the file
+//! into a 512 KiB buffer, then sent from there; a file on huge pages
+//! through its mapping. The difference is what the migration costs beyond moving the
+//! bytes. A second blast (`raw-send --read-all`) also reads the
 //! rest of the image (as many bytes as it has zero pages) while it sends,
 //! reading as much guest RAM as the migration must (a migration cannot know
 //! a page is zero without reading all of it): the difference to that one
@@ -78,7 +80,7 @@ pub struct RawArgs {
     /// Connections, 1-255.
     #[arg(long, allow_negative_numbers = true, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=255))]
     connections: usize,
-    /// `raw-send` only: also map and read every byte of the rest of the
+    /// `raw-send` only: also read every byte of the rest of the
     /// file beyond `bytes` (as many bytes as the image has zero pages, which
     /// a migration must read in full), spread evenly over the connections'
     /// sends. The blast then reads as much guest RAM as the
@@ -159,6 +161,47 @@ fn read_like_a_migration(src: &RamBlock, start: u64, end: u64) -> Result<()> {
     Ok(())
 }
 
+/// What one send of the blast moves: 128 pages, a migration's packet.
+const CHUNK: u64 = 128 * 4096;
+
+/// One connection of the blast over a file of 4 KiB pages: each 512 KiB
+/// of `send` read through the file into a buffer and written from it (as a
+/// migration's channel reads such a file), and `extra` read likewise into
+/// a second buffer and checked for zeros (as a migration's zero scan
+/// reads the image's zero pages), interleaved with the sends.
+fn blast_through_file(
+    c: &mut Connection,
+    file: &std::fs::File,
+    (off, len): (u64, u64),
+    (roff, rlen): (u64, u64),
+) -> Result<()> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0u8; CHUNK as usize];
+    let mut extra = vec![0u8; CHUNK as usize];
+    let chunks = len.div_ceil(CHUNK).max(1);
+    let mut read_to = roff;
+    let mut read_extra = |from: u64, to: u64| -> Result<()> {
+        let mut at = from;
+        while at < to {
+            let n = (to - at).min(CHUNK) as usize;
+            file.read_exact_at(&mut extra[..n], at)?;
+            std::hint::black_box(extra[..n].iter().fold(0u8, |acc, &b| acc | b) == 0);
+            at += n as u64;
+        }
+        Ok(())
+    };
+    for k in 0..chunks {
+        let at = off + k * CHUNK;
+        let n = (off + len - at).min(CHUNK) as usize;
+        file.read_exact_at(&mut buf[..n], at)?;
+        c.writev_all(&mut [IoSlice::new(&buf[..n])])?;
+        let due = roff + (rlen * (k + 1) / chunks) / 4096 * 4096;
+        read_extra(read_to, due)?;
+        read_to = due;
+    }
+    read_extra(read_to, roff + rlen)
+}
+
 /// With `--read-all`, the range of `[bytes, len)` that each of `n`
 /// connections reads besides its send (empty ranges when there is less).
 fn extra_reads(bytes: u64, len: u64, n: usize) -> Vec<(u64, u64)> {
@@ -184,22 +227,30 @@ pub fn raw_send(a: RawArgs) -> Result<()> {
     } else {
         vec![(0, 0); sends.len()]
     };
+    // Read guest RAM the way the migration does: a file of 4 KiB pages
+    // through the file into a buffer, a huge-page one through the mapping.
+    let through_file = src.page_size() == 4096;
+    let file =
+        std::fs::File::open(&a.file).with_context(|| format!("opening {}", a.file.display()))?;
     let start = Instant::now();
     std::thread::scope(|s| -> Result<()> {
         let handles: Vec<_> = sends
             .into_iter()
             .zip(reads)
             .map(|((off, len), (roff, rlen))| {
-                let (uri, src) = (&uri, &src);
+                let (uri, src, file) = (&uri, &src, &file);
                 s.spawn(move || -> Result<()> {
                     let mut c = Connection::connect(uri, Duration::from_secs(5), None)?;
                     c.write_all(&[off.to_be_bytes(), len.to_be_bytes()].concat())?;
-                    let chunks = len.div_ceil(128 * 4096).max(1);
+                    if through_file {
+                        return blast_through_file(&mut c, file, (off, len), (roff, rlen));
+                    }
+                    let chunks = len.div_ceil(CHUNK).max(1);
                     let mut read_to = roff;
                     // Map each 512 KiB with one call, as the migration's
                     // channels do, so both pay the same for first touches.
                     for (k, chunk) in io_slices(src, off, len)?.chunks_mut(128).enumerate() {
-                        src.populate_read(off + k as u64 * 128 * 4096, chunk.len() as u64 * 4096);
+                        src.populate_read(off + k as u64 * CHUNK, chunk.len() as u64 * 4096);
                         c.writev_all(chunk)?;
                         // Interleave the extra reading with the sends.
                         let due = roff + (rlen * (k as u64 + 1) / chunks) / 4096 * 4096;

@@ -15,8 +15,45 @@ use multifd_wire::packet::{Compression, RamPacketHeader};
 
 use crate::config::MethodConfig;
 use crate::error::{Endpoint, Error, Result};
-use crate::ram::PageList;
+use crate::ram::{PageList, Staging};
 use crate::transport::{Connection, IoSlice};
+
+/// The data pages a sending method turns into a payload.
+#[derive(Clone, Copy)]
+pub(crate) enum DataPages<'a, 'p> {
+    /// In guest memory, which the guest may be writing: only copied with
+    /// volatile reads or handed to the kernel.
+    Guest(PageList<'a, 'p>),
+    /// Copies in the channel's own memory (read through the block's file):
+    /// a compressor reads them as they are.
+    Own(&'a Staging),
+}
+
+impl DataPages<'_, '_> {
+    /// Number of pages.
+    pub(crate) fn len(&self) -> usize {
+        match self {
+            DataPages::Guest(list) => list.len(),
+            DataPages::Own(staging) => staging.data_len(),
+        }
+    }
+}
+
+/// The bytes a compressor reads for `pages`: the staged copies as they are,
+/// guest pages first copied into `buf` (the guest may keep writing the
+/// originals).
+fn compressor_input<'a>(
+    pages: DataPages<'a, '_>,
+    buf: &'a mut Vec<u8>,
+) -> Box<dyn Iterator<Item = &'a [u8]> + 'a> {
+    match pages {
+        DataPages::Guest(list) => {
+            gather(list, buf);
+            Box::new(std::iter::once(&buf[..]))
+        }
+        DataPages::Own(staging) => Box::new(staging.data_pages().map(|p| &p[..])),
+    }
+}
 
 /// Sending half of a payload method, one instance per channel.
 pub(crate) trait SendMethod: Send {
@@ -27,7 +64,7 @@ pub(crate) trait SendMethod: Send {
     /// vectors to write after the header and returns the payload size.
     fn prepare<'a>(
         &'a mut self,
-        pages: PageList<'a, '_>,
+        pages: DataPages<'a, '_>,
         iovs: &mut Vec<IoSlice<'a>>,
     ) -> Result<u32>;
 }

@@ -4,7 +4,7 @@
 use multifd_wire::PAGE_SIZE;
 use multifd_wire::packet::{Compression, RamPacketHeader};
 
-use super::{RecvMethod, SendMethod};
+use super::{DataPages, RecvMethod, SendMethod};
 use crate::error::Result;
 use crate::ram::PageList;
 use crate::transport::{Connection, IoSlice};
@@ -18,10 +18,13 @@ impl SendMethod for NoCompSend {
 
     fn prepare<'a>(
         &'a mut self,
-        pages: PageList<'a, '_>,
+        pages: DataPages<'a, '_>,
         iovs: &mut Vec<IoSlice<'a>>,
     ) -> Result<u32> {
-        iovs.extend(pages.iter().map(|page| page.io_slice()));
+        match pages {
+            DataPages::Guest(list) => iovs.extend(list.iter().map(|page| page.io_slice())),
+            DataPages::Own(staging) => iovs.extend(staging.data_slices()),
+        }
         Ok((pages.len() * PAGE_SIZE) as u32)
     }
 }

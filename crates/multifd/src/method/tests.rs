@@ -27,12 +27,25 @@ fn fill(block: &RamBlock, seed: u8) {
     }
 }
 
-fn round_trip(compression: Compression) {
+/// Where the sender takes the pages from.
+#[derive(Clone, Copy, Debug)]
+enum From {
+    /// The guest mapping of anonymous memory.
+    Mapping,
+    /// Copies read through the block's file (a RAM file).
+    File,
+}
+
+fn round_trip(compression: Compression, from: From) {
     let cfg = MethodConfig {
         compression,
         ..MethodConfig::default()
     };
-    let src = RamBlock::anonymous("m0", 300 * 4096).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let src = match from {
+        From::Mapping => RamBlock::anonymous("m0", 300 * 4096).unwrap(),
+        From::File => RamBlock::create_file("m0", &dir.path().join("ram"), 300 * 4096).unwrap(),
+    };
     let dst = RamBlock::anonymous("m0", 300 * 4096).unwrap();
     let (a, b) = UnixStream::pair().unwrap();
     let mut tx = crate::transport::Connection::from_unix_for_tests(a);
@@ -47,7 +60,19 @@ fn round_trip(compression: Compression) {
                 for chunk in (0..300u64).collect::<Vec<_>>().chunks(128) {
                     let offsets: Vec<u64> = chunk.iter().map(|p| p * 4096).collect();
                     let mut iovs = Vec::new();
-                    let pages = src.page_list(&offsets).unwrap();
+                    let mut batch = crate::ram::PageBatch::new(&src, offsets.len());
+                    offsets.iter().for_each(|&o| batch.push(o).unwrap());
+                    let mut staging = crate::ram::Staging::default();
+                    let mut order = Vec::new();
+                    let pages = match from {
+                        From::Mapping => DataPages::Guest(src.page_list(&offsets).unwrap()),
+                        From::File => {
+                            // Without zero-page detection: every page, in order.
+                            let n = staging.read(&batch, false, &mut order).unwrap().unwrap();
+                            assert_eq!((n, &order), (offsets.len(), &offsets));
+                            DataPages::Own(&staging)
+                        }
+                    };
                     let size = send.prepare(pages, &mut iovs).unwrap();
                     let mut hdr = [0u8; RAM_PACKET_HEADER_SIZE];
                     RamPacketEncoder {
@@ -81,7 +106,7 @@ fn round_trip(compression: Compression) {
                 let (mut x, mut y) = ([0u8; PAGE_SIZE], [0u8; PAGE_SIZE]);
                 src.read_page(p * 4096, &mut x).unwrap();
                 dst.read_page(p * 4096, &mut y).unwrap();
-                assert!(x == y, "page {p} differs ({compression})");
+                assert!(x == y, "page {p} differs ({compression}, {from:?})");
             }
             std::io::Write::write_all(&mut rx, &[1]).unwrap();
         }
@@ -90,17 +115,20 @@ fn round_trip(compression: Compression) {
 
 #[test]
 fn nocomp_round_trip() {
-    round_trip(Compression::None);
+    round_trip(Compression::None, From::Mapping);
+    round_trip(Compression::None, From::File);
 }
 
 #[test]
 fn zlib_round_trip() {
-    round_trip(Compression::Zlib);
+    round_trip(Compression::Zlib, From::Mapping);
+    round_trip(Compression::Zlib, From::File);
 }
 
 #[test]
 fn zstd_round_trip() {
-    round_trip(Compression::Zstd);
+    round_trip(Compression::Zstd, From::Mapping);
+    round_trip(Compression::Zstd, From::File);
 }
 
 #[test]
@@ -147,7 +175,10 @@ fn payload_of(compression: Compression, src: &RamBlock, pages: &[u64]) -> Vec<u8
     let mut send = new_send(&cfg).unwrap();
     let mut iovs = Vec::new();
     let n = send
-        .prepare(src.page_list(&offsets).unwrap(), &mut iovs)
+        .prepare(
+            DataPages::Guest(src.page_list(&offsets).unwrap()),
+            &mut iovs,
+        )
         .unwrap();
     tx.writev_all(&mut iovs).unwrap();
     let mut out = vec![0u8; n as usize];

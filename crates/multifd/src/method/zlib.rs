@@ -2,7 +2,8 @@
 //! header, never finished) per channel for the whole migration; the pages of
 //! a packet are fed without flushing and the packet ends with a sync flush,
 //! so its payload ends in `00 00 ff ff` and decodes given the packets
-//! before it. The sender feeds a packet's pages in one call (QEMU feeds
+//! before it. The sender feeds a packet's pages in one call, or page by page
+//! when they were read through the RAM file (QEMU feeds
 //! them one by one); how the input was cut does not matter to a receiver.
 //!
 //! The stream is never finished, so its Adler-32 trailer is never written
@@ -16,7 +17,10 @@ use flate2::{Compress, Compression as Level, Decompress, FlushCompress, FlushDec
 use multifd_wire::PAGE_SIZE;
 use multifd_wire::packet::{Compression, MAX_COMPRESSED_PAYLOAD, RamPacketHeader};
 
-use super::{RecvMethod, SendMethod, compression_failed, corrupt, gather, read_payload, scatter};
+use super::{
+    DataPages, RecvMethod, SendMethod, compression_failed, compressor_input, corrupt, read_payload,
+    scatter,
+};
 use crate::error::{Error, Result};
 use crate::ram::PageList;
 use crate::transport::{Connection, IoSlice};
@@ -57,27 +61,36 @@ impl SendMethod for ZlibSend {
 
     fn prepare<'a>(
         &'a mut self,
-        pages: PageList<'a, '_>,
+        pages: DataPages<'a, '_>,
         iovs: &mut Vec<IoSlice<'a>>,
     ) -> Result<u32> {
-        gather(pages, &mut self.input);
         self.out.clear();
         if let Some(header) = self.header.take() {
             self.out.extend_from_slice(&header);
         }
-        let start = self.z.total_in();
-        loop {
-            if self.out.capacity() - self.out.len() < 64 * 1024 {
-                self.out.reserve(64 * 1024);
-            }
-            let consumed = (self.z.total_in() - start) as usize;
-            self.z
-                .compress_vec(&self.input[consumed..], &mut self.out, FlushCompress::Sync)
-                .map_err(|e| compression_failed("zlib", e))?;
-            let all_in = (self.z.total_in() - start) as usize == self.input.len();
-            // The sync flush is complete once it did not fill the output.
-            if all_in && self.out.len() < self.out.capacity() {
-                break;
+        let mut input = compressor_input(pages, &mut self.input).peekable();
+        while let Some(chunk) = input.next() {
+            // The packet's last input ends with the sync flush.
+            let flush = if input.peek().is_some() {
+                FlushCompress::None
+            } else {
+                FlushCompress::Sync
+            };
+            let start = self.z.total_in();
+            loop {
+                if self.out.capacity() - self.out.len() < 64 * 1024 {
+                    self.out.reserve(64 * 1024);
+                }
+                let consumed = (self.z.total_in() - start) as usize;
+                self.z
+                    .compress_vec(&chunk[consumed..], &mut self.out, flush)
+                    .map_err(|e| compression_failed("zlib", e))?;
+                let all_in = (self.z.total_in() - start) as usize == chunk.len();
+                // All is in (and a sync flush complete) once the output
+                // was not filled.
+                if all_in && self.out.len() < self.out.capacity() {
+                    break;
+                }
             }
         }
         if self.out.len() > MAX_COMPRESSED_PAYLOAD as usize {
@@ -242,7 +255,7 @@ mod tests {
             let offsets: Vec<u64> = packet.iter().map(|p| p * PAGE_SIZE as u64).collect();
             let pages = block.page_list(&offsets).unwrap();
             let mut iovs = Vec::new();
-            let n = send.prepare(pages, &mut iovs).unwrap() as usize;
+            let n = send.prepare(DataPages::Guest(pages), &mut iovs).unwrap() as usize;
             tx.writev_all(&mut iovs).unwrap();
             let mut got = vec![0u8; n];
             b.read_exact(&mut got).unwrap();

@@ -5,13 +5,14 @@
 use multifd_wire::PAGE_SIZE;
 use multifd_wire::packet::{Compression, MAX_COMPRESSED_PAYLOAD, RamPacketHeader};
 
-use super::{RecvMethod, SendMethod, compression_failed, corrupt, read_payload};
+use super::{DataPages, RecvMethod, SendMethod, compression_failed, corrupt, read_payload};
 use crate::error::{Error, Result};
 use crate::ram::{PageCompressor, PageDecompressor, PageList};
 use crate::transport::{Connection, IoSlice};
 
 /// The sending half: pages are compressed straight from guest RAM, one
-/// run of consecutive pages per call, as QEMU feeds its pages.
+/// run of consecutive pages per call, as QEMU feeds its pages, or, when
+/// they were read through the RAM file, from the channel's buffer.
 pub(super) struct ZstdSend {
     z: PageCompressor,
     out: Vec<u8>,
@@ -38,18 +39,28 @@ impl SendMethod for ZstdSend {
 
     fn prepare<'a>(
         &'a mut self,
-        pages: PageList<'a, '_>,
+        pages: DataPages<'a, '_>,
         iovs: &mut Vec<IoSlice<'a>>,
     ) -> Result<u32> {
         let fail = |e: &str| compression_failed("zstd", e);
         let mut len = 0;
-        for run in pages.runs() {
-            if !self
-                .z
-                .compress_run(run, &mut self.out, &mut len)
-                .map_err(fail)?
-            {
-                return Err(too_big());
+        let fits = |fed: std::result::Result<bool, &str>| -> Result<()> {
+            if fed.map_err(fail)? {
+                Ok(())
+            } else {
+                Err(too_big())
+            }
+        };
+        match pages {
+            DataPages::Guest(list) => {
+                for run in list.runs() {
+                    fits(self.z.compress_run(run, &mut self.out, &mut len))?;
+                }
+            }
+            DataPages::Own(staging) => {
+                for page in staging.data_pages() {
+                    fits(self.z.compress_bytes(page, &mut self.out, &mut len))?;
+                }
             }
         }
         if !self.z.flush(&mut self.out, &mut len).map_err(fail)? {

@@ -18,6 +18,7 @@ mod block;
 mod holes;
 mod page;
 mod received;
+mod staged;
 mod write_tracker;
 mod zero;
 mod zstd_pages;
@@ -28,6 +29,7 @@ pub(crate) use block::{
 };
 pub(crate) use holes::Holes;
 pub(crate) use page::{PageBatch, PageList, PageRun};
+pub(crate) use staged::Staging;
 pub use write_tracker::{WriteTracker, WriteTrackerError};
 pub(crate) use zstd_pages::{PageCompressor, PageDecompressor};
 

@@ -534,6 +534,16 @@ impl<'b> PageBatch<'b> {
         self.offsets.is_empty()
     }
 
+    /// The block the pages are of.
+    pub(crate) fn block(&self) -> &'b RamBlock {
+        self.block
+    }
+
+    /// The pages' offsets, in the order they were added.
+    pub(super) fn offsets(&self) -> &[u64] {
+        &self.offsets
+    }
+
     /// Whether the batch's `i`-th page is known to be zero.
     pub(crate) fn is_known_zero(&self, i: usize) -> bool {
         bit(&self.known_zero, i)

@@ -23,6 +23,21 @@ const STEP: usize = 256;
 /// Alignment every page handed to [`page_is_zero`] has (the widest load).
 pub(crate) const SCAN_ALIGN: usize = 64;
 
+/// One page of this process's own memory (not guest memory), aligned
+/// as the scan wants it (and as `O_DIRECT` would).
+#[repr(C, align(4096))]
+pub(crate) struct OwnPage(pub(crate) [u8; PAGE_SIZE]);
+
+impl OwnPage {
+    /// Whether every byte is zero.
+    pub(crate) fn is_zero(&self) -> bool {
+        // SAFETY: the pointer is to this page's own PAGE_SIZE bytes,
+        // 4096-byte aligned (the type's alignment, a multiple of
+        // SCAN_ALIGN), borrowed shared for the call so nothing writes them.
+        unsafe { page_is_zero(self.0.as_ptr()) }
+    }
+}
+
 /// Whether the [`PAGE_SIZE`] bytes at `page` are all zero.
 ///
 /// # Safety

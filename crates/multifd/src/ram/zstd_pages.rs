@@ -118,17 +118,45 @@ impl PageCompressor {
         out: &mut [u8],
         out_pos: &mut usize,
     ) -> std::result::Result<bool, &'static str> {
-        let len = run.len() as usize;
+        // SAFETY: the run's `len` bytes lie inside the block's mapping,
+        // which stays mapped (and readable) while `run` borrows the block.
+        // The guest may write them meanwhile: libzstd only reads them,
+        // through a raw pointer, and no Rust reference to guest memory
+        // exists.
+        unsafe { self.feed(run.ptr(), run.len() as usize, out, out_pos) }
+    }
+
+    /// As [`PageCompressor::compress_run`], for bytes of this process's
+    /// own memory (pages read through a RAM file).
+    pub(crate) fn compress_bytes(
+        &mut self,
+        input: &[u8],
+        out: &mut [u8],
+        out_pos: &mut usize,
+    ) -> std::result::Result<bool, &'static str> {
+        // SAFETY: `input` is a slice we borrow: valid for reads of its
+        // length for the call.
+        unsafe { self.feed(input.as_ptr(), input.len(), out, out_pos) }
+    }
+
+    /// Feeds `len` bytes at `input` ("continue"), appending at
+    /// `out[*out_pos..]`; `Ok(false)` if `out` filled up.
+    ///
+    /// # Safety
+    /// `input` must be valid for reads of `len` bytes for the call.
+    unsafe fn feed(
+        &mut self,
+        input: *const u8,
+        len: usize,
+        out: &mut [u8],
+        out_pos: &mut usize,
+    ) -> std::result::Result<bool, &'static str> {
         let mut pos = 0;
         while pos < len {
-            // SAFETY: the run's `len` bytes lie inside the block's mapping,
-            // which stays mapped (and readable) while `run` borrows the
-            // block. The guest may write them meanwhile: libzstd only reads
-            // them, through a raw pointer, and no Rust reference to guest
-            // memory exists.
+            // SAFETY: the caller's contract.
             unsafe {
                 self.step(
-                    run.ptr(),
+                    input,
                     len,
                     &mut pos,
                     out,

@@ -12,8 +12,8 @@ use super::rate_limit::RateLimiter;
 use crate::config::ZeroPageDetection;
 use crate::error::{Endpoint, Error, Result};
 use crate::lifecycle::Abort;
-use crate::method::SendMethod;
-use crate::ram::PageBatch;
+use crate::method::{DataPages, SendMethod};
+use crate::ram::{PageBatch, Staging};
 use crate::stats::Progress;
 use crate::transport::{Connection, IoSlice};
 
@@ -42,9 +42,12 @@ impl ChannelWorker<'_, '_> {
     pub(super) fn run(mut self, jobs: JobQueue<'_>) -> Result<()> {
         let mut header: Box<Header> = Box::new([0; RAM_PACKET_HEADER_SIZE]);
         let mut offsets: Vec<u64> = Vec::with_capacity(PAGES_PER_PACKET);
+        let mut staging = Staging::default();
         while let Some(job) = jobs.next() {
             match job {
-                Job::Pages(batch) => self.send_pages(&batch, &mut header, &mut offsets)?,
+                Job::Pages(batch) => {
+                    self.send_pages(&batch, &mut header, &mut offsets, &mut staging)?;
+                }
                 Job::Sync => self.send_sync(&mut header)?,
             }
         }
@@ -58,17 +61,30 @@ impl ChannelWorker<'_, '_> {
         batch: &PageBatch<'_>,
         header: &mut Header,
         offsets: &mut Vec<u64>,
+        staging: &mut Staging,
     ) -> Result<()> {
-        let pages = batch.as_list();
         // Zero-page detection on this thread: data pages first, zero pages
         // after them (QEMU's multifd_send_zero_page_detect()). Pages the
-        // driver found in holes of the block's file are neither mapped nor
-        // scanned.
+        // driver found in holes of the block's file are neither read nor
+        // scanned. A block that is a shared mapping of a file of 4 KiB
+        // pages is read through the file into the channel's own buffer
+        // (see `Staging`), anything else through its mapping.
         let detect = self.zero_pages == ZeroPageDetection::Multifd;
-        batch.populate_read(detect);
         let compression = self.method.compression();
-        let (sorted, normal) = batch.zero_pages_last(detect, offsets);
-        let (data, _) = sorted.split_at(normal);
+        let (sorted, normal, data) = match staging.read(batch, detect, offsets) {
+            Some(read) => {
+                let normal = read.map_err(|e| {
+                    Error::io(format!("multifd channel {}: reading guest RAM", self.id), e)
+                })?;
+                (&offsets[..], normal, DataPages::Own(staging))
+            }
+            None => {
+                batch.populate_read(detect);
+                let (sorted, normal) = batch.zero_pages_last(detect, offsets);
+                let (data, _) = sorted.split_at(normal);
+                (sorted.offsets(), normal, DataPages::Guest(data))
+            }
+        };
         let mut iovs: Vec<IoSlice<'_>> = Vec::with_capacity(normal + 1);
         iovs.push(IoSlice::new(&[]));
         // A packet of zero pages only has no payload (QEMU skips the method
@@ -83,8 +99,8 @@ impl ChannelWorker<'_, '_> {
             compression,
             sync: false,
             packet_num: self.packet_num.fetch_add(1, Ordering::Relaxed),
-            ramblock: pages.block().name(),
-            offsets: sorted.offsets(),
+            ramblock: batch.block().name(),
+            offsets: sorted,
             normal_pages: normal,
             next_packet_size: payload,
         }
