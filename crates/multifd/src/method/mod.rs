@@ -6,6 +6,7 @@
 //! migration, as QEMU frames it). Zero-page detection has already run: a
 //! method only sees normal pages.
 
+mod incompressible;
 mod nocomp;
 mod zlib;
 mod zstd;

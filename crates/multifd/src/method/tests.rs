@@ -204,7 +204,7 @@ fn load_into(
 
 /// Loads `payload` as the next packet of `recv` for the pages `pages`
 /// (indices) of `dst`.
-fn load_with(
+pub(super) fn load_with(
     recv: &mut dyn RecvMethod,
     compression: Compression,
     dst: &RamBlock,
