@@ -348,6 +348,33 @@ fn plan_block(
     }
 }
 
+/// The parts of a read of pages `first..first + pages` stepping over
+/// `holes` (ascending, inside the read, neither at its start nor at its
+/// end), in order: each a range of pages and whether it is present (read
+/// for guest RAM) or a hole (its bytes discarded). Together they cover the
+/// read exactly once.
+fn parts(
+    first: u64,
+    pages: u64,
+    holes: &[Hole],
+) -> impl Iterator<Item = (std::ops::Range<u64>, bool)> + '_ {
+    let last = Hole {
+        first: first + pages,
+        pages: 0,
+    };
+    let mut k = first;
+    holes
+        .iter()
+        .copied()
+        .chain(std::iter::once(last))
+        .flat_map(move |h| {
+            let present = (h.first > k).then_some((k..h.first, true));
+            let hole = (h.pages > 0).then_some((h.first..h.first + h.pages, false));
+            k = h.first + h.pages;
+            present.into_iter().chain(hole)
+        })
+}
+
 /// Consecutive pieces grouped to about [`GROUP_BYTES`]: `groups[g]..groups[g + 1]`.
 fn group(pieces: &[Piece]) -> Vec<usize> {
     let mut bounds = vec![0];
@@ -446,24 +473,16 @@ impl Loader<'_, '_> {
         holes: &[Hole],
     ) -> Result<()> {
         let ram = &self.ram.blocks()[self.indices[block]];
-        let end = first + pages;
         let mut present = Vec::with_capacity(holes.len() + 1);
         let mut iovs = Vec::with_capacity(2 * holes.len() + 1);
-        let mut k = first;
-        let last = Hole {
-            first: end,
-            pages: 0,
-        };
-        for h in holes.iter().chain(std::iter::once(&last)) {
-            if h.first > k {
-                let run = ram.page_run(k * PAGE_SIZE_U64, h.first - k)?;
+        for (part, is_present) in parts(first, pages, holes) {
+            if is_present {
+                let run = ram.page_run(part.start * PAGE_SIZE_U64, part.end - part.start)?;
                 iovs.push(run.io_slice_mut()?);
                 present.push(run);
+            } else {
+                iovs.push(discard.page_run(0, part.end - part.start)?.io_slice_mut()?);
             }
-            if h.pages > 0 {
-                iovs.push(discard.page_run(0, h.pages)?.io_slice_mut()?);
-            }
-            k = h.first + h.pages;
         }
         self.pread(block, first, &mut iovs[..])?;
         drop(iovs);
@@ -493,16 +512,10 @@ impl Loader<'_, '_> {
             first,
             &mut [buffer.page_run(0, pages)?.io_slice_mut()?],
         )?;
-        let end = first + pages;
-        let last = Hole {
-            first: end,
-            pages: 0,
-        };
-        let mut k = first;
-        for h in holes.iter().chain(std::iter::once(&last)) {
-            if h.first > k {
-                let run = ram.page_run(k * PAGE_SIZE_U64, h.first - k)?;
-                let bytes = buffer.page_run((k - first) * PAGE_SIZE_U64, run.pages())?;
+        for (part, is_present) in parts(first, pages, holes) {
+            if is_present {
+                let run = ram.page_run(part.start * PAGE_SIZE_U64, part.end - part.start)?;
+                let bytes = buffer.page_run((part.start - first) * PAGE_SIZE_U64, run.pages())?;
                 sys::pwritev_all(fd, start + run.offset(), &mut [bytes.io_slice()]).map_err(
                     |e| {
                         let path = ram.path().unwrap_or(Path::new("?"));
@@ -523,7 +536,6 @@ impl Loader<'_, '_> {
                 )?;
                 self.received(&run);
             }
-            k = h.first + h.pages;
         }
         Ok(())
     }
@@ -622,6 +634,23 @@ mod tests {
                         }
                         k = h.first + h.pages;
                     }
+                    // The parts cover the read exactly once, in order,
+                    // holes exactly where the plan has them.
+                    let mut at = first;
+                    let mut hole_parts = Vec::new();
+                    for (part, is_present) in parts(first, pages, holes) {
+                        assert_eq!(part.start, at);
+                        assert!(part.end > part.start);
+                        if !is_present {
+                            hole_parts.push(Hole {
+                                first: part.start,
+                                pages: part.end - part.start,
+                            });
+                        }
+                        at = part.end;
+                    }
+                    assert_eq!(at, end);
+                    assert_eq!(hole_parts, holes);
                     let in_hole = |q: u64| {
                         holes
                             .iter()
