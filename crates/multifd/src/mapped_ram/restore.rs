@@ -416,8 +416,9 @@ impl Loader<'_, '_> {
         // Every hole of a read is read into its start; nothing reads it.
         let discard = RamBlock::anonymous("discard", MAX_HOLE_READ_OVER * PAGE_SIZE_U64)?;
         // Where a whole stretch is read before its present runs are
-        // written to a RAM file (page-aligned, as `O_DIRECT` needs); made
-        // on first use.
+        // written to a RAM file (page-aligned, as `O_DIRECT` needs; in huge
+        // pages where the kernel gives them, which makes direct reads much
+        // cheaper, see `RamBlock::anonymous_buffer`); made on first use.
         let mut buffer: Option<RamBlock> = None;
         loop {
             if self.abort.is_aborted() {
@@ -439,7 +440,7 @@ impl Loader<'_, '_> {
                         match self.through[block] {
                             Some((fd, start)) => {
                                 if buffer.is_none() {
-                                    buffer = Some(RamBlock::anonymous("buffer", MAX_READ)?);
+                                    buffer = Some(RamBlock::anonymous_buffer("buffer", MAX_READ)?);
                                 }
                                 let buffer = buffer.as_ref().expect("made above");
                                 self.copy(buffer, (fd, start), block, first, pages, holes)?;
