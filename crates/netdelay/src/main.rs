@@ -7,6 +7,8 @@
 //! or the owning process exiting) or until a device fails. The caller sets
 //! addresses, MTU and routes on the devices (`ip link set DEV up`).
 
+#![forbid(unsafe_code)]
+
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
