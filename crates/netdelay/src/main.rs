@@ -161,7 +161,7 @@ fn run(a: Args) -> Result<(), Box<dyn std::error::Error>> {
             .collect::<Vec<_>>()
     });
     let mut failed = None;
-    for r in results {
+    for (dir, r) in ["src->dst", "dst->src"].into_iter().zip(results) {
         match r {
             Ok(st) => {
                 let late_us = st.late_ns as f64 / st.delivered.max(1) as f64 / 1e3;
@@ -171,7 +171,7 @@ fn run(a: Args) -> Result<(), Box<dyn std::error::Error>> {
                     queue_drops = st.queue_drops,
                     output_drops = st.output_drops,
                     mean_late_us = format_args!("{late_us:.1}"),
-                    "direction done"
+                    "direction done {dir}:"
                 );
             }
             Err(e) => failed = Some(e),
