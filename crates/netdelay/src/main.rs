@@ -41,6 +41,11 @@ struct Args {
     /// Round-trip time in milliseconds; each direction delays by half of it.
     #[arg(long)]
     rtt_ms: f64,
+    /// Stop sleeping this many microseconds before a packet is due and poll
+    /// instead: precise delays for CPU (a busy CPU per direction while packets
+    /// are in flight); 0 sleeps to the due time.
+    #[arg(long, default_value_t = 0)]
+    spin_us: u64,
 }
 
 fn parse_rate(s: &str) -> Result<u64, String> {
@@ -109,6 +114,7 @@ fn run(a: Args) -> Result<(), Box<dyn std::error::Error>> {
     }
     let stop = AtomicBool::new(false);
     let clock = Clock::new();
+    let spin = std::time::Duration::from_micros(a.spin_us);
     let dirs = [
         Direction {
             name: "src->dst".into(),
@@ -116,6 +122,7 @@ fn run(a: Args) -> Result<(), Box<dyn std::error::Error>> {
             output: &dst_tun,
             link: Link::new(params),
             clock,
+            spin,
         },
         Direction {
             name: "dst->src".into(),
@@ -123,6 +130,7 @@ fn run(a: Args) -> Result<(), Box<dyn std::error::Error>> {
             output: &src_tun,
             link: Link::new(params),
             clock,
+            spin,
         },
     ];
     let results = std::thread::scope(|s| {
