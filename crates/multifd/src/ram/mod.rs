@@ -29,7 +29,7 @@ pub(crate) use block::{
 };
 pub(crate) use holes::Holes;
 pub(crate) use page::{PageBatch, PageList, PageRun};
-pub(crate) use staged::Staging;
+pub(crate) use staged::{StagedRun, Staging};
 pub use write_tracker::{WriteTracker, WriteTrackerError};
 pub(crate) use zstd_pages::{PageCompressor, PageDecompressor};
 
