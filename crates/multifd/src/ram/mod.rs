@@ -19,6 +19,8 @@ mod holes;
 mod page;
 mod received;
 mod staged;
+#[cfg(test)]
+mod test_files;
 mod write_tracker;
 mod zero;
 mod zstd_pages;

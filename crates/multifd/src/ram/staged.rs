@@ -229,31 +229,17 @@ fn stretch_len(batch: &PageBatch<'_>, from: usize, max: usize, detect: bool) -> 
 
 #[cfg(test)]
 mod tests {
-    use std::os::unix::fs::FileExt;
-
     use super::*;
+    use crate::ram::test_files::{pattern, sparse};
     use crate::ram::{Access, RamBlock};
 
     const P: u64 = PAGE_SIZE_U64;
 
-    /// Page `p`'s pattern: never all zero.
-    fn pattern(p: u64) -> [u8; PAGE_SIZE] {
-        let mut page = [0u8; PAGE_SIZE];
-        for (i, b) in page.iter_mut().enumerate() {
-            *b = (p as u8).wrapping_mul(37) ^ (i as u8) | 1;
-        }
-        page
-    }
-
     /// A 16-page RAM file whose even pages carry their pattern and odd
     /// pages are zero, opened as a block like `--ram` opens it.
     fn block(dir: &std::path::Path) -> RamBlock {
-        let path = dir.join("ram");
-        let f = std::fs::File::create(&path).unwrap();
-        f.set_len(16 * P).unwrap();
-        for p in (0..16).step_by(2) {
-            f.write_all_at(&pattern(p), p * P).unwrap();
-        }
+        let even: Vec<u64> = (0..16).step_by(2).collect();
+        let path = sparse(dir, 16, &even, &[]);
         RamBlock::open_file("m0", &path, Access::ReadOnly, None).unwrap()
     }
 
