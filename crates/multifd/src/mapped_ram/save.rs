@@ -338,8 +338,7 @@ impl PageWriter<'_> {
             // data page to a data page.
             let flush = |pages: Range<usize>| -> Result<()> {
                 let at = first + pages.start as u64 * PAGE_SIZE_U64;
-                let mut iovs: Vec<IoSlice<'_>> = staging.slices(pages).collect();
-                self.pwrite(layout, at, &mut iovs)
+                self.pwrite(layout, at, &mut [staging.run_bytes(pages)])
             };
             let mut pending: Option<Range<usize>> = None;
             for StagedRun { pages, zero: z } in staging.runs(n, self.detect) {

@@ -68,7 +68,7 @@ pub(crate) struct StagedRun {
 }
 
 impl Staging {
-    /// Reads the batch's pages through the block's file (one `preadv` per
+    /// Reads the batch's pages through the block's file (one `pread` per
     /// run of consecutive offsets), except those known to be zero when
     /// `detect` is set, then sorts them as
     /// [`PageBatch::zero_pages_last`] does: fills `out` with the offsets,
@@ -120,11 +120,11 @@ impl Staging {
     }
 
     /// Reads one stretch of the batch through the block's file, with one
-    /// `preadv`, into the start of the buffer: the pages from index `from`
+    /// `pread`, into the start of the buffer: the pages from index `from`
     /// on whose offsets follow each other, at most `max` of them, stopping
     /// before a page known to be zero when `detect` is set (page `from`
     /// itself must not be one). Returns the stretch's length; its pages'
-    /// bytes are then [`Staging::slices`] and its runs
+    /// bytes are then [`Staging::run_bytes`] and its runs
     /// [`Staging::runs`]. `None` (nothing read) unless the block is a
     /// shared mapping of a file this crate opened, whatever its page size.
     pub(crate) fn read_stretch(
@@ -168,14 +168,10 @@ impl Staging {
         })
     }
 
-    /// The buffer's pages `pages`.
-    fn pages(&self, pages: Range<usize>) -> impl Iterator<Item = &[u8; PAGE_SIZE]> + '_ {
-        self.pages[pages].iter().map(|p| &p.0)
-    }
-
-    /// The buffer's pages `pages` as I/O vectors (one per page), to write.
-    pub(crate) fn slices(&self, pages: Range<usize>) -> impl Iterator<Item = IoSlice<'_>> + '_ {
-        self.pages(pages).map(|p| IoSlice::new(p))
+    /// The buffer's pages `pages`, one after the other, as one I/O vector
+    /// to write (4096-byte aligned, as direct I/O wants).
+    pub(crate) fn run_bytes(&self, pages: Range<usize>) -> IoSlice<'_> {
+        IoSlice::new(OwnPage::bytes(&self.pages[pages]))
     }
 
     /// Number of data pages of the last [`Staging::read`].
@@ -203,11 +199,8 @@ impl Staging {
 
     /// Reads the file `fd` from `at` into the buffer's pages `slots`.
     fn fill(&mut self, fd: RawFd, at: u64, slots: Range<usize>) -> io::Result<()> {
-        let mut iovs: Vec<IoSliceMut<'_>> = self.pages[slots]
-            .iter_mut()
-            .map(|p| IoSliceMut::new(&mut p.0))
-            .collect();
-        sys::preadv_exact(fd, at, &mut iovs)
+        let into = IoSliceMut::new(OwnPage::bytes_mut(&mut self.pages[slots]));
+        sys::preadv_exact(fd, at, &mut [into])
     }
 }
 
@@ -324,7 +317,7 @@ mod tests {
                 run(3..4, true)
             ]
         );
-        let bytes: Vec<Vec<u8>> = staging.pages(2..3).map(|s| s.to_vec()).collect();
+        let bytes: Vec<Vec<u8>> = staging.pages[2..3].iter().map(|p| p.0.to_vec()).collect();
         assert_eq!(bytes, [pattern(2).to_vec()]);
         // Without detection, one run of data; at most `max` pages.
         let n = staging.read_stretch(&batch, 0, 3, false).unwrap().unwrap();
@@ -360,13 +353,10 @@ mod tests {
         let mut staging = Staging::default();
         let n = staging.read_stretch(&batch, 0, 16, true).unwrap().unwrap();
         assert_eq!(n, 16);
-        for page in staging.pages(0..n) {
-            assert!(page.as_ptr().addr().is_multiple_of(4096));
+        for page in &staging.pages[0..n] {
+            assert!(page.0.as_ptr().addr().is_multiple_of(4096));
         }
-        assert_eq!(
-            staging.slices(0..n).map(|s| s.len()).sum::<usize>(),
-            n * PAGE_SIZE
-        );
+        assert_eq!(staging.run_bytes(0..n).len(), n * PAGE_SIZE);
     }
 
     #[test]
