@@ -155,7 +155,8 @@ mod tests {
         });
         let took = started.elapsed();
         assert!(took >= Duration::from_millis(100), "{took:?}");
-        assert!(took < Duration::from_secs(2), "{took:?}");
+        // A sanity bound only: a loaded machine may be slow to wake.
+        assert!(took < Duration::from_secs(10), "{took:?}");
         match abort.take_error() {
             Some(Error::Stalled {
                 endpoint: Endpoint::Channel(2),

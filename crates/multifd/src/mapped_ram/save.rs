@@ -16,7 +16,8 @@
 //! which every reader refuses.
 
 use std::fs::File;
-use std::os::fd::{AsRawFd, RawFd};
+use std::ops::Range;
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::Instant;
@@ -32,7 +33,7 @@ use super::{FileOptions, FileUri};
 use crate::config::ZeroPageDetection;
 use crate::error::{Error, Result};
 use crate::lifecycle::{self, Abort, Watchdog};
-use crate::ram::{self, GuestRam, PageBatch, RamBlock};
+use crate::ram::{self, GuestRam, PageBatch, RamBlock, StagedRun, Staging};
 use crate::source::rate_limit::RateLimiter;
 use crate::source::{
     self, Driver, Job, JobQueue, MainStream, SourceOptions, SourceVm, StreamOut, SyncsWritten,
@@ -48,7 +49,7 @@ const BATCH_PAGES: usize = 1024;
 
 /// Most pages read from a RAM file at once before they are written (see
 /// [`PageWriter::copy`]): 256 KiB, so that the buffer is still in the
-/// core's cache when the write copies it out again.
+/// core's cache when the write copies it out again (a batch is 4 MiB).
 const COPY_PAGES: usize = 64;
 
 /// Longest run of zero pages (scanned, in a buffer) a write goes on over
@@ -265,23 +266,17 @@ impl PageWriter<'_> {
     fn run(self, jobs: JobQueue<'_>) -> Result<()> {
         let mut offsets = Vec::with_capacity(BATCH_PAGES);
         // Where pages of a RAM file are read before they are written (see
-        // [`PageWriter::copy`]); made on first use.
-        let mut buffer: Option<RamBlock> = None;
+        // [`PageWriter::copy`]); it grows on first use.
+        let mut staging = Staging::default();
         while let Some(job) = jobs.next() {
             match job {
-                Job::Pages(batch) => match batch.as_list().block().read_through_file() {
-                    Some((src, start)) => {
-                        if buffer.is_none() {
-                            buffer = Some(RamBlock::anonymous(
-                                "buffer",
-                                COPY_PAGES as u64 * PAGE_SIZE_U64,
-                            )?);
-                        }
-                        let buffer = buffer.as_ref().expect("made above");
-                        self.copy(&batch, (src.as_raw_fd(), start), buffer)?;
+                Job::Pages(batch) => {
+                    if batch.as_list().block().read_through_file().is_some() {
+                        self.copy(&batch, &mut staging)?;
+                    } else {
+                        self.write(&batch, &mut offsets)?;
                     }
-                    None => self.write(&batch, &mut offsets)?,
-                },
+                }
                 Job::Sync => self.shared.syncs.add(),
             }
         }
@@ -302,26 +297,20 @@ impl PageWriter<'_> {
 
     /// Writes `bytes` (pages `offset..` of the block) at their place in
     /// the file.
-    fn pwrite(&self, layout: &BlockLayout, offset: u64, bytes: IoSlice<'_>) -> Result<()> {
+    fn pwrite(&self, layout: &BlockLayout, offset: u64, bytes: &mut [IoSlice<'_>]) -> Result<()> {
         let at = layout.pages_offset() + offset;
-        sys::pwritev_all(self.file.as_raw_fd(), at, &mut [bytes])
+        sys::pwritev_all(self.file.as_raw_fd(), at, bytes)
             .map_err(|e| file::direct_io_error(&self.path, self.direct, e, "writing pages to"))
     }
 
-    /// Writes a batch of a block backed by a file this crate mapped
-    /// (`src`, the block at file offset `start`): each stretch of
-    /// consecutive pages is read with one `pread` into `buffer`, scanned
-    /// there, and its runs of data pages written from it, so the guest's
-    /// mapping is never faulted in (on tmpfs that costs more than the
-    /// extra copy through a buffer the cache holds). Where `over_zeros`,
-    /// a write goes on over runs of at most [`WRITE_OVER_ZEROS`] zero
-    /// pages between data pages.
-    fn copy(
-        &self,
-        batch: &PageBatch<'_>,
-        (src, start): (RawFd, u64),
-        buffer: &RamBlock,
-    ) -> Result<()> {
+    /// Writes a batch of a block backed by a file this crate mapped: each
+    /// stretch of consecutive pages (at most [`COPY_PAGES`]) is read with
+    /// one `pread` into `staging`, scanned there, and its runs of data
+    /// pages written from it, so the guest's mapping is never faulted in
+    /// (on tmpfs that costs more than the extra copy through a buffer the
+    /// cache holds). Where `over_zeros`, a write goes on over runs of at
+    /// most [`WRITE_OVER_ZEROS`] zero pages between data pages.
+    fn copy(&self, batch: &PageBatch<'_>, staging: &mut Staging) -> Result<()> {
         let list = batch.as_list();
         let block = list.block();
         let (layout, bitmap) = self.place(block)?;
@@ -337,40 +326,24 @@ impl PageWriter<'_> {
                 continue;
             }
             let first = offsets[i];
-            let mut n = 1;
-            while i + n < offsets.len()
-                && n < COPY_PAGES
-                && offsets[i + n] == first + n as u64 * PAGE_SIZE_U64
-                && !(self.detect && batch.is_known_zero(i + n))
-            {
-                n += 1;
-            }
+            let n = staging
+                .read_stretch(batch, i, COPY_PAGES, self.detect)
+                .ok_or(Error::Internal("a RAM file that cannot be read"))?
+                .map_err(|e| {
+                    let path = block.path().unwrap_or(Path::new("?")).display();
+                    Error::io(format!("reading RAM file {path}"), e)
+                })?;
             i += n;
-            let n = n as u64;
-            let into = buffer.page_run(0, n)?;
-            sys::preadv_exact(src, start + first, &mut [into.io_slice_mut()?]).map_err(|e| {
-                let path = block.path().unwrap_or(Path::new("?")).display();
-                Error::io(format!("reading RAM file {path}"), e)
-            })?;
-            // Runs of data pages (or of zero pages) in the buffer; the
-            // pending write is pages `from..to` of the buffer, from a data
-            // page to a data page.
-            let flush = |(from, to): (u64, u64)| -> Result<()> {
-                let bytes = buffer.page_run(from * PAGE_SIZE_U64, to - from)?;
-                self.pwrite(layout, first + from * PAGE_SIZE_U64, bytes.io_slice())
+            // The pending write is pages `from..to` of the stretch, from a
+            // data page to a data page.
+            let flush = |pages: Range<usize>| -> Result<()> {
+                let at = first + pages.start as u64 * PAGE_SIZE_U64;
+                self.pwrite(layout, at, &mut [staging.run_bytes(pages)])
             };
-            let mut pending: Option<(u64, u64)> = None;
-            let mut k = 0;
-            while k < n {
-                let is_zero = |q: u64| -> Result<bool> {
-                    Ok(self.detect && buffer.page(q * PAGE_SIZE_U64)?.is_zero())
-                };
-                let z = is_zero(k)?;
-                let mut m = 1;
-                while k + m < n && is_zero(k + m)? == z {
-                    m += 1;
-                }
-                let page = first / PAGE_SIZE_U64 + k;
+            let mut pending: Option<Range<usize>> = None;
+            for StagedRun { pages, zero: z } in staging.runs(n, self.detect) {
+                let m = pages.len() as u64;
+                let page = first / PAGE_SIZE_U64 + pages.start as u64;
                 if z {
                     zero += m;
                 } else {
@@ -380,19 +353,21 @@ impl PageWriter<'_> {
                         // Over the short run of zero pages since the last
                         // data: their bytes (zero, as scanned) are written
                         // too, their bit stays clear.
-                        Some((from, to)) if self.over_zeros && k - to <= WRITE_OVER_ZEROS => {
-                            Some((from, k + m))
+                        Some(w)
+                            if self.over_zeros
+                                && (pages.start - w.end) as u64 <= WRITE_OVER_ZEROS =>
+                        {
+                            Some(w.start..pages.end)
                         }
                         other => {
                             if let Some(w) = other {
                                 flush(w)?;
                             }
-                            Some((k, k + m))
+                            Some(pages)
                         }
                     };
                 }
                 bitmap.set_range(page, m, !z);
-                k += m;
             }
             if let Some(w) = pending {
                 flush(w)?;
@@ -411,7 +386,7 @@ impl PageWriter<'_> {
         let (sorted, normal) = batch.zero_pages_last(self.detect, offsets);
         let (data, zeros) = sorted.split_at(normal);
         for run in data.runs() {
-            self.pwrite(layout, run.offset(), run.io_slice())?;
+            self.pwrite(layout, run.offset(), &mut [run.io_slice()])?;
             bitmap.set_range(run.offset() / PAGE_SIZE_U64, run.pages(), true);
             self.progress.add(&self.progress.bytes, run.len());
         }

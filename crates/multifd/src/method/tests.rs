@@ -9,6 +9,49 @@ use multifd_wire::packet::{
 
 use super::*;
 use crate::ram::RamBlock;
+use crate::transport::Connection;
+
+fn cfg(compression: Compression) -> MethodConfig {
+    MethodConfig {
+        compression,
+        ..MethodConfig::default()
+    }
+}
+
+/// Both ends of a connected socket pair.
+fn pair() -> (Connection, Connection) {
+    let (a, b) = UnixStream::pair().unwrap();
+    (
+        Connection::from_unix_for_tests(a),
+        Connection::from_unix_for_tests(b),
+    )
+}
+
+/// The header of a packet of block `m0` whose pages (all data) are at
+/// `offsets`, with a payload of `size` bytes.
+fn header(compression: Compression, offsets: &[u64], size: u32) -> [u8; RAM_PACKET_HEADER_SIZE] {
+    let mut hdr = [0u8; RAM_PACKET_HEADER_SIZE];
+    RamPacketEncoder {
+        compression,
+        sync: false,
+        packet_num: 0,
+        ramblock: "m0",
+        offsets,
+        normal_pages: offsets.len(),
+        next_packet_size: size,
+    }
+    .encode(&mut hdr)
+    .unwrap();
+    hdr
+}
+
+/// Whether page `p` holds the same bytes in `a` and in `b`.
+fn same_page(a: &RamBlock, b: &RamBlock, p: u64) -> bool {
+    let (mut x, mut y) = ([0u8; PAGE_SIZE], [0u8; PAGE_SIZE]);
+    a.read_page(p * 4096, &mut x).unwrap();
+    b.read_page(p * 4096, &mut y).unwrap();
+    x == y
+}
 
 fn fill(block: &RamBlock, seed: u8) {
     for p in 0..block.pages() {
@@ -37,19 +80,14 @@ enum From {
 }
 
 fn round_trip(compression: Compression, from: From) {
-    let cfg = MethodConfig {
-        compression,
-        ..MethodConfig::default()
-    };
+    let cfg = cfg(compression);
     let dir = tempfile::tempdir().unwrap();
     let src = match from {
         From::Mapping => RamBlock::anonymous("m0", 300 * 4096).unwrap(),
         From::File => RamBlock::create_file("m0", &dir.path().join("ram"), 300 * 4096).unwrap(),
     };
     let dst = RamBlock::anonymous("m0", 300 * 4096).unwrap();
-    let (a, b) = UnixStream::pair().unwrap();
-    let mut tx = crate::transport::Connection::from_unix_for_tests(a);
-    let mut rx = crate::transport::Connection::from_unix_for_tests(b);
+    let (mut tx, mut rx) = pair();
     let mut send = new_send(&cfg).unwrap();
     let mut recv = new_recv(&cfg, 0).unwrap();
     std::thread::scope(|s| {
@@ -74,18 +112,7 @@ fn round_trip(compression: Compression, from: From) {
                         }
                     };
                     let size = send.prepare(pages, &mut iovs).unwrap();
-                    let mut hdr = [0u8; RAM_PACKET_HEADER_SIZE];
-                    RamPacketEncoder {
-                        compression,
-                        sync: false,
-                        packet_num: 0,
-                        ramblock: "m0",
-                        offsets: &offsets,
-                        normal_pages: offsets.len(),
-                        next_packet_size: size,
-                    }
-                    .encode(&mut hdr)
-                    .unwrap();
+                    let hdr = header(compression, &offsets, size);
                     iovs.insert(0, crate::transport::IoSlice::new(&hdr));
                     tx.writev_all(&mut iovs).unwrap();
                 }
@@ -103,10 +130,10 @@ fn round_trip(compression: Compression, from: From) {
                 recv.load(&h, pages, &mut rx).unwrap();
             }
             for p in 0..300u64 {
-                let (mut x, mut y) = ([0u8; PAGE_SIZE], [0u8; PAGE_SIZE]);
-                src.read_page(p * 4096, &mut x).unwrap();
-                dst.read_page(p * 4096, &mut y).unwrap();
-                assert!(x == y, "page {p} differs ({compression}, {from:?})");
+                assert!(
+                    same_page(&src, &dst, p),
+                    "page {p} differs ({compression}, {from:?})"
+                );
             }
             std::io::Write::write_all(&mut rx, &[1]).unwrap();
         }
@@ -133,46 +160,17 @@ fn zstd_round_trip() {
 
 #[test]
 fn corrupt_zlib_payload_is_a_typed_error() {
-    let cfg = MethodConfig {
-        compression: Compression::Zlib,
-        ..MethodConfig::default()
-    };
     let dst = RamBlock::anonymous("m0", 4096).unwrap();
-    let (a, b) = UnixStream::pair().unwrap();
-    let mut tx = crate::transport::Connection::from_unix_for_tests(a);
-    let mut rx = crate::transport::Connection::from_unix_for_tests(b);
-    let garbage = vec![0x55u8; 100];
-    std::io::Write::write_all(&mut tx, &garbage).unwrap();
-    let mut hdr = [0u8; RAM_PACKET_HEADER_SIZE];
-    RamPacketEncoder {
-        compression: Compression::Zlib,
-        sync: false,
-        packet_num: 0,
-        ramblock: "m0",
-        offsets: &[0],
-        normal_pages: 1,
-        next_packet_size: 100,
-    }
-    .encode(&mut hdr)
-    .unwrap();
-    let h = RamPacketHeader::decode(&hdr).unwrap();
-    let mut recv = new_recv(&cfg, 3).unwrap();
-    let pages = dst.page_list(h.normal()).unwrap();
-    let err = recv.load(&h, pages, &mut rx).unwrap_err();
+    let err = load_into(Compression::Zlib, &dst, &[0], &[0x55; 100]).unwrap_err();
     assert!(matches!(err, crate::error::Error::Corrupt { .. }), "{err}");
 }
 
 /// The payload `compression` makes of the source pages `pages` (indices)
 /// as the first packet of a channel.
 fn payload_of(compression: Compression, src: &RamBlock, pages: &[u64]) -> Vec<u8> {
-    let cfg = MethodConfig {
-        compression,
-        ..MethodConfig::default()
-    };
     let offsets: Vec<u64> = pages.iter().map(|p| p * 4096).collect();
-    let (a, mut b) = UnixStream::pair().unwrap();
-    let mut tx = crate::transport::Connection::from_unix_for_tests(a);
-    let mut send = new_send(&cfg).unwrap();
+    let (mut tx, mut rx) = pair();
+    let mut send = new_send(&cfg(compression)).unwrap();
     let mut iovs = Vec::new();
     let n = send
         .prepare(
@@ -182,7 +180,7 @@ fn payload_of(compression: Compression, src: &RamBlock, pages: &[u64]) -> Vec<u8
         .unwrap();
     tx.writev_all(&mut iovs).unwrap();
     let mut out = vec![0u8; n as usize];
-    std::io::Read::read_exact(&mut b, &mut out).unwrap();
+    std::io::Read::read_exact(&mut rx, &mut out).unwrap();
     out
 }
 
@@ -194,11 +192,7 @@ fn load_into(
     pages: &[u64],
     payload: &[u8],
 ) -> crate::error::Result<()> {
-    let cfg = MethodConfig {
-        compression,
-        ..MethodConfig::default()
-    };
-    let mut recv = new_recv(&cfg, 1).unwrap();
+    let mut recv = new_recv(&cfg(compression), 1).unwrap();
     load_with(&mut *recv, compression, dst, pages, payload)
 }
 
@@ -212,22 +206,9 @@ pub(super) fn load_with(
     payload: &[u8],
 ) -> crate::error::Result<()> {
     let offsets: Vec<u64> = pages.iter().map(|p| p * 4096).collect();
-    let (a, b) = UnixStream::pair().unwrap();
-    let mut tx = crate::transport::Connection::from_unix_for_tests(a);
-    let mut rx = crate::transport::Connection::from_unix_for_tests(b);
+    let (mut tx, mut rx) = pair();
     std::io::Write::write_all(&mut tx, payload).unwrap();
-    let mut hdr = [0u8; RAM_PACKET_HEADER_SIZE];
-    RamPacketEncoder {
-        compression,
-        sync: false,
-        packet_num: 0,
-        ramblock: "m0",
-        offsets: &offsets,
-        normal_pages: offsets.len(),
-        next_packet_size: payload.len() as u32,
-    }
-    .encode(&mut hdr)
-    .unwrap();
+    let hdr = header(compression, &offsets, payload.len() as u32);
     let h = RamPacketHeader::decode(&hdr).unwrap();
     recv.load(&h, dst.page_list(h.normal()).unwrap(), &mut rx)
 }
@@ -277,11 +258,12 @@ fn a_bad_payload_errors_without_touching_other_pages() {
         let dst = RamBlock::anonymous("m0", 8 * 4096).unwrap();
         load_into(compression, &dst, &packet, &good).unwrap();
         for p in 0..8u64 {
-            let (mut x, mut y) = ([0u8; PAGE_SIZE], [0u8; PAGE_SIZE]);
+            // Pages outside the packet differ, but where the source's is
+            // zero.
+            let mut x = [0u8; PAGE_SIZE];
             src.read_page(p * 4096, &mut x).unwrap();
-            dst.read_page(p * 4096, &mut y).unwrap();
             assert_eq!(
-                x == y,
+                same_page(&src, &dst, p),
                 packet.contains(&p) || x == [0; PAGE_SIZE],
                 "page {p}"
             );
@@ -297,13 +279,9 @@ fn runs_of_zero_only_packets_load() {
     let src = RamBlock::anonymous("m0", 8 * 4096).unwrap();
     fill(&src, 9);
     for compression in [Compression::Zstd, Compression::Zlib] {
-        let cfg = MethodConfig {
-            compression,
-            ..MethodConfig::default()
-        };
         let good = payload_of(compression, &src, &[1, 2]);
         let dst = RamBlock::anonymous("m0", 8 * 4096).unwrap();
-        let mut recv = new_recv(&cfg, 1).unwrap();
+        let mut recv = new_recv(&cfg(compression), 1).unwrap();
         for _ in 0..40 {
             load_with(&mut *recv, compression, &dst, &[], &[]).unwrap();
         }
@@ -312,10 +290,7 @@ fn runs_of_zero_only_packets_load() {
             load_with(&mut *recv, compression, &dst, &[], &[]).unwrap();
         }
         for p in [1u64, 2] {
-            let (mut x, mut y) = ([0u8; PAGE_SIZE], [0u8; PAGE_SIZE]);
-            src.read_page(p * 4096, &mut x).unwrap();
-            dst.read_page(p * 4096, &mut y).unwrap();
-            assert!(x == y, "{compression}: page {p}");
+            assert!(same_page(&src, &dst, p), "{compression}: page {p}");
         }
     }
 }

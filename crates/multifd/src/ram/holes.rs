@@ -155,35 +155,9 @@ mod tests {
 
     use super::*;
     use crate::ram::Access;
-    use multifd_wire::PAGE_SIZE;
+    use crate::ram::test_files::{pattern, sparse};
 
     const P: u64 = PAGE_SIZE_U64;
-
-    /// A patterned page (never all zero).
-    fn pattern(p: u64) -> [u8; PAGE_SIZE] {
-        let mut page = [0u8; PAGE_SIZE];
-        for (i, b) in page.iter_mut().enumerate() {
-            *b = (p as u8).wrapping_mul(31) ^ (i as u8) | 1;
-        }
-        page
-    }
-
-    /// A sparse file of `pages` pages where `data` pages are written:
-    /// patterned, or zeros written out (data to the file system) for the
-    /// pages in `zero_data`.
-    fn sparse(dir: &Path, pages: u64, data: &[u64], zero_data: &[u64]) -> std::path::PathBuf {
-        let path = dir.join("ram");
-        let f = File::create(&path).unwrap();
-        f.set_len(pages * P).unwrap();
-        for &p in data {
-            f.write_all_at(&pattern(p), p * P).unwrap();
-        }
-        for &p in zero_data {
-            f.write_all_at(&[0; PAGE_SIZE], p * P).unwrap();
-        }
-        f.sync_all().unwrap();
-        path
-    }
 
     /// Runs one ascending pass and returns the pages reported as holes.
     fn holes_of(block: &RamBlock) -> (Vec<u64>, u64) {

@@ -19,6 +19,8 @@ mod holes;
 mod page;
 mod received;
 mod staged;
+#[cfg(test)]
+mod test_files;
 mod write_tracker;
 mod zero;
 mod zstd_pages;
@@ -29,7 +31,7 @@ pub(crate) use block::{
 };
 pub(crate) use holes::Holes;
 pub(crate) use page::{PageBatch, PageList, PageRun};
-pub(crate) use staged::Staging;
+pub(crate) use staged::{StagedRun, Staging};
 pub use write_tracker::{WriteTracker, WriteTrackerError};
 pub(crate) use zstd_pages::{PageCompressor, PageDecompressor};
 

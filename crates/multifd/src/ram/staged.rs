@@ -17,9 +17,14 @@
 //! no volatile accesses; a guest writing a page meanwhile gives one of the
 //! page's states, as through the mapping (the page is dirty and is sent
 //! again).
+//!
+//! A mapped-ram save reads the same way, one stretch of consecutive pages
+//! at a time ([`Staging::read_stretch`]), and writes the stretch's runs of
+//! data pages ([`Staging::runs`]) to the file from the buffer.
 
 use std::io;
-use std::os::fd::AsRawFd;
+use std::ops::Range;
+use std::os::fd::{AsRawFd, RawFd};
 
 use multifd_wire::{PAGE_SIZE, PAGE_SIZE_U64};
 
@@ -27,7 +32,11 @@ use super::page::PageBatch;
 use super::zero::OwnPage;
 use crate::transport::{IoSlice, IoSliceMut, sys};
 
-/// A channel's buffer for one batch, reused from batch to batch.
+/// A channel's buffer for one batch (or one stretch of it), reused from
+/// batch to batch.
+///
+/// Its pages are [`OwnPage`]s, 4096-byte aligned each and laid out one
+/// after the other, so a run of its pages can be written with `O_DIRECT`.
 #[derive(Default)]
 pub(crate) struct Staging {
     pages: Vec<OwnPage>,
@@ -35,6 +44,10 @@ pub(crate) struct Staging {
     /// pages of the last [`Staging::read`].
     data: Vec<usize>,
 }
+
+// Direct I/O needs buffers aligned to the device's logical block size,
+// 4096 bytes at most.
+const _: () = assert!(std::mem::align_of::<OwnPage>() >= 4096);
 
 impl std::fmt::Debug for Staging {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -44,8 +57,18 @@ impl std::fmt::Debug for Staging {
     }
 }
 
+/// A run of pages of the last [`Staging::read_stretch`]: consecutive in
+/// the block and in the buffer, all data pages or all zero pages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct StagedRun {
+    /// The stretch's pages this run covers (also the buffer's).
+    pub(crate) pages: Range<usize>,
+    /// Whether they are zero pages (as scanned).
+    pub(crate) zero: bool,
+}
+
 impl Staging {
-    /// Reads the batch's pages through the block's file (one `preadv` per
+    /// Reads the batch's pages through the block's file (one `pread` per
     /// run of consecutive offsets), except those known to be zero when
     /// `detect` is set, then sorts them as
     /// [`PageBatch::zero_pages_last`] does: fills `out` with the offsets,
@@ -65,9 +88,7 @@ impl Staging {
         }
         let offsets = batch.offsets();
         let known_zero = |i: usize| detect && batch.is_known_zero(i);
-        while self.pages.len() < offsets.len() {
-            self.pages.push(OwnPage([0; PAGE_SIZE]));
-        }
+        self.grow(offsets.len());
         let fd = file.as_raw_fd();
         let mut i = 0;
         while i < offsets.len() {
@@ -75,18 +96,8 @@ impl Staging {
                 i += 1;
                 continue;
             }
-            let mut j = i + 1;
-            while j < offsets.len()
-                && offsets[j] == offsets[j - 1] + PAGE_SIZE_U64
-                && !known_zero(j)
-            {
-                j += 1;
-            }
-            let mut iovs: Vec<IoSliceMut<'_>> = self.pages[i..j]
-                .iter_mut()
-                .map(|p| IoSliceMut::new(&mut p.0))
-                .collect();
-            if let Err(e) = sys::preadv_exact(fd, start + offsets[i], &mut iovs) {
+            let j = i + stretch_len(batch, i, usize::MAX, detect);
+            if let Err(e) = self.fill(fd, start + offsets[i], i..j) {
                 return Some(Err(e));
             }
             i = j;
@@ -108,6 +119,61 @@ impl Staging {
         Some(Ok(self.data.len()))
     }
 
+    /// Reads one stretch of the batch through the block's file, with one
+    /// `pread`, into the start of the buffer: the pages from index `from`
+    /// on whose offsets follow each other, at most `max` of them, stopping
+    /// before a page known to be zero when `detect` is set (page `from`
+    /// itself must not be one). Returns the stretch's length; its pages'
+    /// bytes are then [`Staging::run_bytes`] and its runs
+    /// [`Staging::runs`]. `None` (nothing read) unless the block is a
+    /// shared mapping of a file this crate opened, whatever its page size.
+    pub(crate) fn read_stretch(
+        &mut self,
+        batch: &PageBatch<'_>,
+        from: usize,
+        max: usize,
+        detect: bool,
+    ) -> Option<io::Result<usize>> {
+        let (file, start) = batch.block().read_through_file()?;
+        debug_assert!(!(detect && batch.is_known_zero(from)));
+        let n = stretch_len(batch, from, max.max(1), detect);
+        self.grow(n);
+        Some(
+            self.fill(file.as_raw_fd(), start + batch.offsets()[from], 0..n)
+                .map(|()| n),
+        )
+    }
+
+    /// The runs of data pages and of zero pages among the buffer's first
+    /// `n` pages (the stretch [`Staging::read_stretch`] read), in order.
+    /// With `detect` false every page is data.
+    pub(crate) fn runs(&self, n: usize, detect: bool) -> impl Iterator<Item = StagedRun> + '_ {
+        let pages = &self.pages[..n];
+        let is_zero = move |k: usize| detect && pages[k].is_zero();
+        let mut k = 0;
+        std::iter::from_fn(move || {
+            if k == pages.len() {
+                return None;
+            }
+            let zero = is_zero(k);
+            let first = k;
+            k += 1;
+            while k < pages.len() && is_zero(k) == zero {
+                k += 1;
+            }
+            Some(StagedRun {
+                pages: first..k,
+                zero,
+            })
+        })
+    }
+
+    /// The buffer's pages `pages`, one after the other, as one I/O vector
+    /// to write (4096-byte aligned, as direct I/O wants).
+    pub(crate) fn run_bytes(&self, pages: Range<usize>) -> IoSlice<'_> {
+        IoSlice::new(OwnPage::bytes(&self.pages[pages]))
+    }
+
     /// Number of data pages of the last [`Staging::read`].
     pub(crate) fn data_len(&self) -> usize {
         self.data.len()
@@ -123,35 +189,50 @@ impl Staging {
     pub(crate) fn data_slices(&self) -> impl Iterator<Item = IoSlice<'_>> + '_ {
         self.data_pages().map(|p| IoSlice::new(p))
     }
+
+    /// Makes room for at least `pages` pages.
+    fn grow(&mut self, pages: usize) {
+        while self.pages.len() < pages {
+            self.pages.push(OwnPage([0; PAGE_SIZE]));
+        }
+    }
+
+    /// Reads the file `fd` from `at` into the buffer's pages `slots`.
+    fn fill(&mut self, fd: RawFd, at: u64, slots: Range<usize>) -> io::Result<()> {
+        let into = IoSliceMut::new(OwnPage::bytes_mut(&mut self.pages[slots]));
+        sys::preadv_exact(fd, at, &mut [into])
+    }
+}
+
+/// Length of the stretch of `batch` from index `from` (which is not
+/// skipped): the pages whose offsets follow each other, at most `max`,
+/// up to the first page known to be zero when `detect` is set.
+fn stretch_len(batch: &PageBatch<'_>, from: usize, max: usize, detect: bool) -> usize {
+    let offsets = batch.offsets();
+    let mut j = from + 1;
+    while j < offsets.len()
+        && j - from < max
+        && offsets[j] == offsets[j - 1] + PAGE_SIZE_U64
+        && !(detect && batch.is_known_zero(j))
+    {
+        j += 1;
+    }
+    j - from
 }
 
 #[cfg(test)]
 mod tests {
-    use std::os::unix::fs::FileExt;
-
     use super::*;
+    use crate::ram::test_files::{pattern, sparse};
     use crate::ram::{Access, RamBlock};
 
     const P: u64 = PAGE_SIZE_U64;
 
-    /// Page `p`'s pattern: never all zero.
-    fn pattern(p: u64) -> [u8; PAGE_SIZE] {
-        let mut page = [0u8; PAGE_SIZE];
-        for (i, b) in page.iter_mut().enumerate() {
-            *b = (p as u8).wrapping_mul(37) ^ (i as u8) | 1;
-        }
-        page
-    }
-
     /// A 16-page RAM file whose even pages carry their pattern and odd
     /// pages are zero, opened as a block like `--ram` opens it.
     fn block(dir: &std::path::Path) -> RamBlock {
-        let path = dir.join("ram");
-        let f = std::fs::File::create(&path).unwrap();
-        f.set_len(16 * P).unwrap();
-        for p in (0..16).step_by(2) {
-            f.write_all_at(&pattern(p), p * P).unwrap();
-        }
+        let even: Vec<u64> = (0..16).step_by(2).collect();
+        let path = sparse(dir, 16, &even, &[]);
         RamBlock::open_file("m0", &path, Access::ReadOnly, None).unwrap()
     }
 
@@ -207,6 +288,75 @@ mod tests {
         }
         assert_eq!(staging.read(&second, true, &mut out).unwrap().unwrap(), 0);
         assert_eq!(sent(&staging).len(), 0);
+    }
+
+    #[test]
+    fn a_stretch_is_read_at_the_buffer_start_and_split_into_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = block(dir.path());
+        let mut batch = PageBatch::new(&b, 8);
+        for p in [0, 1, 2, 3] {
+            batch.push(p * P).unwrap();
+        }
+        batch.push_known_zero(4 * P).unwrap();
+        for p in [5, 6, 9] {
+            batch.push(p * P).unwrap();
+        }
+        let run = |pages: Range<usize>, zero| StagedRun { pages, zero };
+        let mut staging = Staging::default();
+        // Stops before the page known to be zero.
+        let n = staging.read_stretch(&batch, 0, 64, true).unwrap().unwrap();
+        assert_eq!(n, 4);
+        let runs: Vec<_> = staging.runs(n, true).collect();
+        assert_eq!(
+            runs,
+            [
+                run(0..1, false),
+                run(1..2, true),
+                run(2..3, false),
+                run(3..4, true)
+            ]
+        );
+        let bytes: Vec<Vec<u8>> = staging.pages[2..3].iter().map(|p| p.0.to_vec()).collect();
+        assert_eq!(bytes, [pattern(2).to_vec()]);
+        // Without detection, one run of data; at most `max` pages.
+        let n = staging.read_stretch(&batch, 0, 3, false).unwrap().unwrap();
+        assert_eq!(n, 3);
+        assert_eq!(
+            staging.runs(n, false).collect::<Vec<_>>(),
+            [run(0..3, false)]
+        );
+        // Stops where the offsets stop following each other (6, then 9),
+        // and the page known to be zero is read like any other without
+        // detection.
+        let n = staging.read_stretch(&batch, 4, 64, false).unwrap().unwrap();
+        assert_eq!(n, 3);
+        let n = staging.read_stretch(&batch, 5, 64, true).unwrap().unwrap();
+        assert_eq!(n, 2);
+        assert_eq!(
+            staging.runs(n, true).collect::<Vec<_>>(),
+            [run(0..1, true), run(1..2, false)]
+        );
+        let n = staging.read_stretch(&batch, 7, 64, true).unwrap().unwrap();
+        assert_eq!(n, 1);
+        assert_eq!(staging.runs(n, true).collect::<Vec<_>>(), [run(0..1, true)]);
+    }
+
+    #[test]
+    fn staged_pages_are_aligned_for_direct_io() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = block(dir.path());
+        let mut batch = PageBatch::new(&b, 16);
+        for p in 0..16 {
+            batch.push(p * P).unwrap();
+        }
+        let mut staging = Staging::default();
+        let n = staging.read_stretch(&batch, 0, 16, true).unwrap().unwrap();
+        assert_eq!(n, 16);
+        for page in &staging.pages[0..n] {
+            assert!(page.0.as_ptr().addr().is_multiple_of(4096));
+        }
+        assert_eq!(staging.run_bytes(0..n).len(), n * PAGE_SIZE);
     }
 
     #[test]

@@ -28,7 +28,28 @@ pub(crate) const SCAN_ALIGN: usize = 64;
 #[repr(C, align(4096))]
 pub(crate) struct OwnPage(pub(crate) [u8; PAGE_SIZE]);
 
+// Pages laid out one after the other, without padding.
+const _: () = assert!(std::mem::size_of::<OwnPage>() == PAGE_SIZE);
+
 impl OwnPage {
+    /// The bytes of `pages`, one after the other.
+    pub(crate) fn bytes(pages: &[OwnPage]) -> &[u8] {
+        // SAFETY: `OwnPage` is `repr(C)` over `[u8; PAGE_SIZE]` and exactly
+        // PAGE_SIZE long (asserted above), so a slice of them is
+        // `pages.len() * PAGE_SIZE` initialized bytes; this process's own
+        // memory, borrowed shared for the result's lifetime.
+        unsafe { std::slice::from_raw_parts(pages.as_ptr().cast::<u8>(), size_of_val(pages)) }
+    }
+
+    /// The bytes of `pages`, one after the other, to write into.
+    pub(crate) fn bytes_mut(pages: &mut [OwnPage]) -> &mut [u8] {
+        // SAFETY: as in `bytes`; borrowed exclusively for the result's
+        // lifetime, and any byte value is a valid page.
+        unsafe {
+            std::slice::from_raw_parts_mut(pages.as_mut_ptr().cast::<u8>(), size_of_val(pages))
+        }
+    }
+
     /// Whether every byte is zero.
     pub(crate) fn is_zero(&self) -> bool {
         // SAFETY: the pointer is to this page's own PAGE_SIZE bytes,

@@ -93,12 +93,15 @@ mod tests {
                 });
             }
         });
-        // 15 MiB at 50 MiB/s: 0.3 s, less the 10 ms burst.
+        // 15 MiB at 50 MiB/s: 0.3 s, less the 10 ms burst. Only the lower
+        // bound says the rate held; the upper one is a sanity bound a
+        // loaded machine stays far below.
         let secs = t.elapsed().as_secs_f64();
-        assert!((0.28..0.45).contains(&secs), "{secs} s");
+        assert!((0.28..10.0).contains(&secs), "{secs} s");
+        // Unlimited: 1 TiB goes at once (at 50 MiB/s it would take hours).
         let unlimited = RateLimiter::new(None);
         let t = Instant::now();
         unlimited.take(1 << 40, &abort);
-        assert!(t.elapsed() < Duration::from_millis(5));
+        assert!(t.elapsed() < Duration::from_secs(1));
     }
 }
