@@ -297,9 +297,9 @@ impl PageWriter<'_> {
 
     /// Writes `bytes` (pages `offset..` of the block) at their place in
     /// the file.
-    fn pwrite(&self, layout: &BlockLayout, offset: u64, bytes: &mut [IoSlice<'_>]) -> Result<()> {
+    fn pwrite(&self, layout: &BlockLayout, offset: u64, bytes: IoSlice<'_>) -> Result<()> {
         let at = layout.pages_offset() + offset;
-        sys::pwritev_all(self.file.as_raw_fd(), at, bytes)
+        sys::pwritev_all(self.file.as_raw_fd(), at, &mut [bytes])
             .map_err(|e| file::direct_io_error(&self.path, self.direct, e, "writing pages to"))
     }
 
@@ -338,7 +338,7 @@ impl PageWriter<'_> {
             // data page to a data page.
             let flush = |pages: Range<usize>| -> Result<()> {
                 let at = first + pages.start as u64 * PAGE_SIZE_U64;
-                self.pwrite(layout, at, &mut [staging.run_bytes(pages)])
+                self.pwrite(layout, at, staging.run_bytes(pages))
             };
             let mut pending: Option<Range<usize>> = None;
             for StagedRun { pages, zero: z } in staging.runs(n, self.detect) {
@@ -386,7 +386,7 @@ impl PageWriter<'_> {
         let (sorted, normal) = batch.zero_pages_last(self.detect, offsets);
         let (data, zeros) = sorted.split_at(normal);
         for run in data.runs() {
-            self.pwrite(layout, run.offset(), &mut [run.io_slice()])?;
+            self.pwrite(layout, run.offset(), run.io_slice())?;
             bitmap.set_range(run.offset() / PAGE_SIZE_U64, run.pages(), true);
             self.progress.add(&self.progress.bytes, run.len());
         }
