@@ -170,22 +170,25 @@ mod tests {
     #[test]
     fn bytes_moving_or_a_hold_keep_it_quiet_and_stop_ends_it() {
         let abort = Abort::new();
-        // 20 ms gaps stay far below the limit even on a loaded machine; the
-        // hold lasts more than twice the limit.
-        let dog = Watchdog::new(Some(Duration::from_millis(300)));
+        // Bytes move every 50 ms for 2.5 times the limit, then a hold lasts
+        // more than twice the limit: without either, the watchdog would fire.
+        // A gap of 20 times the byte period is tolerated, for loaded machines.
+        let idle = Duration::from_secs(1);
+        let dog = Watchdog::new(Some(idle));
         let (mut peer, mut conn) = pair();
         dog.watch(Endpoint::Channel(0), &conn);
         std::thread::scope(|s| {
             s.spawn(|| dog.run(&abort));
-            for _ in 0..10 {
+            let started = Instant::now();
+            while started.elapsed() < idle * 5 / 2 {
                 peer.write_all(&[1]).unwrap();
                 let mut b = [0u8; 1];
                 std::io::Read::read_exact(&mut conn, &mut b).unwrap();
-                std::thread::sleep(Duration::from_millis(20));
+                std::thread::sleep(Duration::from_millis(50));
             }
             {
                 let _work = dog.hold();
-                std::thread::sleep(Duration::from_millis(700));
+                std::thread::sleep(idle * 22 / 10);
             }
             dog.stop();
         });
