@@ -12,6 +12,10 @@
 //! clear every page the copy then overwrites. Other blocks (anonymous
 //! memory, a caller's mapping) are read straight into the mapping with one
 //! `preadv`, the holes' bytes going to a discard buffer.
+//!
+//! Without direct-io each stretch, once read, is dropped from the page
+//! cache (`POSIX_FADV_DONTNEED`): the file is read once, and its cached
+//! copy would take as much memory again as the RAM it restores.
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, RawFd};
@@ -552,6 +556,7 @@ impl Loader<'_, '_> {
     fn pread(&self, block: usize, first: u64, iovs: &mut [IoSliceMut<'_>]) -> Result<()> {
         let layout = &self.image.layouts[block];
         let at = layout.pages_offset() + first * PAGE_SIZE_U64;
+        let len: u64 = iovs.iter().map(|v| v.len() as u64).sum();
         sys::preadv_exact(self.file.as_raw_fd(), at, iovs).map_err(|e| {
             if e.kind() == std::io::ErrorKind::UnexpectedEof {
                 Error::IncompleteFile {
@@ -561,7 +566,16 @@ impl Loader<'_, '_> {
             } else {
                 file::direct_io_error(self.path, self.direct, e, "reading pages from")
             }
-        })
+        })?;
+        if !self.direct {
+            // Read once: the file's pages in the page cache would only
+            // take memory the guest's RAM needs, and on a host that hands
+            // free memory back to its hypervisor, pages freed and taken
+            // again at once are much cheaper than pages never used.
+            // Advice only: a refusal changes nothing.
+            let _ = sys::drop_cached(self.file.as_raw_fd(), at, len);
+        }
+        Ok(())
     }
 
     /// Counts `run` in: its pages received, its bytes moved.

@@ -167,6 +167,22 @@ pub(crate) fn preadv_exact(fd: RawFd, offset: u64, iovs: &mut [IoSliceMut<'_>]) 
     transfer_at(fd, offset, iovs)
 }
 
+/// Tells the kernel that the cached pages of the file `fd` in
+/// `offset..offset + len` will not be read again (`POSIX_FADV_DONTNEED`):
+/// clean ones are dropped from the page cache at once. Advice only: file
+/// systems without a page cache of their own (tmpfs) ignore it.
+pub(crate) fn drop_cached(fd: RawFd, offset: u64, len: u64) -> io::Result<()> {
+    let (Ok(offset), Ok(len)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
+        return Err(io::ErrorKind::InvalidInput.into());
+    };
+    // SAFETY: posix_fadvise only reads its integer arguments; a descriptor
+    // that is not an open file is an error (EBADF), not undefined behaviour.
+    match unsafe { libc::posix_fadvise(fd, offset, len, libc::POSIX_FADV_DONTNEED) } {
+        0 => Ok(()),
+        e => Err(io::Error::from_raw_os_error(e)),
+    }
+}
+
 /// What [`poll_readable`] saw.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Readiness {
@@ -336,5 +352,55 @@ mod tests {
         let mut z = vec![0u8; 16];
         let e = preadv_exact(fd, 8090, &mut [IoSliceMut::new(&mut z)]).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
+    }
+
+    /// Pages of `file`'s first `pages` pages in the page cache (`mincore`
+    /// over a fresh mapping, which faults nothing in).
+    fn cached_pages(file: &std::fs::File, pages: usize) -> usize {
+        let len = pages * 4096;
+        // SAFETY: a new shared read-only mapping of an open file, unmapped
+        // below; nothing reads through it.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        assert_ne!(p, libc::MAP_FAILED);
+        let mut vec = vec![0u8; pages];
+        // SAFETY: `p..p + len` is the mapping made above; `vec` has one
+        // byte per page of it.
+        let r = unsafe { libc::mincore(p, len, vec.as_mut_ptr()) };
+        // SAFETY: the mapping made above, used by nothing else.
+        unsafe { libc::munmap(p, len) };
+        assert_eq!(r, 0);
+        vec.iter().filter(|&&b| b & 1 != 0).count()
+    }
+
+    #[test]
+    fn dropping_cached_pages_empties_the_range_and_nothing_else() {
+        // On the disk's file system (the build's own directory): tmpfs
+        // pages are the file itself and stay.
+        let base = concat!(env!("CARGO_MANIFEST_DIR"), "/../../target");
+        std::fs::create_dir_all(base).unwrap();
+        let dir = tempfile::tempdir_in(base).unwrap();
+        let path = dir.path().join("f");
+        // 4 MiB, the first 2 MiB dropped: the page cache may hold a file
+        // in folios of up to 2 MiB, and a folio only partly in the range
+        // stays.
+        std::fs::write(&path, vec![7u8; 1024 * 4096]).unwrap();
+        let file = std::fs::File::open(&path).unwrap();
+        file.sync_all().unwrap();
+        let mut buf = vec![0u8; 1024 * 4096];
+        preadv_exact(file.as_raw_fd(), 0, &mut [IoSliceMut::new(&mut buf)]).unwrap();
+        assert_eq!(cached_pages(&file, 1024), 1024);
+        drop_cached(file.as_raw_fd(), 0, 512 * 4096).unwrap();
+        assert_eq!(cached_pages(&file, 512), 0, "the range is dropped");
+        assert_eq!(cached_pages(&file, 1024), 512, "the rest stays");
+        assert!(drop_cached(-1, 0, 4096).is_err());
     }
 }
