@@ -177,6 +177,12 @@ mod tests {
 
     const P: u64 = PAGE_SIZE_U64;
 
+    /// A read-only block over a new sparse file (see [`sparse`]).
+    fn sparse_block(dir: &Path, pages: u64, data: &[u64], zero_data: &[u64]) -> RamBlock {
+        let path = sparse(dir, pages, data, zero_data);
+        RamBlock::open_file("m0", &path, Access::ReadOnly, None).unwrap()
+    }
+
     /// Runs one ascending pass and returns the pages reported as holes.
     fn holes_of(block: &RamBlock) -> (Vec<u64>, u64) {
         let mut h = Holes::new(block).expect("a file block");
@@ -200,8 +206,7 @@ mod tests {
             // Data in three extents, one of them with a written zero page;
             // a large hole between, the tail a hole.
             let data: Vec<u64> = (0..8).chain(200..260).chain([300]).collect();
-            let path = sparse(dir.path(), 1024, &data, &[230]);
-            let block = RamBlock::open_file("m0", &path, Access::ReadOnly, None).unwrap();
+            let block = sparse_block(dir.path(), 1024, &data, &[230]);
             let (holes, lseeks) = holes_of(&block);
             for &p in &holes {
                 assert!(
@@ -234,13 +239,11 @@ mod tests {
         for base in bases() {
             let dir = tempfile::tempdir_in(&base).unwrap();
             let all: Vec<u64> = (0..512).collect();
-            let path = sparse(dir.path(), 512, &all, &[]);
-            let block = RamBlock::open_file("m0", &path, Access::ReadOnly, None).unwrap();
+            let block = sparse_block(dir.path(), 512, &all, &[]);
             assert!(Holes::new(&block).is_none(), "{base:?}");
             // One hole page makes it a file worth asking.
             let dir = tempfile::tempdir_in(&base).unwrap();
-            let path = sparse(dir.path(), 512, &all[..511], &[]);
-            let block = RamBlock::open_file("m0", &path, Access::ReadOnly, None).unwrap();
+            let block = sparse_block(dir.path(), 512, &all[..511], &[]);
             assert!(Holes::new(&block).is_some(), "{base:?}");
         }
     }
@@ -252,8 +255,7 @@ mod tests {
             // Data to the end but for the last page: one SEEK_HOLE finds the
             // hole, one SEEK_DATA finds nothing after it.
             let data: Vec<u64> = (0..511).collect();
-            let path = sparse(dir.path(), 512, &data, &[]);
-            let block = RamBlock::open_file("m0", &path, Access::ReadOnly, None).unwrap();
+            let block = sparse_block(dir.path(), 512, &data, &[]);
             let (holes, lseeks) = holes_of(&block);
             assert!(holes.iter().all(|&p| p == 511), "{base:?}: {holes:?}");
             assert!(lseeks <= 2, "{base:?}: {lseeks} lseeks");
@@ -265,8 +267,7 @@ mod tests {
         let dir = tempfile::tempdir_in("/dev/shm").unwrap_or_else(|_| tempfile::tempdir().unwrap());
         // Every other page written: one lookup per page would be 1024 lseeks.
         let data: Vec<u64> = (0..1024).step_by(2).collect();
-        let path = sparse(dir.path(), 1024, &data, &[]);
-        let block = RamBlock::open_file("m0", &path, Access::ReadOnly, None).unwrap();
+        let block = sparse_block(dir.path(), 1024, &data, &[]);
         let (holes, lseeks) = holes_of(&block);
         assert!(lseeks <= 2 * 1024 / GROUP_PAGES, "{lseeks} lseeks");
         for &p in &holes {
