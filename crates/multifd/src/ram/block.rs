@@ -49,6 +49,11 @@ pub struct RamBlock {
     /// written yet (fresh anonymous memory or a file we just created), so a
     /// zero page that was never received needs no write.
     starts_zeroed: bool,
+    /// True when every page was faulted in when the block was made
+    /// (`MAP_POPULATE` on a writable mapping) or by
+    /// [`RamBlock::prefault`]: writing through the mapping then takes no
+    /// fault that would first clear the page.
+    populated: bool,
     path: Option<PathBuf>,
     /// The size of the pages the kernel backs the mapping with (see
     /// [`RamBlock::page_size`]); migration pages are 4096 bytes whatever it is.
@@ -264,6 +269,7 @@ impl RamBlock {
             region: Arc::new(region),
             access,
             starts_zeroed,
+            populated: false,
             path: Some(path.to_owned()),
             page_size,
             received: ReceivedBitmap::new(len / PAGE_SIZE_U64),
@@ -443,6 +449,7 @@ impl RamBlock {
             region: Arc::new(region),
             access,
             starts_zeroed,
+            populated: access == Access::ReadWrite && flags & libc::MAP_POPULATE != 0,
             path,
             page_size,
             received: ReceivedBitmap::new(len / PAGE_SIZE_U64),
@@ -487,6 +494,7 @@ impl RamBlock {
             region,
             access,
             starts_zeroed,
+            populated: false,
             path: None,
             page_size,
             received: ReceivedBitmap::new(len / PAGE_SIZE_U64),
@@ -589,6 +597,17 @@ impl RamBlock {
     /// Records that every page not received since reads as zero.
     pub(super) fn set_starts_zeroed(&mut self) {
         self.starts_zeroed = true;
+    }
+
+    /// Whether every page of the mapping was faulted in up front (see the
+    /// field): a write through the mapping takes no page fault.
+    pub(crate) fn is_populated(&self) -> bool {
+        self.populated
+    }
+
+    /// Records that every page has been faulted in for writing.
+    pub(super) fn set_populated(&mut self) {
+        self.populated = true;
     }
 
     /// Whether `offset` names a whole page inside the block.

@@ -106,6 +106,7 @@ impl RamBlock {
             unsafe { Page::new_unchecked(self, offset) }.fill_zero();
         }
         self.set_starts_zeroed();
+        self.set_populated();
         Ok(())
     }
 }
@@ -428,6 +429,27 @@ impl<'b> PageRun<'b> {
         // mapped writable (checked above) while the block is borrowed
         // ('b); no Rust reference ever points into guest memory.
         Ok(unsafe { IoSliceMut::from_raw_parts(self.ptr(), self.len() as usize) })
+    }
+
+    /// Copies `src` (a run of the same length, in another block) into this
+    /// run. Fails on a read-only block or runs of different lengths.
+    pub(crate) fn copy_from(&self, src: &PageRun<'_>) -> Result<()> {
+        self.block.check_writable()?;
+        if src.pages != self.pages || std::ptr::eq(src.block, self.block) {
+            return Err(Error::Config(format!(
+                "copying {src:?} into {self:?}: not two runs of equal length in two blocks"
+            )));
+        }
+        src.volatile().copy_to_volatile_slice(self.volatile());
+        Ok(())
+    }
+
+    /// The run as a vm-memory volatile slice.
+    fn volatile(&self) -> VolatileSlice<'b> {
+        // SAFETY: the run lies inside the block's mapping (the invariant),
+        // which stays mapped while the block is borrowed for 'b; guest
+        // memory is only ever accessed volatilely or by the kernel.
+        unsafe { VolatileSlice::new(self.ptr(), self.len() as usize) }
     }
 
     /// The run's pages.
