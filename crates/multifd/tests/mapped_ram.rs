@@ -544,11 +544,37 @@ impl multifd::RamProvider for Fresh {
     }
 }
 
-/// Restoring into RAM files (written through their descriptors) gives
-/// the same bytes as restoring into anonymous memory (read into the
-/// mapping), with the saved file on the project's disk and on /dev/shm,
-/// with and without direct I/O: the files themselves hold the image, and
-/// absent pages are zero in them, also where the file held other bytes.
+/// Gives the blocks of files that held other bytes and were then
+/// pre-faulted (zeroed through their mappings, what `receive --prefault`
+/// does): known to be zero, and populated, so pages are read into the
+/// mappings.
+struct Prefaulted(std::path::PathBuf);
+
+impl multifd::RamProvider for Prefaulted {
+    fn provide(&mut self, blocks: &[multifd::RamBlockInfo]) -> multifd::Result<GuestRam> {
+        let mut ram = GuestRam::new();
+        for b in blocks {
+            let path = self.0.join(format!("{}.ram", b.idstr));
+            std::fs::write(&path, vec![0x5a; b.used_length as usize]).unwrap();
+            let mut block = RamBlock::open_file(
+                &b.idstr,
+                &path,
+                multifd::Access::ReadWrite,
+                Some(b.used_length),
+            )?;
+            block.prefault()?;
+            ram.push(block)?;
+        }
+        Ok(ram)
+    }
+}
+
+/// Restoring into RAM files gives the same bytes as restoring into
+/// anonymous memory (read into the mapping), with the saved file on the
+/// project's disk and on /dev/shm, with and without direct I/O, into new
+/// files (written through their descriptors), files that held other
+/// bytes and pre-faulted ones (written through their mappings): the
+/// files themselves hold the image, and absent pages are zero in them.
 #[test]
 fn restores_into_ram_files_match_the_mapped_path_on_disk_and_tmpfs() {
     let pages = 6000;
@@ -565,28 +591,20 @@ fn restores_into_ram_files_match_the_mapped_path_on_disk_and_tmpfs() {
                 continue;
             };
             assert_eq!(ram_diff(&ram, &mapped.ram), None, "{what}, mapped");
-            for stale in [false, true] {
+            for kind in ["fresh", "stale", "prefaulted"] {
                 let dest = tempfile::tempdir_in(dir.path()).unwrap();
-                let inc = if stale {
-                    mapped_ram::restore(
-                        &uri,
-                        &mut Stale(dest.path().to_owned()),
-                        &ropts,
-                        &Progress::default(),
-                    )
-                } else {
-                    mapped_ram::restore(
-                        &uri,
-                        &mut Fresh(dest.path().to_owned()),
-                        &ropts,
-                        &Progress::default(),
-                    )
-                }
-                .unwrap();
-                let what = format!("{what}, stale {stale}");
+                let at = dest.path().to_owned();
+                let mut provider: Box<dyn multifd::RamProvider> = match kind {
+                    "fresh" => Box::new(Fresh(at)),
+                    "stale" => Box::new(Stale(at)),
+                    _ => Box::new(Prefaulted(at)),
+                };
+                let inc = mapped_ram::restore(&uri, &mut *provider, &ropts, &Progress::default())
+                    .unwrap();
+                let what = format!("{what}, {kind}");
                 assert_eq!(ram_diff(&mapped.ram, &inc.ram), None, "{what}");
                 // Absent pages made zero count as received.
-                let received = if stale { pages } else { n_present };
+                let received = if kind == "stale" { pages } else { n_present };
                 assert_eq!(inc.ram.blocks()[0].received_pages(), received, "{what}");
                 assert_eq!(inc.stats.normal_pages, n_present, "{what}");
                 assert_eq!(inc.stats.bytes, n_present * PAGE_SIZE_U64, "{what}");
