@@ -32,6 +32,7 @@ mod read;
 mod restore;
 mod save;
 mod uri;
+mod write_behind;
 
 pub use capture::Capture;
 pub use play::play;

@@ -183,6 +183,65 @@ pub(crate) fn drop_cached(fd: RawFd, offset: u64, len: u64) -> io::Result<()> {
     }
 }
 
+/// Tells the kernel that `offset..offset + len` of the file `fd` will be
+/// read soon (`POSIX_FADV_WILLNEED`): it starts reading those pages into
+/// the page cache and returns. Advice only.
+pub(crate) fn will_read(fd: RawFd, offset: u64, len: u64) -> io::Result<()> {
+    let (Ok(offset), Ok(len)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
+        return Err(io::ErrorKind::InvalidInput.into());
+    };
+    // SAFETY: posix_fadvise only reads its integer arguments; a descriptor
+    // that is not an open file is an error (EBADF), not undefined behaviour.
+    match unsafe { libc::posix_fadvise(fd, offset, len, libc::POSIX_FADV_WILLNEED) } {
+        0 => Ok(()),
+        e => Err(io::Error::from_raw_os_error(e)),
+    }
+}
+
+/// How [`sync_range`] waits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum RangeSync {
+    /// Starts writeback of the range's dirty pages and returns: waits only
+    /// while the device's request queue is full.
+    Start,
+    /// Starts writeback and waits until every page of the range that was
+    /// dirty when called is on the device.
+    Wait,
+}
+
+/// `sync_file_range` on `offset..offset + len` of the file `fd`: the
+/// range's dirty pages are written back (see [`RangeSync`]). It writes no
+/// metadata and flushes no device cache: a way to pace writeback, not to
+/// make data durable.
+pub(crate) fn sync_range(fd: RawFd, offset: u64, len: u64, how: RangeSync) -> io::Result<()> {
+    let (Ok(offset), Ok(len)) = (
+        libc::off64_t::try_from(offset),
+        libc::off64_t::try_from(len),
+    ) else {
+        return Err(io::ErrorKind::InvalidInput.into());
+    };
+    let flags = match how {
+        RangeSync::Start => libc::SYNC_FILE_RANGE_WRITE,
+        RangeSync::Wait => {
+            libc::SYNC_FILE_RANGE_WAIT_BEFORE
+                | libc::SYNC_FILE_RANGE_WRITE
+                | libc::SYNC_FILE_RANGE_WAIT_AFTER
+        }
+    };
+    loop {
+        // SAFETY: sync_file_range only reads its integer arguments; a
+        // descriptor that is not an open file is an error (EBADF), not
+        // undefined behaviour.
+        if unsafe { libc::sync_file_range(fd, offset, len, flags) } == 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
 /// What [`poll_readable`] saw.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Readiness {
@@ -327,6 +386,52 @@ fn wait_watched(
 }
 
 #[cfg(test)]
+/// Pages of `file`'s first `pages` pages in the page cache (`mincore`
+/// over a fresh mapping, which faults nothing in).
+pub(crate) fn cached_pages(file: &std::fs::File, pages: usize) -> usize {
+    let len = pages * 4096;
+    // SAFETY: a new shared read-only mapping of an open file, unmapped
+    // below; nothing reads through it.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            std::os::fd::AsRawFd::as_raw_fd(file),
+            0,
+        )
+    };
+    assert_ne!(p, libc::MAP_FAILED);
+    let mut vec = vec![0u8; pages];
+    // SAFETY: `p..p + len` is the mapping made above; `vec` has one
+    // byte per page of it.
+    let r = unsafe { libc::mincore(p, len, vec.as_mut_ptr()) };
+    // SAFETY: the mapping made above, used by nothing else.
+    unsafe { libc::munmap(p, len) };
+    assert_eq!(r, 0);
+    vec.iter().filter(|&&b| b & 1 != 0).count()
+}
+
+#[cfg(test)]
+/// A file on the disk's file system (the build's own directory):
+/// tmpfs pages are the file itself and are never written back or
+/// dropped.
+pub(crate) fn disk_file(pages: usize) -> (tempfile::TempDir, std::fs::File) {
+    let base = concat!(env!("CARGO_MANIFEST_DIR"), "/../../target");
+    std::fs::create_dir_all(base).unwrap();
+    let dir = tempfile::tempdir_in(base).unwrap();
+    let path = dir.path().join("f");
+    std::fs::write(&path, vec![7u8; pages * 4096]).unwrap();
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .unwrap();
+    (dir, file)
+}
+
+#[cfg(test)]
 mod tests {
     use std::os::fd::AsRawFd;
 
@@ -354,33 +459,6 @@ mod tests {
         assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
     }
 
-    /// Pages of `file`'s first `pages` pages in the page cache (`mincore`
-    /// over a fresh mapping, which faults nothing in).
-    fn cached_pages(file: &std::fs::File, pages: usize) -> usize {
-        let len = pages * 4096;
-        // SAFETY: a new shared read-only mapping of an open file, unmapped
-        // below; nothing reads through it.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ,
-                libc::MAP_SHARED,
-                file.as_raw_fd(),
-                0,
-            )
-        };
-        assert_ne!(p, libc::MAP_FAILED);
-        let mut vec = vec![0u8; pages];
-        // SAFETY: `p..p + len` is the mapping made above; `vec` has one
-        // byte per page of it.
-        let r = unsafe { libc::mincore(p, len, vec.as_mut_ptr()) };
-        // SAFETY: the mapping made above, used by nothing else.
-        unsafe { libc::munmap(p, len) };
-        assert_eq!(r, 0);
-        vec.iter().filter(|&&b| b & 1 != 0).count()
-    }
-
     #[test]
     fn dropping_cached_pages_empties_the_range_and_nothing_else() {
         // On the disk's file system (the build's own directory): tmpfs
@@ -402,5 +480,43 @@ mod tests {
         assert_eq!(cached_pages(&file, 512), 0, "the range is dropped");
         assert_eq!(cached_pages(&file, 1024), 512, "the rest stays");
         assert!(drop_cached(-1, 0, 4096).is_err());
+    }
+
+    #[test]
+    fn a_range_synced_and_waited_for_can_be_dropped() {
+        // 4 MiB just written, dirty; the first 2 MiB (see above on
+        // folios) synced and waited for.
+        let (_dir, file) = disk_file(1024);
+        let fd = file.as_raw_fd();
+        sync_range(fd, 0, 512 * 4096, RangeSync::Start).unwrap();
+        sync_range(fd, 0, 512 * 4096, RangeSync::Wait).unwrap();
+        // Only clean pages are dropped: the range is clean now.
+        drop_cached(fd, 0, 512 * 4096).unwrap();
+        assert_eq!(cached_pages(&file, 512), 0, "the range is on the device");
+        assert_eq!(cached_pages(&file, 1024), 512, "the rest stays");
+        let mut buf = vec![0u8; 1024 * 4096];
+        preadv_exact(fd, 0, &mut [IoSliceMut::new(&mut buf)]).unwrap();
+        assert!(buf.iter().all(|&b| b == 7));
+        assert!(sync_range(-1, 0, 4096, RangeSync::Start).is_err());
+        assert!(sync_range(fd, u64::MAX, 4096, RangeSync::Wait).is_err());
+    }
+
+    #[test]
+    fn a_range_to_be_read_is_read_into_the_cache() {
+        let (_dir, file) = disk_file(1024);
+        let fd = file.as_raw_fd();
+        file.sync_all().unwrap();
+        drop_cached(fd, 0, 1024 * 4096).unwrap();
+        assert_eq!(cached_pages(&file, 1024), 0);
+        will_read(fd, 0, 512 * 4096).unwrap();
+        // The reads are under way when it returns; a page counts once it
+        // has been read (`mincore` counts up-to-date pages only).
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while cached_pages(&file, 512) < 512 && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(cached_pages(&file, 512), 512, "the range is read");
+        assert_eq!(cached_pages(&file, 1024), 512, "and nothing past it");
+        assert!(will_read(-1, 0, 4096).is_err());
     }
 }
