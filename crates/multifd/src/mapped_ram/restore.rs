@@ -471,7 +471,11 @@ impl Loader<'_, '_> {
             if g + 1 >= self.groups.len() {
                 return Ok(());
             }
-            for p in &self.plan.pieces[self.groups[g]..self.groups[g + 1]] {
+            let pieces = &self.plan.pieces[self.groups[g]..self.groups[g + 1]];
+            if !self.direct {
+                self.read_ahead(pieces);
+            }
+            for p in pieces {
                 match *p {
                     Piece::Read {
                         block,
@@ -501,6 +505,24 @@ impl Loader<'_, '_> {
                         self.progress.add(&self.progress.zero_pages, pages);
                     }
                 }
+            }
+        }
+    }
+
+    /// Starts reading the file's bytes of `pieces` into the page cache, so
+    /// that the device reads ahead while this thread copies.
+    fn read_ahead(&self, pieces: &[Piece]) {
+        for p in pieces {
+            if let Piece::Read {
+                block,
+                first,
+                pages,
+                ..
+            } = *p
+            {
+                let at = self.image.layouts[block].pages_offset() + first * PAGE_SIZE_U64;
+                // Advice only: a refusal changes nothing.
+                let _ = sys::will_read(self.file.as_raw_fd(), at, pages * PAGE_SIZE_U64);
             }
         }
     }
