@@ -16,6 +16,7 @@
 
 mod block;
 mod holes;
+mod huge_own_pages;
 mod page;
 mod received;
 mod staged;

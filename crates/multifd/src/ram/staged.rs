@@ -28,6 +28,7 @@ use std::os::fd::{AsRawFd, RawFd};
 
 use multifd_wire::{PAGE_SIZE, PAGE_SIZE_U64};
 
+use super::huge_own_pages::HugeOwnPages;
 use super::page::PageBatch;
 use super::zero::OwnPage;
 use crate::transport::{IoSlice, IoSliceMut, sys};
@@ -39,10 +40,24 @@ use crate::transport::{IoSlice, IoSliceMut, sys};
 /// after the other, so a run of its pages can be written with `O_DIRECT`.
 #[derive(Default)]
 pub(crate) struct Staging {
-    pages: Vec<OwnPage>,
+    pages: Store,
     /// Index into `pages` of each data page, in the order of the data
     /// pages of the last [`Staging::read`].
     data: Vec<usize>,
+}
+
+/// Where a [`Staging`]'s pages are.
+enum Store {
+    /// The heap: grown a page at a time, kept small enough for the cache.
+    Small(Vec<OwnPage>),
+    /// Transparent huge pages, for direct I/O.
+    Huge(HugeOwnPages),
+}
+
+impl Default for Store {
+    fn default() -> Self {
+        Self::Small(Vec::new())
+    }
 }
 
 // Direct I/O needs buffers aligned to the device's logical block size,
@@ -52,7 +67,7 @@ const _: () = assert!(std::mem::align_of::<OwnPage>() >= 4096);
 impl std::fmt::Debug for Staging {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Staging")
-            .field("pages", &self.pages.len())
+            .field("pages", &self.slots().len())
             .finish_non_exhaustive()
     }
 }
@@ -68,6 +83,17 @@ pub(crate) struct StagedRun {
 }
 
 impl Staging {
+    /// A staging buffer in transparent huge pages (best effort), for
+    /// writing with direct I/O: the kernel pins a direct write's pages and
+    /// the device gets one segment per contiguous piece, so huge pages make
+    /// each write much cheaper. It grows in 2 MiB steps.
+    pub(crate) fn in_huge_pages() -> Self {
+        Self {
+            pages: Store::Huge(HugeOwnPages::new(0)),
+            data: Vec::new(),
+        }
+    }
+
     /// Reads the batch's pages through the block's file (one `pread` per
     /// run of consecutive offsets), except those known to be zero when
     /// `detect` is set, then sorts them as
@@ -107,7 +133,7 @@ impl Staging {
         self.data.clear();
         let mut back = out.len();
         for (i, &offset) in offsets.iter().enumerate() {
-            if detect && (known_zero(i) || self.pages[i].is_zero()) {
+            if detect && (known_zero(i) || self.slots()[i].is_zero()) {
                 back -= 1;
                 out[back] = offset;
             } else {
@@ -148,7 +174,7 @@ impl Staging {
     /// `n` pages (the stretch [`Staging::read_stretch`] read), in order.
     /// With `detect` false every page is data.
     pub(crate) fn runs(&self, n: usize, detect: bool) -> impl Iterator<Item = StagedRun> + '_ {
-        let pages = &self.pages[..n];
+        let pages = &self.slots()[..n];
         let is_zero = move |k: usize| detect && pages[k].is_zero();
         let mut k = 0;
         std::iter::from_fn(move || {
@@ -171,7 +197,7 @@ impl Staging {
     /// The buffer's pages `pages`, one after the other, as one I/O vector
     /// to write (4096-byte aligned, as direct I/O wants).
     pub(crate) fn run_bytes(&self, pages: Range<usize>) -> IoSlice<'_> {
-        IoSlice::new(OwnPage::bytes(&self.pages[pages]))
+        IoSlice::new(OwnPage::bytes(&self.slots()[pages]))
     }
 
     /// Number of data pages of the last [`Staging::read`].
@@ -181,7 +207,7 @@ impl Staging {
 
     /// The data pages of the last [`Staging::read`], in order.
     pub(crate) fn data_pages(&self) -> impl Iterator<Item = &[u8; PAGE_SIZE]> + '_ {
-        self.data.iter().map(|&i| &self.pages[i].0)
+        self.data.iter().map(|&i| &self.slots()[i].0)
     }
 
     /// The data pages of the last [`Staging::read`], in order, as I/O
@@ -190,16 +216,39 @@ impl Staging {
         self.data_pages().map(|p| IoSlice::new(p))
     }
 
-    /// Makes room for at least `pages` pages.
+    /// The buffer's pages.
+    fn slots(&self) -> &[OwnPage] {
+        match &self.pages {
+            Store::Small(v) => v,
+            Store::Huge(h) => h.pages(),
+        }
+    }
+
+    /// The buffer's pages, to read into.
+    fn slots_mut(&mut self) -> &mut [OwnPage] {
+        match &mut self.pages {
+            Store::Small(v) => v,
+            Store::Huge(h) => h.pages_mut(),
+        }
+    }
+
+    /// Makes room for at least `pages` pages (what they held is lost when
+    /// huge pages are replaced by more).
     fn grow(&mut self, pages: usize) {
-        while self.pages.len() < pages {
-            self.pages.push(OwnPage([0; PAGE_SIZE]));
+        match &mut self.pages {
+            Store::Small(v) => {
+                while v.len() < pages {
+                    v.push(OwnPage([0; PAGE_SIZE]));
+                }
+            }
+            Store::Huge(h) if h.len() < pages => *h = HugeOwnPages::new(pages),
+            Store::Huge(_) => {}
         }
     }
 
     /// Reads the file `fd` from `at` into the buffer's pages `slots`.
     fn fill(&mut self, fd: RawFd, at: u64, slots: Range<usize>) -> io::Result<()> {
-        let into = IoSliceMut::new(OwnPage::bytes_mut(&mut self.pages[slots]));
+        let into = IoSliceMut::new(OwnPage::bytes_mut(&mut self.slots_mut()[slots]));
         sys::preadv_exact(fd, at, &mut [into])
     }
 }
@@ -303,43 +352,44 @@ mod tests {
             batch.push(p * P).unwrap();
         }
         let run = |pages: Range<usize>, zero| StagedRun { pages, zero };
-        let mut staging = Staging::default();
-        // Stops before the page known to be zero.
-        let n = staging.read_stretch(&batch, 0, 64, true).unwrap().unwrap();
-        assert_eq!(n, 4);
-        let runs: Vec<_> = staging.runs(n, true).collect();
-        assert_eq!(
-            runs,
-            [
-                run(0..1, false),
-                run(1..2, true),
-                run(2..3, false),
-                run(3..4, true)
-            ]
-        );
-        let bytes: Vec<Vec<u8>> = staging.pages[2..3].iter().map(|p| p.0.to_vec()).collect();
-        assert_eq!(bytes, [pattern(2).to_vec()]);
-        // Without detection, one run of data; at most `max` pages.
-        let n = staging.read_stretch(&batch, 0, 3, false).unwrap().unwrap();
-        assert_eq!(n, 3);
-        assert_eq!(
-            staging.runs(n, false).collect::<Vec<_>>(),
-            [run(0..3, false)]
-        );
-        // Stops where the offsets stop following each other (6, then 9),
-        // and the page known to be zero is read like any other without
-        // detection.
-        let n = staging.read_stretch(&batch, 4, 64, false).unwrap().unwrap();
-        assert_eq!(n, 3);
-        let n = staging.read_stretch(&batch, 5, 64, true).unwrap().unwrap();
-        assert_eq!(n, 2);
-        assert_eq!(
-            staging.runs(n, true).collect::<Vec<_>>(),
-            [run(0..1, true), run(1..2, false)]
-        );
-        let n = staging.read_stretch(&batch, 7, 64, true).unwrap().unwrap();
-        assert_eq!(n, 1);
-        assert_eq!(staging.runs(n, true).collect::<Vec<_>>(), [run(0..1, true)]);
+        for mut staging in [Staging::default(), Staging::in_huge_pages()] {
+            // Stops before the page known to be zero.
+            let n = staging.read_stretch(&batch, 0, 64, true).unwrap().unwrap();
+            assert_eq!(n, 4);
+            let runs: Vec<_> = staging.runs(n, true).collect();
+            assert_eq!(
+                runs,
+                [
+                    run(0..1, false),
+                    run(1..2, true),
+                    run(2..3, false),
+                    run(3..4, true)
+                ]
+            );
+            let bytes: Vec<Vec<u8>> = staging.slots()[2..3].iter().map(|p| p.0.to_vec()).collect();
+            assert_eq!(bytes, [pattern(2).to_vec()]);
+            // Without detection, one run of data; at most `max` pages.
+            let n = staging.read_stretch(&batch, 0, 3, false).unwrap().unwrap();
+            assert_eq!(n, 3);
+            assert_eq!(
+                staging.runs(n, false).collect::<Vec<_>>(),
+                [run(0..3, false)]
+            );
+            // Stops where the offsets stop following each other (6, then 9),
+            // and the page known to be zero is read like any other without
+            // detection.
+            let n = staging.read_stretch(&batch, 4, 64, false).unwrap().unwrap();
+            assert_eq!(n, 3);
+            let n = staging.read_stretch(&batch, 5, 64, true).unwrap().unwrap();
+            assert_eq!(n, 2);
+            assert_eq!(
+                staging.runs(n, true).collect::<Vec<_>>(),
+                [run(0..1, true), run(1..2, false)]
+            );
+            let n = staging.read_stretch(&batch, 7, 64, true).unwrap().unwrap();
+            assert_eq!(n, 1);
+            assert_eq!(staging.runs(n, true).collect::<Vec<_>>(), [run(0..1, true)]);
+        }
     }
 
     #[test]
@@ -350,13 +400,14 @@ mod tests {
         for p in 0..16 {
             batch.push(p * P).unwrap();
         }
-        let mut staging = Staging::default();
-        let n = staging.read_stretch(&batch, 0, 16, true).unwrap().unwrap();
-        assert_eq!(n, 16);
-        for page in &staging.pages[0..n] {
-            assert!(page.0.as_ptr().addr().is_multiple_of(4096));
+        for mut staging in [Staging::default(), Staging::in_huge_pages()] {
+            let n = staging.read_stretch(&batch, 0, 16, true).unwrap().unwrap();
+            assert_eq!(n, 16);
+            for page in &staging.slots()[0..n] {
+                assert!(page.0.as_ptr().addr().is_multiple_of(4096));
+            }
+            assert_eq!(staging.run_bytes(0..n).len(), n * PAGE_SIZE);
         }
-        assert_eq!(staging.run_bytes(0..n).len(), n * PAGE_SIZE);
     }
 
     #[test]
