@@ -172,27 +172,24 @@ pub(crate) fn preadv_exact(fd: RawFd, offset: u64, iovs: &mut [IoSliceMut<'_>]) 
 /// clean ones are dropped from the page cache at once. Advice only: file
 /// systems without a page cache of their own (tmpfs) ignore it.
 pub(crate) fn drop_cached(fd: RawFd, offset: u64, len: u64) -> io::Result<()> {
-    let (Ok(offset), Ok(len)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
-        return Err(io::ErrorKind::InvalidInput.into());
-    };
-    // SAFETY: posix_fadvise only reads its integer arguments; a descriptor
-    // that is not an open file is an error (EBADF), not undefined behaviour.
-    match unsafe { libc::posix_fadvise(fd, offset, len, libc::POSIX_FADV_DONTNEED) } {
-        0 => Ok(()),
-        e => Err(io::Error::from_raw_os_error(e)),
-    }
+    advise(fd, offset, len, libc::POSIX_FADV_DONTNEED)
 }
 
 /// Tells the kernel that `offset..offset + len` of the file `fd` will be
 /// read soon (`POSIX_FADV_WILLNEED`): it starts reading those pages into
 /// the page cache and returns. Advice only.
 pub(crate) fn will_read(fd: RawFd, offset: u64, len: u64) -> io::Result<()> {
+    advise(fd, offset, len, libc::POSIX_FADV_WILLNEED)
+}
+
+/// `posix_fadvise(fd, offset, len, advice)`.
+fn advise(fd: RawFd, offset: u64, len: u64, advice: libc::c_int) -> io::Result<()> {
     let (Ok(offset), Ok(len)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
         return Err(io::ErrorKind::InvalidInput.into());
     };
     // SAFETY: posix_fadvise only reads its integer arguments; a descriptor
     // that is not an open file is an error (EBADF), not undefined behaviour.
-    match unsafe { libc::posix_fadvise(fd, offset, len, libc::POSIX_FADV_WILLNEED) } {
+    match unsafe { libc::posix_fadvise(fd, offset, len, advice) } {
         0 => Ok(()),
         e => Err(io::Error::from_raw_os_error(e)),
     }
