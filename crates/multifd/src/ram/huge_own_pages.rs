@@ -37,9 +37,10 @@ impl HugeOwnPages {
         if n > 0 {
             let len = n * std::mem::size_of::<Chunk>();
             // SAFETY: the range is the vector's own allocation (capacity
-            // for `n` chunks, 2 MiB aligned by the type), which nothing has
-            // touched yet; `MADV_HUGEPAGE` changes neither its contents nor
-            // who owns it, and a refusal is harmless.
+            // for `n` chunks, 2 MiB aligned by the type); `MADV_HUGEPAGE`
+            // changes neither its contents nor who owns it, and a refusal
+            // is harmless. Given before the zeroing below touches it, so
+            // that the first touch can fault in huge pages.
             unsafe { libc::madvise(chunks.as_mut_ptr().cast(), len, libc::MADV_HUGEPAGE) };
             // SAFETY: zeroes the `n` chunks the capacity holds, then makes
             // them the vector's elements: a chunk is bytes only, so zero
