@@ -172,8 +172,10 @@ fn save_inner(
 ) -> Result<()> {
     let path = &target.path;
     let detect = opts.config.zero_page_detection != ZeroPageDetection::None;
-    let over_zeros = !ram::is_tmpfs(main);
-    let write_behind = over_zeros && !file_opts.direct_io;
+    // tmpfs: its pages are the file, nothing to write over or write back.
+    let tmpfs = ram::is_tmpfs(main);
+    let over_zeros = !tmpfs;
+    let write_behind = !tmpfs && !file_opts.direct_io;
     let mut writers = Vec::with_capacity(shared.channels as usize);
     for id in 0..opts.config.channels {
         writers.push(PageWriter {

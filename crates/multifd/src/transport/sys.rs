@@ -184,14 +184,21 @@ pub(crate) fn will_read(fd: RawFd, offset: u64, len: u64) -> io::Result<()> {
 
 /// `posix_fadvise(fd, offset, len, advice)`.
 fn advise(fd: RawFd, offset: u64, len: u64, advice: libc::c_int) -> io::Result<()> {
-    let (Ok(offset), Ok(len)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
-        return Err(io::ErrorKind::InvalidInput.into());
-    };
+    let (offset, len) = file_range(offset, len)?;
     // SAFETY: posix_fadvise only reads its integer arguments; a descriptor
     // that is not an open file is an error (EBADF), not undefined behaviour.
     match unsafe { libc::posix_fadvise(fd, offset, len, advice) } {
         0 => Ok(()),
         e => Err(io::Error::from_raw_os_error(e)),
+    }
+}
+
+/// `offset` and `len` as the kernel's file offsets; `InvalidInput` past
+/// what they can hold.
+fn file_range(offset: u64, len: u64) -> io::Result<(libc::off_t, libc::off_t)> {
+    match (libc::off_t::try_from(offset), libc::off_t::try_from(len)) {
+        (Ok(offset), Ok(len)) => Ok((offset, len)),
+        _ => Err(io::ErrorKind::InvalidInput.into()),
     }
 }
 
@@ -211,12 +218,7 @@ pub(crate) enum RangeSync {
 /// metadata and flushes no device cache: a way to pace writeback, not to
 /// make data durable.
 pub(crate) fn sync_range(fd: RawFd, offset: u64, len: u64, how: RangeSync) -> io::Result<()> {
-    let (Ok(offset), Ok(len)) = (
-        libc::off64_t::try_from(offset),
-        libc::off64_t::try_from(len),
-    ) else {
-        return Err(io::ErrorKind::InvalidInput.into());
-    };
+    let (offset, len) = file_range(offset, len)?;
     let flags = match how {
         RangeSync::Start => libc::SYNC_FILE_RANGE_WRITE,
         RangeSync::Wait => {
@@ -458,17 +460,10 @@ mod tests {
 
     #[test]
     fn dropping_cached_pages_empties_the_range_and_nothing_else() {
-        // On the disk's file system (the build's own directory): tmpfs
-        // pages are the file itself and stay.
-        let base = concat!(env!("CARGO_MANIFEST_DIR"), "/../../target");
-        std::fs::create_dir_all(base).unwrap();
-        let dir = tempfile::tempdir_in(base).unwrap();
-        let path = dir.path().join("f");
         // 4 MiB, the first 2 MiB dropped: the page cache may hold a file
         // in folios of up to 2 MiB, and a folio only partly in the range
         // stays.
-        std::fs::write(&path, vec![7u8; 1024 * 4096]).unwrap();
-        let file = std::fs::File::open(&path).unwrap();
+        let (_dir, file) = disk_file(1024);
         file.sync_all().unwrap();
         let mut buf = vec![0u8; 1024 * 4096];
         preadv_exact(file.as_raw_fd(), 0, &mut [IoSliceMut::new(&mut buf)]).unwrap();
