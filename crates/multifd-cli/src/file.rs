@@ -25,10 +25,28 @@ pub fn target(uri: &str) -> Result<Option<FileUri>> {
     Ok(Some(uri.parse()?))
 }
 
-fn file_options(direct_io: bool) -> FileOptions {
-    FileOptions {
-        direct_io,
-        ..FileOptions::default()
+/// How a mapped-ram file's pages are read and written.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct FileIo {
+    /// Open the mapped-ram file's channels with O_DIRECT (QEMU's direct-io).
+    #[arg(long)]
+    pub direct_io: bool,
+    /// Read a mapped-ram file that is not in the page cache through the
+    /// page cache. Without it such a file is read with O_DIRECT where its
+    /// file system allows it; a file mostly cached is always read from the
+    /// cache.
+    #[arg(long, conflicts_with = "direct_io")]
+    pub page_cache: bool,
+}
+
+impl FileIo {
+    /// The library's file options for these flags.
+    pub fn options(&self) -> FileOptions {
+        FileOptions {
+            direct_io: self.direct_io,
+            direct_when_cold: !self.page_cache,
+            ..FileOptions::default()
+        }
     }
 }
 
@@ -45,18 +63,11 @@ pub fn save(
     target: &FileUri,
     ram: &GuestRam,
     opts: &SourceOptions,
-    direct_io: bool,
+    io: &FileIo,
     common: &Common,
 ) -> Result<()> {
     let (result, rss) = with_progress(common.quiet || common.json, ram.total_len(), |p, _| {
-        mapped_ram::save(
-            target,
-            ram,
-            &mut StaticRam,
-            opts,
-            &file_options(direct_io),
-            p,
-        )
+        mapped_ram::save(target, ram, &mut StaticRam, opts, &io.options(), p)
     });
     let stats = result.with_context(|| format!("saving to {target}"))?;
     report("saved", &stats, &opts.config, common, rss);
@@ -68,12 +79,12 @@ pub fn play(
     file: &str,
     to: &Uri,
     opts: &SourceOptions,
-    direct_io: bool,
+    io: &FileIo,
     common: &Common,
 ) -> Result<()> {
     let file: FileUri = file.parse()?;
     let (result, rss) = with_progress(common.quiet || common.json, 0, |p, _| {
-        mapped_ram::play(&file, to, opts, &file_options(direct_io), p)
+        mapped_ram::play(&file, to, opts, &io.options(), p)
     });
     let stats = result.with_context(|| format!("sending {file} to {to}"))?;
     report("sent", &stats, &opts.config, common, rss);

@@ -71,9 +71,8 @@ pub struct ReceiveArgs {
     /// `migrate-incoming file:PATH` (capabilities mapped-ram and multifd).
     #[arg(long, value_name = "FILE", conflicts_with_all = ["ram", "snapshot", "prefault"])]
     mapped_ram_file: Option<String>,
-    /// Open the mapped-ram file's channels with O_DIRECT (QEMU's direct-io).
-    #[arg(long)]
-    direct_io: bool,
+    #[command(flatten)]
+    file_io: crate::file::FileIo,
     #[command(flatten)]
     tls: trust::DestinationTls,
     #[command(flatten)]
@@ -95,10 +94,7 @@ pub fn run(a: ReceiveArgs) -> Result<()> {
         }
         let opts = multifd::mapped_ram::RestoreOptions {
             channels: config.channels,
-            file: multifd::mapped_ram::FileOptions {
-                direct_io: a.direct_io,
-                ..Default::default()
-            },
+            file: a.file_io.options(),
             max_ram: a.max_ram.unwrap_or(ReceiveOptions::default().max_ram),
             ..Default::default()
         };

@@ -42,9 +42,8 @@ pub struct SendArgs {
     /// (PATH or file:PATH[,offset=N]) instead of RAM images.
     #[arg(long, value_name = "FILE", conflicts_with_all = ["ram", "snapshot"])]
     mapped_ram_file: Option<String>,
-    /// Open the mapped-ram file's channels with O_DIRECT (QEMU's direct-io).
-    #[arg(long)]
-    direct_io: bool,
+    #[command(flatten)]
+    file_io: crate::file::FileIo,
     #[command(flatten)]
     tls: trust::SourceTls,
     #[command(flatten)]
@@ -80,7 +79,7 @@ pub fn run(a: SendArgs) -> Result<()> {
             tls,
             ..SourceOptions::default()
         };
-        return crate::file::play(file, uri, &opts, a.direct_io, &a.common);
+        return crate::file::play(file, uri, &opts, &a.file_io, &a.common);
     }
     let (ram, plan) = match &a.snapshot {
         Some(dir) => {
@@ -112,7 +111,7 @@ pub fn run(a: SendArgs) -> Result<()> {
     };
     let Some(uri) = uri else {
         let target = file_target.expect("a file target when there is no URI");
-        return crate::file::save(&target, &ram, &opts, a.direct_io, &a.common);
+        return crate::file::save(&target, &ram, &opts, &a.file_io, &a.common);
     };
     let (result, rss_mib) =
         with_progress(a.common.quiet || a.common.json, ram.total_len(), |p, _| {

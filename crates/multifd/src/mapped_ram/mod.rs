@@ -29,6 +29,7 @@ mod capture;
 mod file;
 mod play;
 mod read;
+mod reading;
 mod restore;
 mod save;
 mod uri;
@@ -49,6 +50,13 @@ pub struct FileOptions {
     /// bitmaps use a descriptor without it, as QEMU's do. A file system
     /// that refuses it is [`Error::DirectIoUnsupported`](crate::Error::DirectIoUnsupported).
     pub direct_io: bool,
+    /// When restoring without `direct_io`, read a file that is mostly not
+    /// in the page cache with `O_DIRECT` where its file system allows it:
+    /// it is read once, and the device is kept busier than by buffered
+    /// reads. A file mostly cached is read from the cache and left there
+    /// (a warm image stays warm). Off: a cold file is read through the
+    /// cache, each stretch dropped once read.
+    pub direct_when_cold: bool,
     /// When saving, reserve the file's space up to the end of the last
     /// pages region before any page is written, so a full file system
     /// fails the save at once (not on tmpfs, where that would allocate
@@ -61,6 +69,7 @@ impl Default for FileOptions {
     fn default() -> Self {
         Self {
             direct_io: false,
+            direct_when_cold: true,
             reserve: true,
         }
     }

@@ -15,9 +15,12 @@
 //! pre-faulted RAM file) a stretch is read straight into the mapping with
 //! one `preadv`, the holes' bytes going to a discard buffer. See [`Sink`].
 //!
-//! Without direct-io each stretch, once read, is dropped from the page
-//! cache (`POSIX_FADV_DONTNEED`): the file is read once, and its cached
-//! copy would take as much memory again as the RAM it restores.
+//! Without direct-io a file mostly not in the page cache is read with
+//! `O_DIRECT` all the same where its file system allows it, and one mostly
+//! cached is read from the cache and left there ([`reading`]). Where a
+//! cold file is read through the cache, each stretch, once read, is
+//! dropped from it (`POSIX_FADV_DONTNEED`): the file is read once, and its
+//! cached copy would take as much memory again as the RAM it restores.
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, RawFd};
@@ -30,6 +33,7 @@ use multifd_wire::PAGE_SIZE_U64;
 
 use super::file;
 use super::read::{FileImage, read_file};
+use super::reading::{self, Reading};
 use super::{FileOptions, FileUri};
 use crate::destination::{Incoming, RamProvider, StreamSetup};
 use crate::error::{Error, Result};
@@ -213,14 +217,11 @@ pub(crate) fn load_pages(
     let groups = group(&plan.pieces);
     let next = AtomicUsize::new(0);
     let abort = Abort::new();
+    let (reading, files) = reading::open(uri, image, &opts.file, opts.channels)?;
     let sinks: Vec<Sink> = indices
         .iter()
-        .map(|&i| Sink::of(&ram.blocks()[i], opts.file.direct_io))
+        .map(|&i| Sink::of(&ram.blocks()[i], reading.direct()))
         .collect();
-    let mut files = Vec::with_capacity(opts.channels.into());
-    for _ in 0..opts.channels {
-        files.push(file::open_channel(&uri.path, false, opts.file.direct_io)?);
-    }
     let result = lifecycle::watched(
         opts.cancel.as_deref(),
         || abort.fail(Error::Cancelled),
@@ -231,7 +232,7 @@ pub(crate) fn load_pages(
                     let worker = Loader {
                         file: f,
                         path: &uri.path,
-                        direct: opts.file.direct_io,
+                        reading,
                         image,
                         ram,
                         indices,
@@ -439,7 +440,7 @@ impl Sink {
 struct Loader<'a, 'w> {
     file: File,
     path: &'a Path,
-    direct: bool,
+    reading: Reading,
     image: &'a FileImage,
     ram: &'a GuestRam,
     indices: &'a [usize],
@@ -472,7 +473,7 @@ impl Loader<'_, '_> {
                 return Ok(());
             }
             let pieces = &self.plan.pieces[self.groups[g]..self.groups[g + 1]];
-            if !self.direct {
+            if !self.reading.direct() {
                 self.read_ahead(pieces);
             }
             for p in pieces {
@@ -624,10 +625,10 @@ impl Loader<'_, '_> {
                     reason: "became shorter while it was read".into(),
                 }
             } else {
-                file::direct_io_error(self.path, self.direct, e, "reading pages from")
+                file::direct_io_error(self.path, self.reading.direct(), e, "reading pages from")
             }
         })?;
-        if !self.direct {
+        if self.reading.drops() {
             // Read once: the file's pages in the page cache would only
             // take memory the guest's RAM needs, and on a host that hands
             // free memory back to its hypervisor, pages freed and taken

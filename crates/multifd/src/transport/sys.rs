@@ -384,32 +384,57 @@ fn wait_watched(
     Ok(pfds[..watch.len()].iter().position(|p| p.revents != 0))
 }
 
-#[cfg(test)]
-/// Pages of `file`'s first `pages` pages in the page cache (`mincore`
-/// over a fresh mapping, which faults nothing in).
-pub(crate) fn cached_pages(file: &std::fs::File, pages: usize) -> usize {
-    let len = pages * 4096;
-    // SAFETY: a new shared read-only mapping of an open file, unmapped
-    // below; nothing reads through it.
+/// Which pages of the file `fd` from `offset` (page-aligned) on are in
+/// the page cache: byte `i` of `out` is set to 1 if page `i` is, 0 if not
+/// (`mincore` over a fresh read-only mapping of that range, which reads
+/// nothing and faults nothing in; pages past the end of the file are not
+/// cached).
+pub(crate) fn residency(fd: RawFd, offset: u64, out: &mut [u8]) -> io::Result<()> {
+    if out.is_empty() {
+        return Ok(());
+    }
+    let len = out
+        .len()
+        .checked_mul(4096)
+        .ok_or(io::ErrorKind::InvalidInput)?;
+    let (offset, _) = file_range(offset, len as u64)?;
+    // SAFETY: a new shared read-only mapping of `len` bytes of a file the
+    // caller holds open; nothing reads through it, and it is unmapped
+    // below. A bad descriptor or offset is an error (MAP_FAILED).
     let p = unsafe {
         libc::mmap(
             std::ptr::null_mut(),
             len,
             libc::PROT_READ,
             libc::MAP_SHARED,
-            std::os::fd::AsRawFd::as_raw_fd(file),
-            0,
+            fd,
+            offset,
         )
     };
-    assert_ne!(p, libc::MAP_FAILED);
-    let mut vec = vec![0u8; pages];
-    // SAFETY: `p..p + len` is the mapping made above; `vec` has one
-    // byte per page of it.
-    let r = unsafe { libc::mincore(p, len, vec.as_mut_ptr()) };
-    // SAFETY: the mapping made above, used by nothing else.
+    if p == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `p..p + len` is the mapping made above; `out` has one byte
+    // per page of it.
+    let r = unsafe { libc::mincore(p, len, out.as_mut_ptr()) };
+    let e = io::Error::last_os_error();
+    // SAFETY: the mapping made above, used by nothing else and no longer.
     unsafe { libc::munmap(p, len) };
-    assert_eq!(r, 0);
-    vec.iter().filter(|&&b| b & 1 != 0).count()
+    if r != 0 {
+        return Err(e);
+    }
+    for b in out.iter_mut() {
+        *b &= 1;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+/// How many of `file`'s first `pages` pages are in the page cache.
+pub(crate) fn cached_pages(file: &std::fs::File, pages: usize) -> usize {
+    let mut vec = vec![0u8; pages];
+    residency(std::os::fd::AsRawFd::as_raw_fd(file), 0, &mut vec).unwrap();
+    vec.iter().filter(|&&b| b != 0).count()
 }
 
 #[cfg(test)]
@@ -456,6 +481,30 @@ mod tests {
         let mut z = vec![0u8; 16];
         let e = preadv_exact(fd, 8090, &mut [IoSliceMut::new(&mut z)]).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
+    }
+
+    #[test]
+    fn residency_tells_cached_pages_from_the_rest() {
+        // 4 MiB read in, then the 2 MiB from 1 MiB on dropped (whole 2
+        // MiB folios: the page cache may hold a file in folios of up to
+        // 2 MiB, and one only partly in the range stays).
+        let (_dir, file) = disk_file(1024);
+        let fd = file.as_raw_fd();
+        file.sync_all().unwrap();
+        let mut buf = vec![0u8; 1024 * 4096];
+        preadv_exact(fd, 0, &mut [IoSliceMut::new(&mut buf)]).unwrap();
+        drop_cached(fd, 512 * 4096, 512 * 4096).unwrap();
+        let mut out = vec![7u8; 768];
+        residency(fd, 256 * 4096, &mut out).unwrap();
+        assert!(out[..256].iter().all(|&b| b == 1), "before the drop");
+        assert!(out[256..].iter().all(|&b| b == 0), "dropped");
+        // Past the end of the file: not cached, and no fault.
+        let mut past = vec![7u8; 16];
+        residency(fd, 1020 * 4096, &mut past).unwrap();
+        assert_eq!(past, [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+        residency(fd, 0, &mut []).unwrap();
+        assert!(residency(-1, 0, &mut [0u8; 1]).is_err());
+        assert!(residency(fd, 100, &mut [0u8; 1]).is_err(), "unaligned");
     }
 
     #[test]
