@@ -18,6 +18,7 @@ use super::file;
 use super::read::FileImage;
 use super::{FileOptions, FileUri};
 use crate::error::{Error, Result};
+use crate::ram::RamBlock;
 use crate::transport::sys;
 
 /// How the pages regions are read.
@@ -71,21 +72,55 @@ pub(super) fn open(
         return Ok((Reading::Direct, open_all(true)?));
     }
     let probe = file::open_channel(&uri.path, false, false)?;
-    let (cached, present) = present_pages_cached(&probe, image)
-        .map_err(|e| Error::io(format!("looking into the page cache of {uri}"), e))?;
-    let reading = if present == 0 || cached >= present.div_ceil(2) {
+    let warm = match present_pages_cached(&probe, image) {
+        Ok((cached, present)) => {
+            tracing::debug!(cached, present, "present pages of {uri} in the page cache");
+            present == 0 || cached >= present.div_ceil(2)
+        }
+        // A file that cannot be mapped (some FUSE file systems) counts as
+        // cold: nothing tells otherwise.
+        Err(e) => {
+            tracing::debug!("cannot look into the page cache of {uri}: {e}");
+            false
+        }
+    };
+    let reading = if warm {
         Reading::CachedKept
     } else if opts.direct_when_cold {
         match file::open_channel(&uri.path, false, true) {
-            Ok(_) => Reading::Direct,
-            Err(Error::DirectIoUnsupported { .. }) => Reading::CachedDropped,
+            Ok(f) if direct_read_works(&f, uri, image)? => Reading::Direct,
+            Ok(_) | Err(Error::DirectIoUnsupported { .. }) => Reading::CachedDropped,
             Err(e) => return Err(e),
         }
     } else {
         Reading::CachedDropped
     };
-    tracing::debug!(cached, present, ?reading, "reading the pages of {uri}");
+    tracing::debug!(?reading, "reading the pages of {uri}");
     Ok((reading, open_all(reading.direct())?))
+}
+
+/// Whether a direct read of the first present page through `file` (an
+/// `O_DIRECT` descriptor) works: some file systems take the flag and
+/// refuse the reads (`EINVAL`).
+fn direct_read_works(file: &File, uri: &FileUri, image: &FileImage) -> Result<bool> {
+    let first = image.layouts.iter().enumerate().find_map(|(i, layout)| {
+        let run = image.bitmap(i).runs().next()?;
+        Some(layout.pages_offset() + run.start * PAGE_SIZE_U64)
+    });
+    let Some(at) = first else {
+        return Ok(true);
+    };
+    // Page-aligned, as `O_DIRECT` needs.
+    let page = RamBlock::anonymous("probe", PAGE_SIZE_U64)?;
+    let mut iov = [page.page_run(0, 1)?.io_slice_mut()?];
+    match sys::preadv_exact(file.as_raw_fd(), at, &mut iov) {
+        Ok(()) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(false),
+        Err(e) => Err(Error::io(
+            format!("reading a page of {uri} with O_DIRECT"),
+            e,
+        )),
+    }
 }
 
 /// How many of the present pages of `image` are in the page cache, and
@@ -207,7 +242,9 @@ mod tests {
     #[test]
     fn a_cold_file_is_read_directly_and_a_warm_one_from_the_cache() {
         let (_dir, uri, ram) = saved_on_disk();
-        let direct_taken = file::open_channel(&uri.path, false, true).is_ok();
+        let image = read_file(&uri, 1 << 20).unwrap();
+        let direct_taken = file::open_channel(&uri.path, false, true)
+            .is_ok_and(|f| direct_read_works(&f, &uri, &image).unwrap());
         let cold = if direct_taken {
             Reading::Direct
         } else {
