@@ -31,10 +31,11 @@ pub struct FileIo {
     /// Open the mapped-ram file's channels with O_DIRECT (QEMU's direct-io).
     #[arg(long)]
     pub direct_io: bool,
-    /// Read a mapped-ram file that is not in the page cache through the
-    /// page cache. Without it such a file is read with O_DIRECT where its
-    /// file system allows it; a file mostly cached is always read from the
-    /// cache.
+    /// When reading a mapped-ram file (a restore, or `send --mapped-ram-file`):
+    /// read it through the page cache even when it is not cached. Without
+    /// it such a file is read with O_DIRECT where its file system allows
+    /// it; a file mostly cached is always read from the cache. Saving
+    /// ignores it.
     #[arg(long, conflicts_with = "direct_io")]
     pub page_cache: bool,
 }

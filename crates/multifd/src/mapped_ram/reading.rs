@@ -6,8 +6,9 @@
 //! disk here the buffered reads of 4 threads left the device idle for much
 //! of a restore (see docs/performance.md). So a cold file is read with
 //! `O_DIRECT` where its file system allows it. A file that is mostly
-//! cached already (a warm image kept for fast boots, or one just written
-//! through the cache) is read from the cache and left there.
+//! cached already (a warm image kept for fast boots, or one QEMU has just
+//! written through the cache; our own saves drop what they wrote) is read
+//! from the cache and left there.
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
@@ -72,26 +73,28 @@ pub(super) fn open(
         return Ok((Reading::Direct, open_all(true)?));
     }
     let probe = file::open_channel(&uri.path, false, false)?;
-    let warm = match present_pages_cached(&probe, image) {
-        Ok((cached, present)) => {
-            tracing::debug!(cached, present, "present pages of {uri} in the page cache");
-            present == 0 || cached >= present.div_ceil(2)
-        }
-        // A file that cannot be mapped (some FUSE file systems) counts as
-        // cold: nothing tells otherwise.
-        Err(e) => {
-            tracing::debug!("cannot look into the page cache of {uri}: {e}");
-            false
+    let warm = if !sys::residency_visible(&probe, &uri.path) {
+        // `mincore` would call every page cached: nothing tells.
+        tracing::debug!("the page cache of {uri} is not visible to this process");
+        false
+    } else {
+        match present_pages_cached(&probe, image, WINDOW_PAGES) {
+            Ok((cached, present)) => {
+                tracing::debug!(cached, present, "present pages of {uri} in the page cache");
+                present == 0 || cached >= present.div_ceil(2)
+            }
+            // A file that cannot be mapped (some FUSE file systems) counts
+            // as cold: nothing tells otherwise.
+            Err(e) => {
+                tracing::debug!("cannot look into the page cache of {uri}: {e}");
+                false
+            }
         }
     };
     let reading = if warm {
         Reading::CachedKept
-    } else if opts.direct_when_cold {
-        match file::open_channel(&uri.path, false, true) {
-            Ok(f) if direct_read_works(&f, uri, image)? => Reading::Direct,
-            Ok(_) | Err(Error::DirectIoUnsupported { .. }) => Reading::CachedDropped,
-            Err(e) => return Err(e),
-        }
+    } else if opts.direct_when_cold && direct_reads_work(uri, image) {
+        Reading::Direct
     } else {
         Reading::CachedDropped
     };
@@ -99,53 +102,74 @@ pub(super) fn open(
     Ok((reading, open_all(reading.direct())?))
 }
 
-/// Whether a direct read of the first present page through `file` (an
-/// `O_DIRECT` descriptor) works: some file systems take the flag and
-/// refuse the reads (`EINVAL`).
-fn direct_read_works(file: &File, uri: &FileUri, image: &FileImage) -> Result<bool> {
+/// Whether the file of `uri` takes the direct reads of a restore: its
+/// file system allows `O_DIRECT` with buffers and offsets aligned to 4 KiB
+/// (where `statx` tells), and a direct read of the first present page
+/// works (some file systems take the flag and refuse the reads). Direct
+/// reads were not asked for, so any failure here only means no.
+fn direct_reads_work(uri: &FileUri, image: &FileImage) -> bool {
+    let f = match file::open_channel(&uri.path, false, true) {
+        Ok(f) => f,
+        Err(e) => {
+            tracing::debug!("no direct reads of {uri}: {e}");
+            return false;
+        }
+    };
+    if let Some((mem, offset)) = sys::direct_io_alignment(f.as_raw_fd()) {
+        let fits = |a: u32| a != 0 && 4096 % a == 0;
+        if !fits(mem) || !fits(offset) {
+            tracing::debug!(mem, offset, "no direct reads of {uri}: alignment");
+            return false;
+        }
+    }
     let first = image.layouts.iter().enumerate().find_map(|(i, layout)| {
         let run = image.bitmap(i).runs().next()?;
         Some(layout.pages_offset() + run.start * PAGE_SIZE_U64)
     });
     let Some(at) = first else {
-        return Ok(true);
+        return true;
     };
     // Page-aligned, as `O_DIRECT` needs.
-    let page = RamBlock::anonymous("probe", PAGE_SIZE_U64)?;
-    let mut iov = [page.page_run(0, 1)?.io_slice_mut()?];
-    match sys::preadv_exact(file.as_raw_fd(), at, &mut iov) {
-        Ok(()) => Ok(true),
-        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(false),
-        Err(e) => Err(Error::io(
-            format!("reading a page of {uri} with O_DIRECT"),
-            e,
-        )),
+    let read = RamBlock::anonymous("probe", PAGE_SIZE_U64).and_then(|page| {
+        let mut iov = [page.page_run(0, 1)?.io_slice_mut()?];
+        sys::preadv_exact(f.as_raw_fd(), at, &mut iov).map_err(|e| Error::io("a direct read", e))
+    });
+    if let Err(e) = &read {
+        tracing::debug!("no direct reads of {uri}: {e}");
     }
+    read.is_ok()
 }
 
 /// How many of the present pages of `image` are in the page cache, and
-/// how many there are, looked at through `file`.
-fn present_pages_cached(file: &File, image: &FileImage) -> std::io::Result<(u64, u64)> {
+/// how many there are, looked at through `file`, `window` pages at a time.
+fn present_pages_cached(
+    file: &File,
+    image: &FileImage,
+    window: u64,
+) -> std::io::Result<(u64, u64)> {
     let (mut cached, mut present) = (0u64, 0u64);
-    let mut window = Vec::new();
+    let mut held_pages = Vec::new();
     for (i, layout) in image.layouts.iter().enumerate() {
-        // The window held in `window`: its first page and its pages.
+        // The pages whose residency `held_pages` holds.
         let mut held = 0..0u64;
         for run in image.bitmap(i).runs() {
             present += run.end - run.start;
             let mut page = run.start;
             while page < run.end {
                 if !held.contains(&page) {
-                    let end = (page + WINDOW_PAGES).min(layout.num_pages());
-                    window.resize((end - page) as usize, 0);
+                    let end = (page + window).min(layout.num_pages());
+                    held_pages.resize((end - page) as usize, 0);
                     let at = layout.pages_offset() + page * PAGE_SIZE_U64;
-                    sys::residency(file.as_raw_fd(), at, &mut window)?;
+                    sys::residency(file.as_raw_fd(), at, &mut held_pages)?;
                     held = page..end;
                 }
                 let upto = run.end.min(held.end);
                 let from = (page - held.start) as usize;
                 let to = (upto - held.start) as usize;
-                cached += window[from..to].iter().map(|&b| u64::from(b)).sum::<u64>();
+                cached += held_pages[from..to]
+                    .iter()
+                    .map(|&b| u64::from(b))
+                    .sum::<u64>();
                 page = upto;
             }
         }
@@ -243,8 +267,7 @@ mod tests {
     fn a_cold_file_is_read_directly_and_a_warm_one_from_the_cache() {
         let (_dir, uri, ram) = saved_on_disk();
         let image = read_file(&uri, 1 << 20).unwrap();
-        let direct_taken = file::open_channel(&uri.path, false, true)
-            .is_ok_and(|f| direct_read_works(&f, &uri, &image).unwrap());
+        let direct_taken = direct_reads_work(&uri, &image);
         let cold = if direct_taken {
             Reading::Direct
         } else {
@@ -293,11 +316,31 @@ mod tests {
             PAGES - (0..PAGES).filter(|&p| page_byte(p) == 0).count() as u64
         );
         let f = File::open(&uri.path).unwrap();
+        let fd = f.as_raw_fd();
+        let region = image.layouts[0].pages_offset();
+        // All read in, then dropped from the first 2 MiB boundary of the
+        // file past the region's first 1024 pages on (whole folios: the
+        // page cache may hold a file in naturally aligned folios of up to
+        // 2 MiB, and one only partly in a dropped range stays).
+        std::fs::read(&uri.path).unwrap();
+        let boundary = (region + 1024 * 4096).next_multiple_of(2 << 20);
+        sys::drop_cached(fd, boundary, 0).unwrap(); // 0: to the end
+        let kept = (boundary - region) / 4096;
+        let in_half = (0..kept).filter(|&p| page_byte(p) != 0).count() as u64;
+        // Windows of every size: one page, odd ones that runs cross, the
+        // whole block and more.
+        for window in [1, 7, 100, 1000, PAGES, WINDOW_PAGES] {
+            assert_eq!(
+                present_pages_cached(&f, &image, window).unwrap(),
+                (in_half, present),
+                "window {window}"
+            );
+        }
         make_cold(&uri);
-        assert_eq!(present_pages_cached(&f, &image).unwrap(), (0, present));
+        assert_eq!(present_pages_cached(&f, &image, 100).unwrap(), (0, present));
         std::fs::read(&uri.path).unwrap();
         assert_eq!(
-            present_pages_cached(&f, &image).unwrap(),
+            present_pages_cached(&f, &image, 100).unwrap(),
             (present, present)
         );
     }

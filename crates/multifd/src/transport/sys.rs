@@ -393,6 +393,11 @@ pub(crate) fn residency(fd: RawFd, offset: u64, out: &mut [u8]) -> io::Result<()
     if out.is_empty() {
         return Ok(());
     }
+    // SAFETY: sysconf only reads system configuration.
+    if unsafe { libc::sysconf(libc::_SC_PAGESIZE) } != 4096 {
+        // `mincore` counts host pages; `out` counts 4 KiB ones.
+        return Err(io::ErrorKind::Unsupported.into());
+    }
     let len = out
         .len()
         .checked_mul(4096)
@@ -427,6 +432,51 @@ pub(crate) fn residency(fd: RawFd, offset: u64, out: &mut [u8]) -> io::Result<()
         *b &= 1;
     }
     Ok(())
+}
+
+/// Whether [`residency`] tells this process the truth about `file` (at
+/// `path`): since Linux 5.2 `mincore` reports every page of a file
+/// mapping as cached unless the caller owns the file, may write it, or
+/// has `CAP_FOWNER` (taken here to be root).
+pub(crate) fn residency_visible(file: &std::fs::File, path: &std::path::Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::MetadataExt;
+    // SAFETY: geteuid takes no arguments and cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    match file.metadata() {
+        Ok(_) if euid == 0 => return true,
+        Ok(m) if m.uid() == euid => return true,
+        Ok(_) => {}
+        Err(_) => return false,
+    }
+    let Ok(path) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: `path` is a NUL-terminated string that outlives the call,
+    // which only reads it.
+    unsafe { libc::faccessat(libc::AT_FDCWD, path.as_ptr(), libc::W_OK, libc::AT_EACCESS) == 0 }
+}
+
+/// The alignment `O_DIRECT` needs of the file `fd` (`statx` with
+/// `STATX_DIOALIGN`): of memory buffers, and of file offsets and lengths,
+/// in bytes; 0 where the file does not take direct I/O. `None` where the
+/// kernel or the file system does not tell.
+pub(crate) fn direct_io_alignment(fd: RawFd) -> Option<(u32, u32)> {
+    // SAFETY: statx is plain old data; all zeroes is a valid value.
+    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: an empty NUL-terminated path with AT_EMPTY_PATH names `fd`
+    // itself; `stx` is a valid statx the call fills and outlives it.
+    let r = unsafe {
+        libc::statx(
+            fd,
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH,
+            libc::STATX_DIOALIGN,
+            &mut stx,
+        )
+    };
+    (r == 0 && stx.stx_mask & libc::STATX_DIOALIGN != 0)
+        .then_some((stx.stx_dio_mem_align, stx.stx_dio_offset_align))
 }
 
 #[cfg(test)]
@@ -485,9 +535,9 @@ mod tests {
 
     #[test]
     fn residency_tells_cached_pages_from_the_rest() {
-        // 4 MiB read in, then the 2 MiB from 1 MiB on dropped (whole 2
-        // MiB folios: the page cache may hold a file in folios of up to
-        // 2 MiB, and one only partly in the range stays).
+        // 4 MiB read in, then its second half dropped (whole 2 MiB
+        // folios: the page cache may hold a file in folios of up to 2 MiB,
+        // and one only partly in the range stays).
         let (_dir, file) = disk_file(1024);
         let fd = file.as_raw_fd();
         file.sync_all().unwrap();
@@ -505,6 +555,18 @@ mod tests {
         residency(fd, 0, &mut []).unwrap();
         assert!(residency(-1, 0, &mut [0u8; 1]).is_err());
         assert!(residency(fd, 100, &mut [0u8; 1]).is_err(), "unaligned");
+    }
+
+    #[test]
+    fn the_owner_sees_residency_and_the_disk_tells_its_direct_io_alignment() {
+        let (dir, file) = disk_file(1);
+        assert!(residency_visible(&file, &dir.path().join("f")));
+        // ext4 (the build's own directory) tells, on kernels since 6.1.
+        if let Some((mem, offset)) = direct_io_alignment(file.as_raw_fd()) {
+            assert!(mem.is_power_of_two() && offset.is_power_of_two());
+            assert!(mem <= 4096 && offset <= 4096, "{mem} {offset}");
+        }
+        assert_eq!(direct_io_alignment(-1), None);
     }
 
     #[test]
