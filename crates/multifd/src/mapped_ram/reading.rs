@@ -19,7 +19,7 @@ use super::file;
 use super::read::FileImage;
 use super::{FileOptions, FileUri};
 use crate::error::{Error, Result};
-use crate::ram::RamBlock;
+use crate::ram::{self, RamBlock};
 use crate::transport::sys;
 
 /// How the pages regions are read.
@@ -46,16 +46,20 @@ impl Reading {
     }
 }
 
-/// Most pages one `mincore` looks at: 64 Ki pages, 256 MiB of the file
-/// (a 64 KiB vector).
-const WINDOW_PAGES: u64 = 1 << 16;
+/// Pages of one sample of a block's pages region: 2 MiB.
+const SAMPLE_PAGES: u64 = 512;
+
+/// Most samples looked at per block: at most 128 Ki pages (512 MiB of the
+/// file). `mincore` costs about 55 ns a page here: over every page of a 4
+/// GiB file it took 59 ms, a tenth of a restore from /dev/shm.
+const MAX_SAMPLES: u64 = 256;
 
 /// Chooses how `image` (the file of `uri`) is read and opens `channels`
 /// descriptors for it:
 /// * `direct_io` asked for: `O_DIRECT` (a file system that refuses it is
 ///   [`Error::DirectIoUnsupported`]).
-/// * At least half of the present pages in the page cache (or none
-///   present): [`Reading::CachedKept`].
+/// * On tmpfs, or at least half of the present pages in the page cache
+///   (sampled; or none present): [`Reading::CachedKept`].
 /// * Otherwise, with `direct_when_cold`: `O_DIRECT` where the file system
 ///   takes it, else [`Reading::CachedDropped`].
 pub(super) fn open(
@@ -73,14 +77,17 @@ pub(super) fn open(
         return Ok((Reading::Direct, open_all(true)?));
     }
     let probe = file::open_channel(&uri.path, false, false)?;
-    let warm = if !sys::residency_visible(&probe, &uri.path) {
+    let warm = if ram::is_tmpfs(&probe) {
+        // Its page cache is the file.
+        true
+    } else if !sys::residency_visible(&probe, &uri.path) {
         // `mincore` would call every page cached: nothing tells.
         tracing::debug!("the page cache of {uri} is not visible to this process");
         false
     } else {
-        match present_pages_cached(&probe, image, WINDOW_PAGES) {
+        match sampled_pages_cached(&probe, image, SAMPLE_PAGES, MAX_SAMPLES) {
             Ok((cached, present)) => {
-                tracing::debug!(cached, present, "present pages of {uri} in the page cache");
+                tracing::debug!(cached, present, "sampled present pages of {uri} cached");
                 present == 0 || cached >= present.div_ceil(2)
             }
             // A file that cannot be mapped (some FUSE file systems) counts
@@ -140,38 +147,41 @@ fn direct_reads_work(uri: &FileUri, image: &FileImage) -> bool {
     read.is_ok()
 }
 
-/// How many of the present pages of `image` are in the page cache, and
-/// how many there are, looked at through `file`, `window` pages at a time.
-fn present_pages_cached(
+/// How many present pages of the samples of `image` are in the page
+/// cache, and how many present pages the samples hold, looked at through
+/// `file`. The samples are runs of `sample` pages spread evenly over each
+/// block, at most `max_samples` of them per block (all of the block where
+/// that covers it).
+fn sampled_pages_cached(
     file: &File,
     image: &FileImage,
-    window: u64,
+    sample: u64,
+    max_samples: u64,
 ) -> std::io::Result<(u64, u64)> {
     let (mut cached, mut present) = (0u64, 0u64);
-    let mut held_pages = Vec::new();
+    let mut residency = Vec::new();
     for (i, layout) in image.layouts.iter().enumerate() {
-        // The pages whose residency `held_pages` holds.
-        let mut held = 0..0u64;
-        for run in image.bitmap(i).runs() {
-            present += run.end - run.start;
-            let mut page = run.start;
-            while page < run.end {
-                if !held.contains(&page) {
-                    let end = (page + window).min(layout.num_pages());
-                    held_pages.resize((end - page) as usize, 0);
-                    let at = layout.pages_offset() + page * PAGE_SIZE_U64;
-                    sys::residency(file.as_raw_fd(), at, &mut held_pages)?;
-                    held = page..end;
+        let pages = layout.num_pages();
+        let bitmap = image.bitmap(i);
+        let stride = pages.div_ceil(max_samples.max(1)).max(sample);
+        let mut start = 0;
+        while start < pages {
+            let end = (start + sample).min(pages);
+            let mut looked = false;
+            for p in start..end {
+                if bitmap.get(p) != Some(true) {
+                    continue;
                 }
-                let upto = run.end.min(held.end);
-                let from = (page - held.start) as usize;
-                let to = (upto - held.start) as usize;
-                cached += held_pages[from..to]
-                    .iter()
-                    .map(|&b| u64::from(b))
-                    .sum::<u64>();
-                page = upto;
+                if !looked {
+                    residency.resize((end - start) as usize, 0);
+                    let at = layout.pages_offset() + start * PAGE_SIZE_U64;
+                    sys::residency(file.as_raw_fd(), at, &mut residency)?;
+                    looked = true;
+                }
+                present += 1;
+                cached += u64::from(residency[(p - start) as usize]);
             }
+            start += stride;
         }
     }
     Ok((cached, present))
@@ -197,7 +207,11 @@ mod tests {
     /// (the build's own directory: tmpfs pages are always cached), and
     /// the RAM it holds.
     fn saved_on_disk() -> (tempfile::TempDir, FileUri, GuestRam) {
-        let base = concat!(env!("CARGO_MANIFEST_DIR"), "/../../target");
+        saved_in(concat!(env!("CARGO_MANIFEST_DIR"), "/../../target"))
+    }
+
+    /// [`saved_on_disk`], in directory `base`.
+    fn saved_in(base: &str) -> (tempfile::TempDir, FileUri, GuestRam) {
         std::fs::create_dir_all(base).unwrap();
         let dir = tempfile::tempdir_in(base).unwrap();
         let image = dir.path().join("image");
@@ -307,6 +321,16 @@ mod tests {
     }
 
     #[test]
+    fn a_file_on_tmpfs_is_read_from_its_pages() {
+        let (_dir, uri, ram) = saved_in("/dev/shm");
+        make_cold(&uri); // changes nothing on tmpfs
+        assert_eq!(
+            restore_checked(&uri, &ram, FileOptions::default()),
+            Reading::CachedKept
+        );
+    }
+
+    #[test]
     fn the_cached_share_counts_present_pages_only() {
         let (_dir, uri, _ram) = saved_on_disk();
         let image = read_file(&uri, 1 << 20).unwrap();
@@ -327,21 +351,27 @@ mod tests {
         sys::drop_cached(fd, boundary, 0).unwrap(); // 0: to the end
         let kept = (boundary - region) / 4096;
         let in_half = (0..kept).filter(|&p| page_byte(p) != 0).count() as u64;
-        // Windows of every size: one page, odd ones that runs cross, the
-        // whole block and more.
-        for window in [1, 7, 100, 1000, PAGES, WINDOW_PAGES] {
+        // Samples covering the block, of every size: one page, odd ones
+        // that runs cross, the whole block and more.
+        for sample in [1, 7, 100, 1000, PAGES, SAMPLE_PAGES, 1 << 16] {
             assert_eq!(
-                present_pages_cached(&f, &image, window).unwrap(),
+                sampled_pages_cached(&f, &image, sample, u64::MAX).unwrap(),
                 (in_half, present),
-                "window {window}"
+                "samples of {sample}"
             );
         }
+        // Four samples of 100 pages, 512 apart: the first ones cached,
+        // the last not.
+        let (cached, sampled) = sampled_pages_cached(&f, &image, 100, 4).unwrap();
+        assert!(sampled < present / 4, "{sampled} of {present}");
+        assert!(0 < cached && cached < sampled, "{cached} of {sampled}");
         make_cold(&uri);
-        assert_eq!(present_pages_cached(&f, &image, 100).unwrap(), (0, present));
+        let (cached, sampled) = sampled_pages_cached(&f, &image, 100, 4).unwrap();
+        assert!(cached == 0 && sampled > 0);
         std::fs::read(&uri.path).unwrap();
         assert_eq!(
-            present_pages_cached(&f, &image, 100).unwrap(),
-            (present, present)
+            sampled_pages_cached(&f, &image, 100, 4).unwrap(),
+            (sampled, sampled)
         );
     }
 }
