@@ -38,9 +38,9 @@ use super::{FileOptions, FileUri};
 use crate::destination::{Incoming, RamProvider, StreamSetup};
 use crate::error::{Error, Result};
 use crate::lifecycle::{self, Abort, Cancel};
-use crate::ram::{GuestRam, PageRun, RamBlock};
+use crate::ram::{GuestRam, HugeOwnPages, OwnPage, PageRun, RamBlock};
 use crate::stats::Progress;
-use crate::transport::iov::IoSliceMut;
+use crate::transport::iov::{IoSlice, IoSliceMut};
 use crate::transport::sys;
 
 /// Largest single read, the holes it steps over included: 4 MiB (QEMU
@@ -421,7 +421,7 @@ impl Sink {
     ///   page the copy then overwrites; `pwrite` allocates it without.
     /// * Any other block with direct-io: through the buffer, which is in
     ///   huge pages, where the direct reads are much cheaper than into
-    ///   guest RAM's small pages (see [`RamBlock::anonymous_buffer`]).
+    ///   guest RAM's small pages (see [`HugeOwnPages`]).
     /// * Otherwise straight into the mapping: one copy, and no writer
     ///   waits for another on a file's inode lock (tmpfs takes it for
     ///   every `pwrite`, and 4 threads on 2 cores spun on it for a quarter
@@ -460,10 +460,10 @@ impl Loader<'_, '_> {
         // Every hole of a read is read into its start; nothing reads it.
         let discard = RamBlock::anonymous("discard", MAX_HOLE_READ_OVER * PAGE_SIZE_U64)?;
         // Where a whole stretch is read before its present runs are
-        // written to a RAM file (page-aligned, as `O_DIRECT` needs; in huge
-        // pages where the kernel gives them, which makes direct reads much
-        // cheaper, see `RamBlock::anonymous_buffer`); made on first use.
-        let mut buffer: Option<RamBlock> = None;
+        // written to a RAM file or copied into guest RAM (page-aligned, as
+        // `O_DIRECT` needs; in huge pages where the kernel gives them,
+        // which makes direct reads much cheaper); made on first use.
+        let mut buffer: Option<HugeOwnPages> = None;
         loop {
             if self.abort.is_aborted() {
                 return Err(Error::Aborted);
@@ -473,7 +473,9 @@ impl Loader<'_, '_> {
                 return Ok(());
             }
             let pieces = &self.plan.pieces[self.groups[g]..self.groups[g + 1]];
-            if !self.reading.direct() {
+            if self.reading.drops() {
+                // A cold file read through the cache: the device reads
+                // ahead while this thread copies (a cached one is there).
                 self.read_ahead(pieces);
             }
             for p in pieces {
@@ -488,10 +490,9 @@ impl Loader<'_, '_> {
                         match self.sinks[block] {
                             Sink::Mapping => self.read(&discard, block, first, pages, holes)?,
                             sink => {
-                                if buffer.is_none() {
-                                    buffer = Some(RamBlock::anonymous_buffer("buffer", MAX_READ)?);
-                                }
-                                let buffer = buffer.as_ref().expect("made above");
+                                let buffer = buffer.get_or_insert_with(|| {
+                                    HugeOwnPages::new((MAX_READ / PAGE_SIZE_U64) as usize)
+                                });
                                 self.copy(buffer, sink, block, first, pages, holes)?;
                             }
                         }
@@ -566,7 +567,7 @@ impl Loader<'_, '_> {
     /// never leave the buffer.
     fn copy(
         &self,
-        buffer: &RamBlock,
+        buffer: &mut HugeOwnPages,
         sink: Sink,
         block: usize,
         first: u64,
@@ -574,21 +575,26 @@ impl Loader<'_, '_> {
         holes: &[Hole],
     ) -> Result<()> {
         let ram = &self.ram.blocks()[self.indices[block]];
+        let stretch = buffer
+            .pages_mut()
+            .get_mut(..pages as usize)
+            .ok_or_else(|| Error::Config(format!("a stretch of {pages} pages: too long")))?;
         self.pread(
             block,
             first,
-            &mut [buffer.page_run(0, pages)?.io_slice_mut()?],
+            &mut [IoSliceMut::new(OwnPage::bytes_mut(stretch))],
         )?;
         for (part, is_present) in parts(first, pages, holes) {
             if is_present {
                 let run = ram.page_run(part.start * PAGE_SIZE_U64, part.end - part.start)?;
-                let bytes = buffer.page_run((part.start - first) * PAGE_SIZE_U64, run.pages())?;
+                let from = (part.start - first) as usize;
+                let bytes = OwnPage::bytes(&buffer.pages()[from..from + run.pages() as usize]);
                 let Sink::BufferToFile(fd, start) = sink else {
-                    run.copy_from(&bytes)?;
+                    run.write_from(bytes)?;
                     self.received(&run);
                     continue;
                 };
-                sys::pwritev_all(fd, start + run.offset(), &mut [bytes.io_slice()]).map_err(
+                sys::pwritev_all(fd, start + run.offset(), &mut [IoSlice::new(bytes)]).map_err(
                     |e| {
                         let path = ram.path().unwrap_or(Path::new("?"));
                         // A RAM file on tmpfs may not be reserved (see

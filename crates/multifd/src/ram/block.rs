@@ -131,25 +131,6 @@ impl RamBlock {
         Self::map(name, len, None, Access::ReadWrite, true, flags)
     }
 
-    /// Anonymous, zero-filled memory for one of this process's own
-    /// buffers (never guest RAM), with transparent huge pages asked
-    /// (`MADV_HUGEPAGE`). Best effort: where huge pages are not given it is
-    /// [`RamBlock::anonymous`].
-    ///
-    /// For buffers that direct I/O reads into: the kernel pins a buffer's
-    /// pages for each request, and the device sees one segment per
-    /// physically contiguous piece, so 4 KiB pages cost much more than 2
-    /// MiB ones. `O_DIRECT` reads of 4 MiB from a mapped-ram file on the
-    /// ext4 disk here (4 threads, caches dropped) took 2.1-2.4 s per 4 GiB
-    /// into huge pages against 6.3 s into small ones (2026-12-03). A fixed
-    /// buffer's huge pages cost no memory beyond its length (a multiple of
-    /// 2 MiB gets whole huge pages).
-    pub fn anonymous_buffer(name: &str, len: u64) -> Result<Self> {
-        let block = Self::anonymous(name, len)?;
-        block.advise(Advice::HugePages);
-        Ok(block)
-    }
-
     /// Maps an existing file of exactly `len` bytes (or any length when
     /// `len` is `None`), shared, like a QEMU `memory-backend-file`.
     ///

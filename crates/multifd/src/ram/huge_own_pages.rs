@@ -2,7 +2,14 @@
 //! direct I/O: the kernel pins every page of an `O_DIRECT` buffer for each
 //! request and hands the device one segment per physically contiguous
 //! piece, so reads and writes from 2 MiB pages cost it far less than from
-//! 4 KiB ones (see docs/performance.md).
+//! 4 KiB ones: `O_DIRECT` reads of 4 MiB from a mapped-ram file on the
+//! ext4 disk here (4 threads, caches dropped) took 2.1-2.4 s per 4 GiB
+//! into huge pages against 6.3 s into small ones (see
+//! docs/performance.md).
+//!
+//! The chunks are 2 MiB-aligned by their type, on any kernel: an anonymous
+//! `mmap` of a multiple of 2 MiB is placed on a 2 MiB boundary only since
+//! Linux 6.7, and a misaligned 4 MiB buffer gets one huge page at most.
 #![allow(unsafe_code)]
 
 use multifd_wire::PAGE_SIZE;

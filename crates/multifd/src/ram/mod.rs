@@ -31,9 +31,11 @@ pub(crate) use block::{
     Reserve, data_ranges, is_tmpfs, min_hole, physical_memory, punch, reserve_range,
 };
 pub(crate) use holes::Holes;
+pub(crate) use huge_own_pages::HugeOwnPages;
 pub(crate) use page::{PageBatch, PageList, PageRun};
 pub(crate) use staged::{StagedRun, Staging};
 pub use write_tracker::{WriteTracker, WriteTrackerError};
+pub(crate) use zero::OwnPage;
 pub(crate) use zstd_pages::{PageCompressor, PageDecompressor};
 
 use crate::error::{Error, Result};

@@ -431,16 +431,17 @@ impl<'b> PageRun<'b> {
         Ok(unsafe { IoSliceMut::from_raw_parts(self.ptr(), self.len() as usize) })
     }
 
-    /// Copies `src` (a run of the same length, in another block) into this
-    /// run. Fails on a read-only block or runs of different lengths.
-    pub(crate) fn copy_from(&self, src: &PageRun<'_>) -> Result<()> {
+    /// Copies `src` (this process's own bytes, exactly the run's length)
+    /// into this run. Fails on a read-only block or a length that differs.
+    pub(crate) fn write_from(&self, src: &[u8]) -> Result<()> {
         self.block.check_writable()?;
-        if src.pages != self.pages || std::ptr::eq(src.block, self.block) {
+        if src.len() as u64 != self.len() {
             return Err(Error::Config(format!(
-                "copying {src:?} into {self:?}: not two runs of equal length in two blocks"
+                "writing {} bytes into {self:?}: not the run's length",
+                src.len()
             )));
         }
-        src.volatile().copy_to_volatile_slice(self.volatile());
+        self.volatile().copy_from(src);
         Ok(())
     }
 
@@ -744,6 +745,25 @@ mod tests {
         b.write_page(0x2000, &[3; PAGE_SIZE]).unwrap();
         run.apply_zero().unwrap();
         assert!(b.is_zero_page(0x2000).unwrap());
+    }
+
+    #[test]
+    fn a_run_is_written_from_bytes_of_its_length_only() {
+        let b = RamBlock::anonymous("m0", 4 * 4096).unwrap();
+        let run = b.page_run(0x1000, 2).unwrap();
+        let bytes: Vec<u8> = (0..0x2000).map(|i| (i % 251) as u8).collect();
+        run.write_from(&bytes).unwrap();
+        let mut page = [0u8; PAGE_SIZE];
+        b.read_page(0x2000, &mut page).unwrap();
+        assert_eq!(page[..], bytes[0x1000..]);
+        assert!(run.write_from(&bytes[..0x1000]).is_err(), "too short");
+        assert!(b.is_zero_page(0).unwrap() && b.is_zero_page(0x3000).unwrap());
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ro");
+        std::fs::write(&path, vec![0u8; 0x2000]).unwrap();
+        let ro = RamBlock::open_file("ro", &path, crate::ram::Access::ReadOnly, None).unwrap();
+        let ro_run = ro.page_run(0, 2).unwrap();
+        assert!(ro_run.write_from(&bytes).is_err(), "read-only");
     }
 
     #[test]
