@@ -98,35 +98,44 @@ pub(super) fn open(
             }
         }
     };
-    let reading = if warm {
-        Reading::CachedKept
-    } else if opts.direct_when_cold && direct_reads_work(uri, image) {
-        Reading::Direct
-    } else {
-        Reading::CachedDropped
+    let direct = match warm || !opts.direct_when_cold {
+        true => None,
+        false => direct_reader(uri, image),
+    };
+    let (reading, first) = match direct {
+        Some(f) => (Reading::Direct, f),
+        None if warm => (Reading::CachedKept, probe),
+        None => (Reading::CachedDropped, probe),
     };
     tracing::debug!(?reading, "reading the pages of {uri}");
-    Ok((reading, open_all(reading.direct())?))
+    // The descriptor that looked is the first channel's.
+    let mut files = vec![first];
+    for _ in 1..channels {
+        files.push(file::open_channel(&uri.path, false, reading.direct())?);
+    }
+    files.truncate(usize::from(channels));
+    Ok((reading, files))
 }
 
-/// Whether the file of `uri` takes the direct reads of a restore: its
-/// file system allows `O_DIRECT` with buffers and offsets aligned to 4 KiB
-/// (where `statx` tells), and a direct read of the first present page
-/// works (some file systems take the flag and refuse the reads). Direct
-/// reads were not asked for, so any failure here only means no.
-fn direct_reads_work(uri: &FileUri, image: &FileImage) -> bool {
+/// An `O_DIRECT` descriptor of the file of `uri`, where it takes the
+/// direct reads of a restore: its file system allows `O_DIRECT` with
+/// buffers and offsets aligned to 4 KiB (where `statx` tells), and a
+/// direct read of the first present page works (some file systems take
+/// the flag and refuse the reads). Direct reads were not asked for, so any
+/// failure here only means `None`.
+fn direct_reader(uri: &FileUri, image: &FileImage) -> Option<File> {
     let f = match file::open_channel(&uri.path, false, true) {
         Ok(f) => f,
         Err(e) => {
             tracing::debug!("no direct reads of {uri}: {e}");
-            return false;
+            return None;
         }
     };
     if let Some((mem, offset)) = sys::direct_io_alignment(f.as_raw_fd()) {
         let fits = |a: u32| a != 0 && 4096 % a == 0;
         if !fits(mem) || !fits(offset) {
             tracing::debug!(mem, offset, "no direct reads of {uri}: alignment");
-            return false;
+            return None;
         }
     }
     let first = image.layouts.iter().enumerate().find_map(|(i, layout)| {
@@ -134,17 +143,20 @@ fn direct_reads_work(uri: &FileUri, image: &FileImage) -> bool {
         Some(layout.pages_offset() + run.start * PAGE_SIZE_U64)
     });
     let Some(at) = first else {
-        return true;
+        return Some(f);
     };
     // Page-aligned, as `O_DIRECT` needs.
     let read = RamBlock::anonymous("probe", PAGE_SIZE_U64).and_then(|page| {
         let mut iov = [page.page_run(0, 1)?.io_slice_mut()?];
         sys::preadv_exact(f.as_raw_fd(), at, &mut iov).map_err(|e| Error::io("a direct read", e))
     });
-    if let Err(e) = &read {
-        tracing::debug!("no direct reads of {uri}: {e}");
+    match read {
+        Ok(()) => Some(f),
+        Err(e) => {
+            tracing::debug!("no direct reads of {uri}: {e}");
+            None
+        }
     }
-    read.is_ok()
 }
 
 /// How many present pages of the samples of `image` are in the page
@@ -281,7 +293,7 @@ mod tests {
     fn a_cold_file_is_read_directly_and_a_warm_one_from_the_cache() {
         let (_dir, uri, ram) = saved_on_disk();
         let image = read_file(&uri, 1 << 20).unwrap();
-        let direct_taken = direct_reads_work(&uri, &image);
+        let direct_taken = direct_reader(&uri, &image).is_some();
         let cold = if direct_taken {
             Reading::Direct
         } else {
@@ -317,6 +329,39 @@ mod tests {
                 ..FileOptions::default()
             };
             assert_eq!(restore_checked(&uri, &ram, direct), Reading::Direct);
+        }
+    }
+
+    /// Whether `f` was opened with `O_DIRECT` (its `flags:` line in
+    /// `/proc/self/fdinfo`, octal).
+    fn is_direct(f: &File) -> bool {
+        let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", f.as_raw_fd())).unwrap();
+        let flags = info
+            .lines()
+            .find_map(|l| l.strip_prefix("flags:"))
+            .map(|v| i64::from_str_radix(v.trim(), 8).unwrap())
+            .unwrap();
+        flags & i64::from(libc::O_DIRECT) != 0
+    }
+
+    #[test]
+    fn every_channel_gets_a_descriptor_opened_the_chosen_way() {
+        let (_dir, uri, _ram) = saved_on_disk();
+        let image = read_file(&uri, 1 << 20).unwrap();
+        for warm in [false, true] {
+            make_cold(&uri);
+            if warm {
+                std::fs::read(&uri.path).unwrap();
+            }
+            for channels in [1u8, 3] {
+                let (reading, files) =
+                    open(&uri, &image, &FileOptions::default(), channels).unwrap();
+                assert_eq!(files.len(), usize::from(channels));
+                assert_eq!(warm, reading == Reading::CachedKept);
+                for f in &files {
+                    assert_eq!(is_direct(f), reading.direct(), "{reading:?}");
+                }
+            }
         }
     }
 
