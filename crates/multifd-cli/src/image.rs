@@ -44,6 +44,11 @@ pub struct Mix {
     pub zero: f64,
     /// Fraction of compressible pages.
     pub compressible: f64,
+    /// Mean length of a run of pages of one kind (a kind drawn, then a
+    /// run length, geometric with this mean). 1: every page is drawn on
+    /// its own, scattered as finely as the fractions allow. A guest's RAM
+    /// is closer to long runs: zero pages lie in whole free regions.
+    pub run_pages: u32,
 }
 
 impl Default for Mix {
@@ -51,8 +56,29 @@ impl Default for Mix {
         Self {
             zero: 0.4,
             compressible: 0.4,
+            run_pages: 1,
         }
     }
+}
+
+/// The kinds of page an image is made of.
+#[derive(Clone, Copy)]
+enum Kind {
+    Zero,
+    Compressible,
+    Random,
+}
+
+/// A run length with mean `mean` (geometric: each further page continues
+/// the run with probability 1 - 1/mean).
+fn run_length(rng: &mut Rng, mean: u32) -> u64 {
+    if mean <= 1 {
+        return 1;
+    }
+    let go_on = 1.0 - 1.0 / f64::from(mean);
+    // In (0, 1], so the logarithm is finite.
+    let u = 1.0 - rng.next_f64();
+    1 + (u.ln() / go_on.ln()) as u64
 }
 
 /// Real-world compressible bytes: the first MiB of system binaries and
@@ -114,16 +140,30 @@ pub fn generate(path: &Path, size: u64, mix: Mix, seed: u64) -> Result<()> {
         std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
     let mut out = BufWriter::with_capacity(4 << 20, file);
     let zero = [0u8; PAGE];
+    let (mut kind, mut left) = (Kind::Zero, 0u64);
     for _ in 0..size / PAGE as u64 {
-        let r = rng.next_f64();
-        let page: &[u8] = if r < mix.zero {
-            &zero
-        } else if r < mix.zero + mix.compressible {
-            let o = rng.below(corpus.len() - PAGE) & !63;
-            &corpus[o..o + PAGE]
-        } else {
-            let o = rng.below(random.len() - PAGE) & !7;
-            &random[o..o + PAGE]
+        if left == 0 {
+            let r = rng.next_f64();
+            kind = if r < mix.zero {
+                Kind::Zero
+            } else if r < mix.zero + mix.compressible {
+                Kind::Compressible
+            } else {
+                Kind::Random
+            };
+            left = run_length(&mut rng, mix.run_pages);
+        }
+        left -= 1;
+        let page: &[u8] = match kind {
+            Kind::Zero => &zero,
+            Kind::Compressible => {
+                let o = rng.below(corpus.len() - PAGE) & !63;
+                &corpus[o..o + PAGE]
+            }
+            Kind::Random => {
+                let o = rng.below(random.len() - PAGE) & !7;
+                &random[o..o + PAGE]
+            }
         };
         out.write_all(page)?;
     }
@@ -162,5 +202,40 @@ mod tests {
         assert_eq!(x, y);
         let zeros = x.chunks(PAGE).filter(|p| p.iter().all(|&b| b == 0)).count();
         assert!((60..150).contains(&zeros), "{zeros} zero pages of 256");
+    }
+
+    /// Zero pages of `image`: how many, and in how many runs.
+    fn zero_runs(image: &[u8]) -> (usize, usize) {
+        let zero: Vec<bool> = image
+            .chunks(PAGE)
+            .map(|p| p.iter().all(|&b| b == 0))
+            .collect();
+        let runs = (0..zero.len())
+            .filter(|&i| zero[i] && (i == 0 || !zero[i - 1]))
+            .count();
+        (zero.iter().filter(|&&z| z).count(), runs)
+    }
+
+    #[test]
+    fn pages_come_in_runs_of_the_mean_asked() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a");
+        let size = 64 << 20; // 16,384 pages
+        let mut means = Vec::new();
+        for run_pages in [1, 64] {
+            let mix = Mix {
+                run_pages,
+                ..Mix::default()
+            };
+            generate(&path, size, mix, 7).unwrap();
+            let (zeros, runs) = zero_runs(&std::fs::read(&path).unwrap());
+            let share = zeros as f64 / (size / PAGE as u64) as f64;
+            assert!((0.25..0.55).contains(&share), "{run_pages}: {share} zero");
+            means.push(zeros as f64 / runs as f64);
+        }
+        // Scattered: a zero run ends when the next page is not zero
+        // (60% of the time); clustered: runs of 64 on average.
+        assert!((1.4..2.0).contains(&means[0]), "{means:?}");
+        assert!((40.0..100.0).contains(&means[1]), "{means:?}");
     }
 }

@@ -70,6 +70,10 @@ enum Cmd {
         /// Seed of the page mix.
         #[arg(long, default_value_t = 42, allow_negative_numbers = true)]
         seed: u64,
+        /// Mean length of a run of pages of one kind (1: every page drawn
+        /// on its own; a guest's RAM has long runs, of zero pages above all).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+        run_pages: u32,
     },
 }
 
@@ -251,8 +255,17 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Demo(a) => demo::run(a),
         Cmd::Stress(a) => stress::run(a),
         Cmd::Inspect { path } => inspect::run(&path),
-        Cmd::GenImage { path, size, seed } => {
-            image::generate(&path, size.as_u64(), image::Mix::default(), seed)
+        Cmd::GenImage {
+            path,
+            size,
+            seed,
+            run_pages,
+        } => {
+            let mix = image::Mix {
+                run_pages,
+                ..image::Mix::default()
+            };
+            image::generate(&path, size.as_u64(), mix, seed)
         }
     }
 }
