@@ -437,6 +437,14 @@ impl Sink {
     }
 }
 
+/// A buffer for one stretch ([`MAX_READ`]) in huge pages.
+fn stretch_buffer() -> Result<HugeOwnPages> {
+    HugeOwnPages::try_new((MAX_READ / PAGE_SIZE_U64) as usize).map_err(|e| {
+        let e = std::io::Error::new(std::io::ErrorKind::OutOfMemory, e);
+        Error::io("allocating a restore buffer", e)
+    })
+}
+
 struct Loader<'a, 'w> {
     file: File,
     path: &'a Path,
@@ -473,9 +481,10 @@ impl Loader<'_, '_> {
                 return Ok(());
             }
             let pieces = &self.plan.pieces[self.groups[g]..self.groups[g + 1]];
-            if self.reading.drops() {
-                // A cold file read through the cache: the device reads
-                // ahead while this thread copies (a cached one is there).
+            if !self.reading.direct() {
+                // Through the cache: the device reads ahead while this
+                // thread copies (a file kept cached may be cached only in
+                // part).
                 self.read_ahead(pieces);
             }
             for p in pieces {
@@ -490,9 +499,10 @@ impl Loader<'_, '_> {
                         match self.sinks[block] {
                             Sink::Mapping => self.read(&discard, block, first, pages, holes)?,
                             sink => {
-                                let buffer = buffer.get_or_insert_with(|| {
-                                    HugeOwnPages::new((MAX_READ / PAGE_SIZE_U64) as usize)
-                                });
+                                if buffer.is_none() {
+                                    buffer = Some(stretch_buffer()?);
+                                }
+                                let buffer = buffer.as_mut().expect("made above");
                                 self.copy(buffer, sink, block, first, pages, holes)?;
                             }
                         }

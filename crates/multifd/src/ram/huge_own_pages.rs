@@ -37,10 +37,22 @@ pub(crate) struct HugeOwnPages {
 }
 
 impl HugeOwnPages {
-    /// At least `pages` zeroed pages (a whole number of chunks).
+    /// At least `pages` zeroed pages (a whole number of chunks). Aborts
+    /// where the memory cannot be had, as a `Vec` does; see
+    /// [`HugeOwnPages::try_new`].
     pub(crate) fn new(pages: usize) -> Self {
+        match Self::try_new(pages) {
+            Ok(buf) => buf,
+            Err(e) => panic!("{pages} pages of buffer: {e}"),
+        }
+    }
+
+    /// At least `pages` zeroed pages (a whole number of chunks), or the
+    /// allocator's refusal.
+    pub(crate) fn try_new(pages: usize) -> Result<Self, std::collections::TryReserveError> {
         let n = pages.div_ceil(CHUNK_PAGES);
-        let mut chunks: Vec<Chunk> = Vec::with_capacity(n);
+        let mut chunks: Vec<Chunk> = Vec::new();
+        chunks.try_reserve_exact(n)?;
         if n > 0 {
             let len = n * std::mem::size_of::<Chunk>();
             // SAFETY: the range is the vector's own allocation (capacity
@@ -58,7 +70,7 @@ impl HugeOwnPages {
                 chunks.set_len(n);
             }
         }
-        Self { chunks }
+        Ok(Self { chunks })
     }
 
     /// Number of pages.
@@ -98,6 +110,10 @@ mod tests {
         assert_eq!(buf.pages()[1023].0[4095], 9);
         assert!(!buf.pages()[1023].is_zero());
         assert_eq!(HugeOwnPages::new(0).len(), 0);
+        assert!(
+            HugeOwnPages::try_new(usize::MAX / 2).is_err(),
+            "refused, not aborted"
+        );
         assert!(HugeOwnPages::new(0).pages().is_empty());
     }
 }
