@@ -70,8 +70,9 @@ enum Cmd {
         /// Seed of the page mix.
         #[arg(long, default_value_t = 42, allow_negative_numbers = true)]
         seed: u64,
-        /// Mean length of a run of pages of one kind (1: every page drawn
-        /// on its own; a guest's RAM has long runs, of zero pages above all).
+        /// Mean length of a drawn run of pages of one kind (1: every page
+        /// drawn on its own; a guest's RAM has long runs, of zero pages
+        /// above all). Runs of the same kind may follow each other.
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
         run_pages: u32,
     },
