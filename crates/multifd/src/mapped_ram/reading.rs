@@ -68,13 +68,21 @@ pub(super) fn open(
     opts: &FileOptions,
     channels: u8,
 ) -> Result<(Reading, Vec<File>)> {
-    let open_all = |direct: bool| {
-        (0..channels)
-            .map(|_| file::open_channel(&uri.path, false, direct))
-            .collect::<Result<Vec<File>>>()
-    };
+    let (reading, first) = choose(uri, image, opts)?;
+    tracing::debug!(?reading, "reading the pages of {uri}");
+    // The descriptor the choice was made with is the first channel's.
+    let files = std::iter::once(Ok(first))
+        .chain((1..channels).map(|_| file::open_channel(&uri.path, false, reading.direct())))
+        .take(usize::from(channels))
+        .collect::<Result<Vec<File>>>()?;
+    Ok((reading, files))
+}
+
+/// How the file is read (see [`open`]), and one descriptor of it opened
+/// that way.
+fn choose(uri: &FileUri, image: &FileImage, opts: &FileOptions) -> Result<(Reading, File)> {
     if opts.direct_io {
-        return Ok((Reading::Direct, open_all(true)?));
+        return Ok((Reading::Direct, file::open_channel(&uri.path, false, true)?));
     }
     let probe = file::open_channel(&uri.path, false, false)?;
     let warm = if ram::is_tmpfs(&probe) {
@@ -98,23 +106,15 @@ pub(super) fn open(
             }
         }
     };
-    let direct = match warm || !opts.direct_when_cold {
-        true => None,
-        false => direct_reader(uri, image),
-    };
-    let (reading, first) = match direct {
-        Some(f) => (Reading::Direct, f),
-        None if warm => (Reading::CachedKept, probe),
-        None => (Reading::CachedDropped, probe),
-    };
-    tracing::debug!(?reading, "reading the pages of {uri}");
-    // The descriptor that looked is the first channel's.
-    let mut files = vec![first];
-    for _ in 1..channels {
-        files.push(file::open_channel(&uri.path, false, reading.direct())?);
+    if warm {
+        return Ok((Reading::CachedKept, probe));
     }
-    files.truncate(usize::from(channels));
-    Ok((reading, files))
+    if opts.direct_when_cold
+        && let Some(direct) = direct_reader(uri, image)
+    {
+        return Ok((Reading::Direct, direct));
+    }
+    Ok((Reading::CachedDropped, probe))
 }
 
 /// An `O_DIRECT` descriptor of the file of `uri`, where it takes the
@@ -362,6 +362,16 @@ mod tests {
                     assert_eq!(is_direct(f), reading.direct(), "{reading:?}");
                 }
             }
+        }
+        if direct_reader(&uri, &image).is_some() {
+            let asked = FileOptions {
+                direct_io: true,
+                ..FileOptions::default()
+            };
+            let (reading, files) = open(&uri, &image, &asked, 3).unwrap();
+            assert_eq!(reading, Reading::Direct);
+            assert_eq!(files.len(), 3);
+            assert!(files.iter().all(is_direct));
         }
     }
 
