@@ -694,9 +694,9 @@ fn killed_receiver_fails_qemu() {
     // multifd send thread's error_free): it ends each channel's TLS session
     // from the main thread before joining the send threads, so a thread
     // still writing to the dead peer may share the GnuTLS session with it
-    // (the likely cause). A bug of QEMU's, not of ours. What this test holds us to is that QEMU
-    // learns of the death and ends the migration, promptly, never as
-    // completed; a crash is said loudly, not hidden.
+    // (the likely cause). A bug of QEMU's, not of ours. What this test
+    // holds us to is that QEMU learns of the death and ends the migration,
+    // promptly, never as completed; a crash is said loudly, not hidden.
     let crashed = matches!(&end, MigEnd::Exited(s) if s.contains("signal"));
     if crashed {
         eprintln!("[{name}] QEMU SOURCE CRASHED: {end:?}\n{}", src.log());

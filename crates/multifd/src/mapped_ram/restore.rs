@@ -588,7 +588,7 @@ impl Loader<'_, '_> {
         let stretch = buffer
             .pages_mut()
             .get_mut(..pages as usize)
-            .ok_or_else(|| Error::Config(format!("a stretch of {pages} pages: too long")))?;
+            .ok_or(Error::Internal("a stretch longer than the restore buffer"))?;
         self.pread(
             block,
             first,

@@ -37,9 +37,9 @@ pub(crate) struct HugeOwnPages {
 }
 
 impl HugeOwnPages {
-    /// At least `pages` zeroed pages (a whole number of chunks). Aborts
-    /// where the memory cannot be had, as a `Vec` does; see
-    /// [`HugeOwnPages::try_new`].
+    /// At least `pages` zeroed pages (a whole number of chunks). Panics
+    /// where the memory cannot be had; [`HugeOwnPages::try_new`] returns
+    /// the refusal instead.
     pub(crate) fn new(pages: usize) -> Self {
         match Self::try_new(pages) {
             Ok(buf) => buf,
