@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
-use multifd::mapped_ram::{self, Capture, FileOptions, FileUri, RestoreOptions};
+use multifd::mapped_ram::{self, Capture, FileOptions, FileUri, ReadLimits, RestoreOptions};
 use multifd::snapshot::{self, FileRamProvider};
 use multifd::{
     GuestRam, Listener, MigrationConfig, RamBlockInfo, RamProvider, ReceiveOptions, SourceOptions,
@@ -85,7 +85,7 @@ pub fn play(
 ) -> Result<()> {
     let file: FileUri = file.parse()?;
     let (result, rss) = with_progress(common.quiet || common.json, 0, |p, _| {
-        mapped_ram::play(&file, to, opts, &io.options(), p)
+        mapped_ram::play(&file, to, opts, &io.options(), &ReadLimits::default(), p)
     });
     let stats = result.with_context(|| format!("sending {file} to {to}"))?;
     report("sent", &stats, &opts.config, common, rss);
@@ -171,11 +171,19 @@ impl RamProvider for Counting<'_> {
     }
 }
 
+/// Most guest RAM `inspect` reads a file's bitmaps for: 4 TiB, 128 MiB of
+/// bitmaps (a file's length does not bound them: it may be sparse).
+const INSPECT_MAX_RAM: u64 = 4 << 40;
+
 /// `inspect` of a mapped-ram file (`QEVM` and the `mapped-ram`
 /// capability): the layout of every block, present pages, the tail.
 pub fn inspect(path: &std::path::Path) -> Result<()> {
     let uri = FileUri::new(path);
-    let image = mapped_ram::read_file(&uri, 256 << 20)
+    let limits = ReadLimits {
+        max_ram: INSPECT_MAX_RAM,
+        max_tail: 256 << 20,
+    };
+    let image = mapped_ram::read_file(&uri, &limits)
         .with_context(|| format!("reading {}", path.display()))?;
     println!(
         "mapped-ram file, {} bytes: machine {:?}, capabilities {:?}, uuid {}",
@@ -192,7 +200,7 @@ pub fn inspect(path: &std::path::Path) -> Result<()> {
         "  {:<28} {:>12} {:>12} {:>12} {:>12} {:>16}",
         "block", "used_length", "header", "bitmap", "pages", "present"
     );
-    for (i, (b, l)) in image.blocks.iter().zip(&image.layouts).enumerate() {
+    for (i, (b, l)) in image.blocks.iter().zip(image.layouts()).enumerate() {
         println!(
             "  {:<28} {:>#12x} {:>#12x} {:>#12x} {:>#12x} {:>9}/{:<6}{}",
             b.idstr,

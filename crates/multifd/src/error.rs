@@ -266,6 +266,14 @@ pub enum Error {
         /// What is missing.
         reason: String,
     },
+    /// A mapped-ram file's path led to another file when it was opened
+    /// again for a channel (renamed over or replaced since it was checked
+    /// or created): its pages would not match what was checked.
+    #[error("{}: the file was replaced while in use", path.display())]
+    FileReplaced {
+        /// The path.
+        path: PathBuf,
+    },
     /// Direct I/O (`O_DIRECT`) was asked for on a file system that refuses
     /// it (tmpfs, /dev/shm).
     #[error("{}: the file system refuses direct I/O (O_DIRECT)", path.display())]

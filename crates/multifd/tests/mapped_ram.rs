@@ -5,7 +5,7 @@ mod util;
 
 use std::os::unix::fs::MetadataExt;
 
-use multifd::mapped_ram::{self, Capture, FileOptions, FileUri, RestoreOptions};
+use multifd::mapped_ram::{self, Capture, FileOptions, FileUri, ReadLimits, RestoreOptions};
 use multifd::{
     Error, GuestRam, Listener, MigrationConfig, Progress, RamBlock, ReceiveOptions, SourceOptions,
     StaticRam, Stats, Uri, ZeroPageDetection,
@@ -113,9 +113,9 @@ fn save_then_restore_at_offsets_and_channel_counts() {
             bytes[..offset as usize].iter().all(|&b| b == 0xee),
             "prefix kept"
         );
-        let image = mapped_ram::read_file(&uri, 1 << 20).unwrap();
+        let image = mapped_ram::read_file(&uri, &ReadLimits::default()).unwrap();
         assert_eq!(image.configuration.capabilities, ["mapped-ram"]);
-        for (i, l) in image.layouts.iter().enumerate() {
+        for (i, l) in image.layouts().iter().enumerate() {
             assert!(l.is_canonical());
             assert_eq!(l.pages_offset() % PAGES_ALIGNMENT, 0);
             // Present exactly where the source has data.
@@ -163,7 +163,7 @@ fn zero_pages_are_holes() {
         md.blocks() * 512,
         md.len()
     );
-    let image = mapped_ram::read_file(&uri, 1 << 20).unwrap();
+    let image = mapped_ram::read_file(&uri, &ReadLimits::default()).unwrap();
     assert_eq!(vec![image.present_pages(0)], data_pages(&ram));
 }
 
@@ -194,7 +194,7 @@ fn a_live_save_keeps_the_last_copy_of_each_page() {
     assert!(stats.rounds >= 4, "{stats:?}");
     let inc = restore_into_anon(&uri, 2).unwrap();
     assert_eq!(ram_diff(&ram, &inc.ram), None);
-    let image = mapped_ram::read_file(&uri, 1 << 20).unwrap();
+    let image = mapped_ram::read_file(&uri, &ReadLimits::default()).unwrap();
     assert_eq!(image.parts, stats.rounds as u32 - 2, "a PART per round");
 }
 
@@ -211,7 +211,7 @@ fn zero_page_detection_none_and_legacy() {
         let mut o = opts(2);
         o.config.zero_page_detection = zp;
         save(&uri, &ram, &o).unwrap();
-        let image = mapped_ram::read_file(&uri, 1 << 20).unwrap();
+        let image = mapped_ram::read_file(&uri, &ReadLimits::default()).unwrap();
         let n: u64 = (0..3).map(|i| image.present_pages(i)).sum();
         assert_eq!(n, present, "{zp:?}");
         let inc = restore_into_anon(&uri, 3).unwrap();
@@ -285,8 +285,8 @@ fn a_network_migration_is_captured_into_a_file() {
         drop(incoming);
         let inc = restore_into_anon(&uri, 3).unwrap();
         assert_eq!(ram_diff(&ram, &inc.ram), None, "{channels} channels");
-        let image = mapped_ram::read_file(&uri, 1 << 20).unwrap();
-        assert!(image.layouts.iter().all(|l| l.is_canonical()));
+        let image = mapped_ram::read_file(&uri, &ReadLimits::default()).unwrap();
+        assert!(image.layouts().iter().all(|l| l.is_canonical()));
         if channels == 4 {
             // Exactly the non-zero pages are present; the rest are holes.
             let present: Vec<u64> = (0..3).map(|i| image.present_pages(i)).collect();
@@ -304,8 +304,8 @@ fn hostile_files_fail_cleanly_before_touching_ram() {
     let uri = FileUri::new(dir.path().join("good.mr"));
     save(&uri, &ram, &opts(2)).unwrap();
     let good = std::fs::read(&uri.path).unwrap();
-    let image = mapped_ram::read_file(&uri, 1 << 20).unwrap();
-    let h = image.layouts[0].header_offset() as usize;
+    let image = mapped_ram::read_file(&uri, &ReadLimits::default()).unwrap();
+    let h = image.layouts()[0].header_offset() as usize;
     let len = good.len();
     let patch = |at: usize, bytes: &[u8]| {
         let mut f = good.clone();
@@ -315,7 +315,7 @@ fn hostile_files_fail_cleanly_before_touching_ram() {
     let cases: Vec<(&str, Vec<u8>)> = vec![
         (
             "truncated in the pages",
-            good[..image.layouts[0].pages_offset() as usize + 8192].to_vec(),
+            good[..image.layouts()[0].pages_offset() as usize + 8192].to_vec(),
         ),
         ("truncated in the tail", good[..len - 10].to_vec()),
         ("truncated in the header", good[..h + 10].to_vec()),
@@ -470,7 +470,7 @@ fn reads_over_short_holes_never_bring_their_bytes_into_ram() {
     let (ram, present) = runs_and_holes_ram(pages);
     let uri = FileUri::new(dir.path().join("holes.mr"));
     save(&uri, &ram, &opts(2)).unwrap();
-    let image = mapped_ram::read_file(&uri, 1 << 20).unwrap();
+    let image = mapped_ram::read_file(&uri, &ReadLimits::default()).unwrap();
     let bitmap = image.bitmap(0);
     for (p, &here) in present.iter().enumerate() {
         assert_eq!(bitmap.get(p as u64), Some(here), "page {p}");
@@ -487,7 +487,7 @@ fn reads_over_short_holes_never_bring_their_bytes_into_ram() {
         .write(true)
         .open(&uri.path)
         .unwrap();
-    let pages_at = image.layouts[0].pages_offset();
+    let pages_at = image.layouts()[0].pages_offset();
     for (p, &here) in present.iter().enumerate() {
         if !here {
             f.write_all_at(&[0xa5; 4096], pages_at + p as u64 * PAGE_SIZE_U64)
@@ -689,7 +689,7 @@ fn saving_from_a_ram_file_matches_saving_from_memory() {
                 }
                 let inc = restore_into_anon(&uri, 2).unwrap();
                 assert_eq!(ram_diff(&ram, &inc.ram), None, "{what}");
-                let image = mapped_ram::read_file(&uri, 1 << 20).unwrap();
+                let image = mapped_ram::read_file(&uri, &ReadLimits::default()).unwrap();
                 let n_present = present.iter().filter(|&&p| p).count() as u64;
                 let expected = match zp {
                     ZeroPageDetection::None => pages,

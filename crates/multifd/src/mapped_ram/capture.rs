@@ -24,7 +24,7 @@ use super::FileUri;
 use super::file::{self, FileStream};
 use crate::destination::{Incoming, RamProvider, StreamSetup};
 use crate::error::{Error, Result};
-use crate::ram::{self, Access, GuestRam, RamBlock};
+use crate::ram::{self, Access, GuestRam, MappingWatch, RamBlock};
 
 /// A mapped-ram file being written by a receiver (see the module
 /// documentation).
@@ -39,6 +39,17 @@ struct State {
     layouts: Vec<BlockLayout>,
     section: u32,
     ours: bool,
+    /// The mappings of the pages regions handed out as RAM.
+    mappings: Vec<MappingWatch>,
+}
+
+impl State {
+    /// Undoes the file (see [`file::discard`]): while any of its pages
+    /// regions is still mapped, it is not cut.
+    fn discard(&self, uri: &FileUri) {
+        let mapped = self.mappings.iter().any(MappingWatch::alive);
+        file::discard(uri, self.stream.file(), self.ours, mapped);
+    }
 }
 
 impl std::fmt::Debug for State {
@@ -69,15 +80,18 @@ impl Capture {
         };
         let result = complete(&mut st, &self.uri, incoming);
         if result.is_err() {
-            file::discard(&self.uri, st.stream.file(), st.ours);
+            st.discard(&self.uri);
         }
         result
     }
 
-    /// Removes the file again (after a failed receive).
+    /// Removes the file again (after a failed receive). A file that was
+    /// there before (a capture at an offset) is cut back to the offset, or,
+    /// while the capture's RAM is still held (its pages are mappings of
+    /// the file), left at its length with the stream's magic cleared.
     pub fn discard(mut self) {
         if let Some(st) = self.state.take() {
-            file::discard(&self.uri, st.stream.file(), st.ours);
+            st.discard(&self.uri);
         }
     }
 
@@ -114,11 +128,13 @@ impl Capture {
                     layouts: st_layouts,
                     section: setup.ram_section_id,
                     ours,
+                    mappings: ram.blocks().iter().map(RamBlock::watch).collect(),
                 });
                 Ok(ram)
             }
             Err(e) => {
-                file::discard(&self.uri, stream.file(), ours);
+                // The blocks made so far are gone with `made`.
+                file::discard(&self.uri, stream.file(), ours, false);
                 Err(e)
             }
         }
@@ -130,7 +146,7 @@ impl Drop for Capture {
         // Neither finished nor discarded: an incomplete file is useless
         // (and QEMU crashes on some), so it goes.
         if let Some(st) = self.state.take() {
-            file::discard(&self.uri, st.stream.file(), st.ours);
+            st.discard(&self.uri);
         }
     }
 }
@@ -185,4 +201,72 @@ fn complete(st: &mut State, uri: &FileUri, incoming: &Incoming) -> Result<u64> {
     st.stream.eos(section)?;
     st.stream.raw(&incoming.tail)?;
     st.stream.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mapped_ram::{ReadLimits, read_file};
+    use multifd_wire::stream::Configuration;
+
+    /// A capture into an existing file at an offset, given up while its
+    /// RAM (mappings of the file) is still held: the RAM stays readable
+    /// (cutting the file under it would make every touch a SIGBUS), the
+    /// bytes before the offset stay, and what follows no longer reads as a
+    /// migration. Given up after its RAM is gone, the file is cut back to
+    /// the offset; at offset 0 it is removed, and the RAM still reads.
+    #[test]
+    fn a_capture_given_up_never_cuts_pages_still_mapped() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.mr");
+        std::fs::write(&path, [0xab; 4096]).unwrap();
+        let at_offset = FileUri {
+            path: path.clone(),
+            offset: 4096,
+        };
+        let cfg = Configuration {
+            machine: "none".into(),
+            target_page_bits: None,
+            capabilities: Vec::new(),
+            uuid: None,
+        };
+        let blocks = [RamBlockInfo {
+            idstr: "m0".into(),
+            used_length: 64 * PAGE_SIZE_U64,
+        }];
+        let setup = StreamSetup {
+            configuration: &cfg,
+            ram_section_id: 2,
+            blocks: &blocks,
+        };
+        let mut page = [0u8; 4096];
+
+        let mut capture = Capture::new(at_offset.clone());
+        let ram = capture.provide_for(&setup).unwrap();
+        ram.blocks()[0].write_page(5 * 4096, &[0x5a; 4096]).unwrap();
+        capture.discard();
+        ram.blocks()[0].read_page(5 * 4096, &mut page).unwrap();
+        assert_eq!(page, [0x5a; 4096]);
+        let bytes = std::fs::read(&path).unwrap();
+        assert!(bytes.len() > 4096 + 64 * 4096);
+        assert_eq!(bytes[..4096], [0xab; 4096]);
+        assert_eq!(bytes[4096..4100], [0; 4]);
+        assert!(read_file(&at_offset, &ReadLimits::default()).is_err());
+        drop(ram);
+
+        // Dropped unfinished, its RAM gone first.
+        let mut capture = Capture::new(at_offset.clone());
+        drop(capture.provide_for(&setup).unwrap());
+        drop(capture);
+        assert_eq!(std::fs::read(&path).unwrap(), [0xab; 4096]);
+
+        let new_file = FileUri::new(dir.path().join("new.mr"));
+        let mut capture = Capture::new(new_file.clone());
+        let ram = capture.provide_for(&setup).unwrap();
+        ram.blocks()[0].write_page(0, &[0x33; 4096]).unwrap();
+        drop(capture);
+        assert!(!new_file.path.exists());
+        ram.blocks()[0].read_page(0, &mut page).unwrap();
+        assert_eq!(page, [0x33; 4096]);
+    }
 }

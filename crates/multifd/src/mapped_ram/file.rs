@@ -2,7 +2,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use multifd_wire::mapped_ram::{self, BlockLayout};
@@ -59,20 +59,75 @@ pub(crate) fn create(uri: &FileUri) -> Result<(File, bool)> {
     Ok((file, ours))
 }
 
-/// Undoes [`create`] after a failure: removes a file made here, or cuts
-/// an existing one back to the offset.
-pub(crate) fn discard(uri: &FileUri, file: &File, ours: bool) {
-    if ours {
-        let _ = std::fs::remove_file(&uri.path);
+/// Undoes [`create`] after a failure: removes a file made here (if its
+/// path still leads to it), or cuts an existing one back to the offset.
+///
+/// `mapped`: parts of the file past the offset may still be mapped (a
+/// capture whose RAM is still held). Cutting the file would make every
+/// touch of those pages a SIGBUS, so the stream's magic is cleared
+/// instead: no reader, ours or QEMU's, takes what follows the offset for a
+/// migration. A failure here is logged: the caller is already failing
+/// with the error that matters.
+pub(crate) fn discard(uri: &FileUri, file: &File, ours: bool, mapped: bool) {
+    let path = &uri.path;
+    let outcome = if ours {
+        // Only the file made here: not one put at the path since.
+        match (std::fs::symlink_metadata(path), file.metadata()) {
+            (Ok(at_path), Ok(made))
+                if (at_path.dev(), at_path.ino()) == (made.dev(), made.ino()) =>
+            {
+                std::fs::remove_file(path).map_err(|e| format!("removing it: {e}"))
+            }
+            (Ok(_), Ok(_)) => Err("its path leads to another file now; left in place".into()),
+            (Err(e), _) | (_, Err(e)) => Err(format!("looking at it: {e}")),
+        }
+    } else if mapped {
+        file.write_all_at(&[0; 4], uri.offset)
+            .map_err(|e| format!("clearing its magic: {e}"))
     } else {
-        let _ = file.set_len(uri.offset);
+        file.set_len(uri.offset)
+            .map_err(|e| format!("cutting it back to {} bytes: {e}", uri.offset))
+    };
+    if let Err(why) = outcome {
+        tracing::warn!(
+            "an incomplete migration file {} stays: {why}",
+            path.display()
+        );
+    }
+}
+
+/// Which file a descriptor is open on (its device and inode), so that a
+/// path opened again can be told to lead to the same file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct FileId {
+    dev: u64,
+    ino: u64,
+}
+
+impl FileId {
+    /// The file `file` (opened from `path`) is open on.
+    pub(crate) fn of(file: &File, path: &Path) -> Result<Self> {
+        let md = file
+            .metadata()
+            .map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
+        Ok(Self {
+            dev: md.dev(),
+            ino: md.ino(),
+        })
     }
 }
 
 /// Opens `path` once more for one channel: writing or reading, with
 /// `O_DIRECT` when `direct` (a file system that refuses it is
-/// [`Error::DirectIoUnsupported`]).
-pub(crate) fn open_channel(path: &Path, write: bool, direct: bool) -> Result<File> {
+/// [`Error::DirectIoUnsupported`]). It must still be the file `same_as`
+/// (the one checked or created through the path before), else
+/// [`Error::FileReplaced`].
+pub(crate) fn open_channel(
+    path: &Path,
+    write: bool,
+    direct: bool,
+    same_as: FileId,
+) -> Result<File> {
     let mut opts = OpenOptions::new();
     if write {
         opts.write(true);
@@ -82,8 +137,15 @@ pub(crate) fn open_channel(path: &Path, write: bool, direct: bool) -> Result<Fil
     if direct {
         opts.custom_flags(libc::O_DIRECT);
     }
-    opts.open(path)
-        .map_err(|e| direct_io_error(path, direct, e, "opening"))
+    let file = opts
+        .open(path)
+        .map_err(|e| direct_io_error(path, direct, e, "opening"))?;
+    if FileId::of(&file, path)? != same_as {
+        return Err(Error::FileReplaced {
+            path: path.to_owned(),
+        });
+    }
+    Ok(file)
 }
 
 /// The error of an I/O call on `path`: `EINVAL` with `O_DIRECT` is the

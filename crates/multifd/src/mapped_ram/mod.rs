@@ -21,8 +21,11 @@
 //! is the wire crate's [`multifd_wire::mapped_ram`] and
 //! [`multifd_wire::stream::file`]. Every offset and length read from a
 //! file is checked against the file's length and the other regions before
-//! it is used, and pages are only ever written into guest RAM through
-//! checked page runs.
+//! it is used, the RAM it announces against a limit before anything is
+//! sized by it ([`ReadLimits`]), and pages are only ever written into
+//! guest RAM through checked page runs. Each channel opens the path again
+//! and must find the file that was checked or created there
+//! ([`Error::FileReplaced`](crate::Error::FileReplaced) otherwise).
 
 mod bitmap;
 mod capture;
@@ -37,7 +40,7 @@ mod write_behind;
 
 pub use capture::Capture;
 pub use play::play;
-pub use read::{FileImage, read_file};
+pub use read::{FileImage, ReadLimits, read_file};
 pub use restore::{MAX_HOLE_READ_OVER, MAX_READ, RestoreOptions, restore};
 pub use save::save;
 pub use uri::FileUri;

@@ -5,7 +5,7 @@
 //! file's own configuration (without `mapped-ram`), `ram` section id and
 //! device state, so a QEMU destination started like the source loads it.
 
-use super::read::read_file;
+use super::read::{ReadLimits, read_file};
 use super::restore::{RestoreOptions, load_pages};
 use super::{FileOptions, FileUri};
 use crate::error::Result;
@@ -18,15 +18,18 @@ use crate::transport::Uri;
 /// receiver at `to` (a QEMU destination with `migrate-incoming`, multifd
 /// on, mapped-ram off; or ours). `opts` are the network source's; its
 /// plan is replaced by the file's. Reading uses `opts.config.channels`
-/// threads. Memory: the guest's RAM size, in anonymous memory.
+/// threads. Memory: the guest's RAM size, in anonymous memory, so a file
+/// announcing more than `limits.max_ram` is [`Error::RamLimit`](crate::Error::RamLimit)
+/// before any is made.
 pub fn play(
     file: &FileUri,
     to: &Uri,
     opts: &SourceOptions,
     file_opts: &FileOptions,
+    limits: &ReadLimits,
     progress: &Progress,
 ) -> Result<Stats> {
-    let image = read_file(file, 32 << 20)?;
+    let image = read_file(file, limits)?;
     let mut ram = GuestRam::new();
     for b in &image.blocks {
         ram.push(RamBlock::anonymous(&b.idstr, b.used_length)?)?;

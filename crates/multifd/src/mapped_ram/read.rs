@@ -11,7 +11,7 @@ use multifd_wire::stream::file::{FileDecoded, FileDecoder, FileEvent};
 use multifd_wire::stream::{Command, Configuration, Event, RamBlockInfo, check_tail, encode};
 
 use super::FileUri;
-use super::file::read_at;
+use super::file::{FileId, read_at};
 use crate::error::{Error, Result};
 
 /// Bytes of main stream read at a time.
@@ -27,10 +27,11 @@ pub struct FileImage {
     pub ram_section_id: u32,
     /// The RAM blocks, in the file's order.
     pub blocks: Vec<RamBlockInfo>,
-    /// Where each block's header, bitmap and pages are.
-    pub layouts: Vec<BlockLayout>,
-    /// Each block's bitmap, as in the file.
-    pub bitmaps: Vec<Vec<u8>>,
+    /// Where each block's header, bitmap and pages are (checked: read
+    /// only, like `bitmaps`).
+    layouts: Vec<BlockLayout>,
+    /// Each block's bitmap, as in the file, checked against its layout.
+    bitmaps: Vec<Vec<u8>>,
     /// Whether SWITCHOVER_START came before the `ram` END.
     pub switchover_start: bool,
     /// PART sections of `ram`.
@@ -41,12 +42,26 @@ pub struct FileImage {
     pub tail: Vec<u8>,
     /// The file's length.
     pub file_len: u64,
+    /// The file that was read (a channel opening the path again must find
+    /// it there).
+    id: FileId,
 }
 
 impl FileImage {
-    /// The bitmap of block `i`.
+    /// Where each block's header, bitmap and pages are, in the order of
+    /// [`blocks`](Self::blocks).
+    pub fn layouts(&self) -> &[BlockLayout] {
+        &self.layouts
+    }
+
+    /// The bitmap of block `i`. Panics if `i` is not the index of a block.
     pub fn bitmap(&self, i: usize) -> Bitmap<'_> {
-        Bitmap::for_layout(&self.bitmaps[i], &self.layouts[i]).expect("checked when read")
+        Bitmap::for_layout(&self.bitmaps[i], &self.layouts[i])
+            .expect("bitmaps are checked against their layouts when read, and never change")
+    }
+
+    pub(crate) fn id(&self) -> FileId {
+        self.id
     }
 
     /// Pages of block `i` present in the file.
@@ -77,13 +92,36 @@ impl FileImage {
     }
 }
 
+/// Bounds on what a file may make [`read_file`] allocate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReadLimits {
+    /// Most guest RAM the file's blocks may announce together: their
+    /// bitmaps (a bit a page) are read into memory, and a file's length
+    /// says little about what it costs (a sparse file can announce
+    /// petabytes in a few kilobytes). Default: this machine's memory.
+    pub max_ram: u64,
+    /// Longest device-state tail read. Default: 32 MiB.
+    pub max_tail: usize,
+}
+
+impl Default for ReadLimits {
+    fn default() -> Self {
+        Self {
+            max_ram: crate::ram::physical_memory(),
+            max_tail: 32 << 20,
+        }
+    }
+}
+
 /// Reads the structure of the mapped-ram file `uri`: its main stream from
 /// `uri.offset`, each block's layout (checked against each other and the
-/// file's length) and bitmap, and the tail (at most `max_tail` bytes,
-/// ending with EOF and a vmdesc). A file that ends early (an interrupted
-/// save) is [`Error::IncompleteFile`]; a broken one
-/// [`Error::BadMappedRamFile`].
-pub fn read_file(uri: &FileUri, max_tail: usize) -> Result<FileImage> {
+/// file's length) and bitmap, and the tail (ending with EOF and a
+/// vmdesc). A file that ends early (an interrupted save) is
+/// [`Error::IncompleteFile`]; a broken one [`Error::BadMappedRamFile`]; one
+/// announcing more RAM than `limits.max_ram` [`Error::RamLimit`] (before
+/// any bitmap is read); a longer tail than `limits.max_tail`
+/// [`Error::Unsupported`].
+pub fn read_file(uri: &FileUri, limits: &ReadLimits) -> Result<FileImage> {
     let path = &uri.path;
     let file = File::open(path).map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
     let md = file
@@ -95,7 +133,7 @@ pub fn read_file(uri: &FileUri, max_tail: usize) -> Result<FileImage> {
             path.display()
         )));
     }
-    read_structure(&file, path, uri.offset, md.len(), max_tail)
+    read_structure(&file, path, uri.offset, md.len(), limits)
 }
 
 fn bad(path: &Path, e: multifd_wire::WireError) -> Error {
@@ -112,12 +150,12 @@ fn incomplete(path: &Path, reason: impl Into<String>) -> Error {
     }
 }
 
-pub(crate) fn read_structure(
+fn read_structure(
     file: &File,
     path: &Path,
     start: u64,
     file_len: u64,
-    max_tail: usize,
+    limits: &ReadLimits,
 ) -> Result<FileImage> {
     if start >= file_len {
         return Err(incomplete(
@@ -221,11 +259,24 @@ pub(crate) fn read_structure(
         ));
     }
     check_file_layout(&layouts, file_len).map_err(|e| bad(path, e))?;
+    let announced = blocks
+        .iter()
+        .try_fold(0u64, |sum: u64, b: &RamBlockInfo| {
+            sum.checked_add(b.used_length)
+        })
+        .unwrap_or(u64::MAX);
+    if announced > limits.max_ram {
+        return Err(Error::RamLimit {
+            announced,
+            limit: limits.max_ram,
+        });
+    }
     let tail_len = file_len - tail_offset;
-    if tail_len > max_tail as u64 {
+    if tail_len > limits.max_tail as u64 {
         return Err(Error::Unsupported(format!(
-            "{}: {tail_len} bytes of device state, more than the limit of {max_tail}",
-            path.display()
+            "{}: {tail_len} bytes of device state, more than the limit of {}",
+            path.display(),
+            limits.max_tail
         )));
     }
     let tail = read_at(file, path, tail_offset, tail_len as usize)?;
@@ -243,7 +294,8 @@ pub(crate) fn read_structure(
     }
     let mut bitmaps = Vec::with_capacity(layouts.len());
     for l in &layouts {
-        // Bounded by the file's length: the layout lies within it.
+        // Within the file (its layout was checked) and at most
+        // `max_ram / 32768` bytes in all.
         let bytes = read_at(file, path, l.bitmap_offset(), l.bitmap_len() as usize)?;
         Bitmap::for_layout(&bytes, l).map_err(|e| bad(path, e))?;
         bitmaps.push(bytes);
@@ -259,5 +311,83 @@ pub(crate) fn read_structure(
         tail_offset,
         tail,
         file_len,
+        id: FileId::of(file, path)?,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mapped_ram::file::FileStream;
+
+    /// Writes a complete mapped-ram file, sparse, whose one block `m0`
+    /// announces `len` bytes: a few KiB on the disk, whatever `len`.
+    fn write_sparse(path: &Path, len: u64) {
+        let f = File::options()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(path)
+            .unwrap();
+        let mut stream = FileStream::new(f, path, 0);
+        let cfg = Configuration {
+            machine: "none".into(),
+            target_page_bits: None,
+            capabilities: Vec::new(),
+            uuid: None,
+        };
+        stream.prefix(&cfg).unwrap();
+        let blocks = [RamBlockInfo {
+            idstr: "m0".into(),
+            used_length: len,
+        }];
+        stream.ram_start(2, &blocks).unwrap();
+        stream.eos(2).unwrap();
+        stream.end(2);
+        stream.eos(2).unwrap();
+        let mut tail = Vec::new();
+        encode::eof(&mut tail);
+        encode::vmdesc(&mut tail, b"{}").unwrap();
+        stream.raw(&tail).unwrap();
+        stream.finish().unwrap();
+    }
+
+    /// A sparse file announcing 4 TiB of RAM (a 128 MiB bitmap) is refused
+    /// by the RAM limit before any bitmap is read; the same file with a
+    /// small block reads.
+    #[test]
+    fn a_file_announcing_more_ram_than_the_limit_is_refused_before_its_bitmaps_are_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let huge = FileUri::new(dir.path().join("huge.mr"));
+        write_sparse(&huge.path, 4 << 40);
+        assert!(std::fs::metadata(&huge.path).unwrap().len() > 4 << 40);
+        let limits = ReadLimits {
+            max_ram: 1 << 30,
+            ..ReadLimits::default()
+        };
+        match read_file(&huge, &limits) {
+            Err(Error::RamLimit { announced, limit }) => {
+                assert_eq!((announced, limit), (4 << 40, 1 << 30));
+            }
+            other => panic!("{other:?}"),
+        }
+        // Played to a destination: refused before any RAM is made or any
+        // connection tried.
+        let nowhere = crate::transport::Uri::Unix(dir.path().join("no.sock"));
+        let e = crate::mapped_ram::play(
+            &huge,
+            &nowhere,
+            &crate::source::SourceOptions::default(),
+            &crate::mapped_ram::FileOptions::default(),
+            &limits,
+            &crate::stats::Progress::default(),
+        )
+        .unwrap_err();
+        assert!(matches!(e, Error::RamLimit { .. }), "{e:?}");
+        let small = FileUri::new(dir.path().join("small.mr"));
+        write_sparse(&small.path, 1 << 30);
+        let image = read_file(&small, &limits).unwrap();
+        assert_eq!(image.present_pages(0), 0);
+        assert_eq!(image.blocks[0].used_length, 1 << 30);
+    }
 }

@@ -72,7 +72,10 @@ pub(super) fn open(
     tracing::debug!(?reading, "reading the pages of {uri}");
     // The descriptor the choice was made with is the first channel's.
     let files = std::iter::once(Ok(first))
-        .chain((1..channels).map(|_| file::open_channel(&uri.path, false, reading.direct())))
+        .chain(
+            (1..channels)
+                .map(|_| file::open_channel(&uri.path, false, reading.direct(), image.id())),
+        )
         .take(usize::from(channels))
         .collect::<Result<Vec<File>>>()?;
     Ok((reading, files))
@@ -82,9 +85,12 @@ pub(super) fn open(
 /// that way.
 fn choose(uri: &FileUri, image: &FileImage, opts: &FileOptions) -> Result<(Reading, File)> {
     if opts.direct_io {
-        return Ok((Reading::Direct, file::open_channel(&uri.path, false, true)?));
+        return Ok((
+            Reading::Direct,
+            file::open_channel(&uri.path, false, true, image.id())?,
+        ));
     }
-    let probe = file::open_channel(&uri.path, false, false)?;
+    let probe = file::open_channel(&uri.path, false, false, image.id())?;
     let warm = if ram::is_tmpfs(&probe) {
         // Its page cache is the file.
         true
@@ -124,7 +130,7 @@ fn choose(uri: &FileUri, image: &FileImage, opts: &FileOptions) -> Result<(Readi
 /// the flag and refuse the reads). Direct reads were not asked for, so any
 /// failure here only means `None`.
 fn direct_reader(uri: &FileUri, image: &FileImage) -> Option<File> {
-    let f = match file::open_channel(&uri.path, false, true) {
+    let f = match file::open_channel(&uri.path, false, true, image.id()) {
         Ok(f) => f,
         Err(e) => {
             tracing::debug!("no direct reads of {uri}: {e}");
@@ -138,7 +144,7 @@ fn direct_reader(uri: &FileUri, image: &FileImage) -> Option<File> {
             return None;
         }
     }
-    let first = image.layouts.iter().enumerate().find_map(|(i, layout)| {
+    let first = image.layouts().iter().enumerate().find_map(|(i, layout)| {
         let run = image.bitmap(i).runs().next()?;
         Some(layout.pages_offset() + run.start * PAGE_SIZE_U64)
     });
@@ -172,7 +178,7 @@ fn sampled_pages_cached(
 ) -> std::io::Result<(u64, u64)> {
     let (mut cached, mut present) = (0u64, 0u64);
     let mut residency = Vec::new();
-    for (i, layout) in image.layouts.iter().enumerate() {
+    for (i, layout) in image.layouts().iter().enumerate() {
         let pages = layout.num_pages();
         let bitmap = image.bitmap(i);
         let stride = pages.div_ceil(max_samples.max(1)).max(sample);
@@ -202,8 +208,8 @@ fn sampled_pages_cached(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::mapped_ram::read_file;
     use crate::mapped_ram::restore::{RestoreOptions, load_pages};
+    use crate::mapped_ram::{ReadLimits, read_file};
     use crate::ram::{Access, GuestRam, RamBlock};
     use crate::source::{SourceOptions, StaticRam};
     use crate::stats::Progress;
@@ -260,7 +266,7 @@ mod tests {
     /// Restores the file into fresh anonymous memory with `opts` and
     /// checks every page; returns how it was read.
     fn restore_checked(uri: &FileUri, ram: &GuestRam, opts: FileOptions) -> Reading {
-        let image = read_file(uri, 1 << 20).unwrap();
+        let image = read_file(uri, &ReadLimits::default()).unwrap();
         let (reading, _) = open(uri, &image, &opts, 2).unwrap();
         let mut out = GuestRam::new();
         out.push(RamBlock::anonymous("m0", PAGES * 4096).unwrap())
@@ -282,17 +288,17 @@ mod tests {
 
     /// Cached pages of the file's pages region.
     fn cached(uri: &FileUri) -> usize {
-        let image = read_file(uri, 1 << 20).unwrap();
+        let image = read_file(uri, &ReadLimits::default()).unwrap();
         let f = File::open(&uri.path).unwrap();
         let mut v = vec![0u8; PAGES as usize];
-        sys::residency(f.as_raw_fd(), image.layouts[0].pages_offset(), &mut v).unwrap();
+        sys::residency(f.as_raw_fd(), image.layouts()[0].pages_offset(), &mut v).unwrap();
         v.iter().filter(|&&b| b != 0).count()
     }
 
     #[test]
     fn a_cold_file_is_read_directly_and_a_warm_one_from_the_cache() {
         let (_dir, uri, ram) = saved_on_disk();
-        let image = read_file(&uri, 1 << 20).unwrap();
+        let image = read_file(&uri, &ReadLimits::default()).unwrap();
         let direct_taken = direct_reader(&uri, &image).is_some();
         let cold = if direct_taken {
             Reading::Direct
@@ -344,10 +350,54 @@ mod tests {
         flags & i64::from(libc::O_DIRECT) != 0
     }
 
+    /// A file renamed over the checked one before its pages are read (a
+    /// copy: same layout, same length) is refused whichever way it would
+    /// be read, and no page is written: its pages need not match the
+    /// layouts and bitmaps that were checked.
+    #[test]
+    fn a_file_replaced_after_it_was_checked_is_refused() {
+        let (dir, uri, _ram) = saved_on_disk();
+        let image = read_file(&uri, &ReadLimits::default()).unwrap();
+        let copy = dir.path().join("copy.mr");
+        std::fs::copy(&uri.path, &copy).unwrap();
+        std::fs::rename(&copy, &uri.path).unwrap();
+        for direct_io in [false, true] {
+            let opts = FileOptions {
+                direct_io,
+                ..FileOptions::default()
+            };
+            let e = open(&uri, &image, &opts, 2).unwrap_err();
+            assert!(matches!(e, Error::FileReplaced { .. }), "{e:?}");
+            let mut out = GuestRam::new();
+            out.push(RamBlock::anonymous("m0", PAGES * 4096).unwrap())
+                .unwrap();
+            out.blocks()[0].write_page(0, &[0x77; 4096]).unwrap();
+            let ropts = RestoreOptions {
+                channels: 2,
+                file: opts,
+                ..RestoreOptions::default()
+            };
+            let e = load_pages(&uri, &image, &out, &[0], &ropts, &Progress::default()).unwrap_err();
+            assert!(matches!(e, Error::FileReplaced { .. }), "{e:?}");
+            let mut page = [0u8; 4096];
+            out.blocks()[0].read_page(0, &mut page).unwrap();
+            assert_eq!(page, [0x77; 4096], "direct_io {direct_io}");
+        }
+        // Read again, the file at the path now is the one read.
+        let image = read_file(&uri, &ReadLimits::default()).unwrap();
+        assert_eq!(
+            open(&uri, &image, &FileOptions::default(), 2)
+                .unwrap()
+                .1
+                .len(),
+            2
+        );
+    }
+
     #[test]
     fn every_channel_gets_a_descriptor_opened_the_chosen_way() {
         let (_dir, uri, _ram) = saved_on_disk();
-        let image = read_file(&uri, 1 << 20).unwrap();
+        let image = read_file(&uri, &ReadLimits::default()).unwrap();
         for warm in [false, true] {
             make_cold(&uri);
             if warm {
@@ -388,7 +438,7 @@ mod tests {
     #[test]
     fn the_cached_share_counts_present_pages_only() {
         let (_dir, uri, _ram) = saved_on_disk();
-        let image = read_file(&uri, 1 << 20).unwrap();
+        let image = read_file(&uri, &ReadLimits::default()).unwrap();
         let present = image.present_pages(0);
         assert_eq!(
             present,
@@ -396,7 +446,7 @@ mod tests {
         );
         let f = File::open(&uri.path).unwrap();
         let fd = f.as_raw_fd();
-        let region = image.layouts[0].pages_offset();
+        let region = image.layouts()[0].pages_offset();
         // All read in, then dropped from the first 2 MiB boundary of the
         // file past the region's first 1024 pages on (whole folios: the
         // page cache may hold a file in naturally aligned folios of up to

@@ -32,7 +32,7 @@ use std::time::Instant;
 use multifd_wire::PAGE_SIZE_U64;
 
 use super::file;
-use super::read::{FileImage, read_file};
+use super::read::{FileImage, ReadLimits, read_file};
 use super::reading::{self, Reading};
 use super::{FileOptions, FileUri};
 use crate::destination::{Incoming, RamProvider, StreamSetup};
@@ -160,18 +160,11 @@ pub fn restore(
         return Err(Error::Config("at least one channel is needed".into()));
     }
     let started = Instant::now();
-    let image = read_file(uri, opts.max_tail)?;
-    let announced = image
-        .blocks
-        .iter()
-        .try_fold(0u64, |sum, b| sum.checked_add(b.used_length))
-        .unwrap_or(u64::MAX);
-    if announced > opts.max_ram {
-        return Err(Error::RamLimit {
-            announced,
-            limit: opts.max_ram,
-        });
-    }
+    let limits = ReadLimits {
+        max_ram: opts.max_ram,
+        max_tail: opts.max_tail,
+    };
+    let image = read_file(uri, &limits)?;
     let configuration = image.network_configuration();
     let ram = provider.provide_for(&StreamSetup {
         configuration: &configuration,
@@ -272,7 +265,7 @@ pub(crate) fn load_pages(
 /// that may hold other data.
 fn plan(image: &FileImage, ram: &GuestRam, indices: &[usize]) -> Plan {
     let mut out = Plan::default();
-    for (i, layout) in image.layouts.iter().enumerate() {
+    for (i, layout) in image.layouts().iter().enumerate() {
         let zero_absent = !ram.blocks()[indices[i]].starts_zeroed();
         plan_block(
             &mut out,
@@ -532,7 +525,7 @@ impl Loader<'_, '_> {
                 ..
             } = *p
             {
-                let at = self.image.layouts[block].pages_offset() + first * PAGE_SIZE_U64;
+                let at = self.image.layouts()[block].pages_offset() + first * PAGE_SIZE_U64;
                 // Advice only: a refusal changes nothing.
                 let _ = sys::will_read(self.file.as_raw_fd(), at, pages * PAGE_SIZE_U64);
             }
@@ -631,7 +624,7 @@ impl Loader<'_, '_> {
     /// Reads the file's bytes of block `block` from page `first` on into
     /// `iovs`, all of them.
     fn pread(&self, block: usize, first: u64, iovs: &mut [IoSliceMut<'_>]) -> Result<()> {
-        let layout = &self.image.layouts[block];
+        let layout = &self.image.layouts()[block];
         let at = layout.pages_offset() + first * PAGE_SIZE_U64;
         let len: u64 = iovs.iter().map(|v| v.len() as u64).sum();
         sys::preadv_exact(self.file.as_raw_fd(), at, iovs).map_err(|e| {

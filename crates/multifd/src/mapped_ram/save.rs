@@ -121,7 +121,8 @@ pub fn save(
     match result {
         Ok(()) => Ok(progress.stats(started.elapsed())),
         Err(e) => {
-            file::discard(target, &main, ours);
+            // The source's RAM is not a mapping of this file.
+            file::discard(target, &main, ours, false);
             Err(e)
         }
     }
@@ -177,10 +178,11 @@ fn save_inner(
     let over_zeros = !tmpfs;
     let write_behind = !tmpfs && !file_opts.direct_io;
     let mut writers = Vec::with_capacity(shared.channels as usize);
+    let created = file::FileId::of(main, path)?;
     for id in 0..opts.config.channels {
         writers.push(PageWriter {
             id,
-            file: file::open_channel(path, true, file_opts.direct_io)?,
+            file: file::open_channel(path, true, file_opts.direct_io, created)?,
             path: path.clone(),
             direct: file_opts.direct_io,
             ram,

@@ -97,6 +97,19 @@ impl<B: Bitmap + Send + Sync> Mapping for MmapRegion<B> {
     }
 }
 
+/// Tells whether a block's mapping still exists (a block or a clone of its
+/// handle in a page run keeps it), without keeping it.
+#[derive(Clone)]
+pub(crate) struct MappingWatch(std::sync::Weak<dyn Mapping>);
+
+impl MappingWatch {
+    /// Whether the mapping still exists: once it does not, it never will
+    /// again.
+    pub(crate) fn alive(&self) -> bool {
+        self.0.strong_count() > 0
+    }
+}
+
 /// Advice about a block's mapping (see [`RamBlock::advise`]).
 #[derive(Clone, Copy)]
 enum Advice {
@@ -125,6 +138,11 @@ fn check_name_and_len(name: &str, len: u64) -> Result<usize> {
 }
 
 impl RamBlock {
+    /// A watch on this block's mapping (see [`MappingWatch`]).
+    pub(crate) fn watch(&self) -> MappingWatch {
+        MappingWatch(Arc::downgrade(&self.region))
+    }
+
     /// Anonymous, zero-filled memory.
     pub fn anonymous(name: &str, len: u64) -> Result<Self> {
         let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;

@@ -28,7 +28,7 @@ mod zstd_pages;
 
 pub use block::{Access, RamBlock};
 pub(crate) use block::{
-    Reserve, data_ranges, is_tmpfs, min_hole, physical_memory, punch, reserve_range,
+    MappingWatch, Reserve, data_ranges, is_tmpfs, min_hole, physical_memory, punch, reserve_range,
 };
 pub(crate) use holes::Holes;
 pub(crate) use huge_own_pages::HugeOwnPages;
