@@ -21,6 +21,7 @@ use std::sync::Arc;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use multifd::mapped_ram;
 use multifd::snapshot::{self, FileRamProvider, Manifest};
 use multifd::{
     Cancel, Compression, Endpoint, Error, GuestRam, Incoming, Progress, RamBlock, RamBlockInfo,
@@ -1064,6 +1065,42 @@ fn full_file_system_in_a_mount_namespace() {
     assert_eq!(bytes.len(), 16 << 20);
     assert_eq!(&bytes[8192..8195], b"old");
     drop(bytes);
+    std::fs::remove_file(&sparse).unwrap();
+
+    // A mapped-ram save into the full file system. On tmpfs the channels
+    // copy pages into mappings of the file, each run's pages allocated
+    // first: a full tmpfs is NoSpace, never a SIGBUS, whether the pages
+    // come from anonymous RAM or through a RAM file's staging buffer, and
+    // the file is removed again.
+    let image = tempfile::NamedTempFile::new().unwrap();
+    let mut page = [0u8; 4096];
+    for p in 0..too_big.blocks()[0].pages() {
+        too_big.blocks()[0].read_page(p * 4096, &mut page).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(image.as_file(), &page, p * 4096).unwrap();
+    }
+    let mut from_file = GuestRam::new();
+    from_file
+        .push(RamBlock::open_file("m0", image.path(), multifd::Access::ReadOnly, None).unwrap())
+        .unwrap();
+    for (what, ram) in [("anonymous RAM", &too_big), ("a RAM file", &from_file)] {
+        let base = Baseline::take();
+        let uri = mapped_ram::FileUri::new(mount_point.join("save.mr"));
+        let e = mapped_ram::save(
+            &uri,
+            ram,
+            &mut StaticRam,
+            &SourceOptions::default(),
+            &mapped_ram::FileOptions::default(),
+            &Progress::default(),
+        )
+        .unwrap_err();
+        assert!(
+            matches!(&e, Error::NoSpace { path, .. } if *path == uri.path),
+            "{what}: {e:?}"
+        );
+        assert!(!uri.path.exists(), "{what}: the file is removed again");
+        base.check(&format!("mapped-ram save from {what}: full file system"));
+    }
 
     drop(fs);
     assert!(
