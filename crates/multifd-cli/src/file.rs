@@ -112,7 +112,13 @@ pub fn restore(
     let (result, rss) = with_progress(common.quiet || common.json, 0, |p, _| {
         mapped_ram::restore(source, &mut provider, opts, p)
     });
-    let incoming = result.with_context(|| format!("restoring from {source}"))?;
+    let incoming = match result {
+        Ok(incoming) => incoming,
+        Err(e) => {
+            provider.discard_created();
+            return Err(anyhow::Error::new(e).context(format!("restoring from {source}")));
+        }
+    };
     if let Some(dir) = &snapshot_dir {
         snapshot::store(dir, &incoming)
             .with_context(|| format!("storing snapshot in {}", dir.display()))?;

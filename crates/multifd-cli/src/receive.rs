@@ -166,6 +166,7 @@ pub fn run(a: ReceiveArgs) -> Result<()> {
     let incoming = match result {
         Ok(incoming) => incoming,
         Err(e) => {
+            ram.discard_created();
             let e = anyhow::Error::new(e);
             return Err(match unplaced {
                 Some(name) => e.context(Advice {

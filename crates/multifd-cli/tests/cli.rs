@@ -255,6 +255,41 @@ fn stalled_source_names_idle_timeout() {
     assert!(t0.elapsed() < Duration::from_secs(15), "{:?}", t0.elapsed());
 }
 
+/// A receive into a snapshot directory that fails after the block files
+/// were made (the source stalls) removes them again: the same directory
+/// takes the next attempt, which fails for its own reason (the stall
+/// again), not because the directory holds files.
+#[test]
+fn failed_receive_leaves_the_snapshot_dir_reusable() {
+    let ctx = TestCtx::new("failed_receive_leaves_the_snapshot_dir_reusable", BUDGET);
+    let ram = format!("m0={}", ctx.path("dst.ram").display());
+    let snap = ctx.path("snap");
+    let snap_arg = snap.display().to_string();
+    let blocks = [("m0", 1 << 20), ("pc.bios", 256 << 10)];
+    for attempt in 1..=2 {
+        let args = [
+            "--ram",
+            &ram,
+            "--snapshot",
+            &snap_arg,
+            "--channels",
+            "2",
+            "--quiet",
+            "--idle-timeout",
+            "1",
+        ];
+        let (mut recv, port) = start_receiver(&ctx, "receive", &args);
+        let _conns = fake_source(port, &blocks, 2);
+        let (code, stderr) = finish(&mut recv, Duration::from_secs(20));
+        assert_eq!(code, Some(1), "attempt {attempt}: exit status\n{stderr}");
+        assert!(stderr.contains("stalled"), "attempt {attempt}: {stderr}");
+        let left: Vec<_> = std::fs::read_dir(snap.join("ram"))
+            .expect("the ram directory was made")
+            .collect();
+        assert!(left.is_empty(), "attempt {attempt}: {left:?}");
+    }
+}
+
 #[test]
 fn silent_connection_names_handshake_timeout() {
     let ctx = TestCtx::new("silent_connection_names_handshake_timeout", BUDGET);

@@ -215,6 +215,9 @@ pub struct FileRamProvider {
     /// Whether new files on tmpfs get their space reserved (see
     /// [`FileRamProvider::written_through_files`]).
     reserve: Reserve,
+    /// The block files made in the snapshot directory for the RAM given
+    /// out (see [`FileRamProvider::discard_created`]).
+    created: Vec<PathBuf>,
 }
 
 impl FileRamProvider {
@@ -246,6 +249,7 @@ impl FileRamProvider {
             snapshot_dir,
             ready,
             reserve: Reserve::Always,
+            created: Vec::new(),
         })
     }
 
@@ -258,6 +262,24 @@ impl FileRamProvider {
     pub fn written_through_files(mut self) -> Self {
         self.reserve = Reserve::NotOnTmpfs;
         self
+    }
+
+    /// Removes the block files this provider made in the snapshot
+    /// directory, after the receive or restore it provided RAM for failed:
+    /// they hold part of a migration, and would make the next attempt
+    /// into the same directory [`Error::FileExists`]. Files named with
+    /// `--ram` (given by path) stay, written in part. Failures to remove
+    /// are logged: the caller is already failing with the error that
+    /// matters.
+    pub fn discard_created(&mut self) {
+        for path in self.created.drain(..) {
+            if let Err(e) = std::fs::remove_file(&path) {
+                tracing::warn!(
+                    "a block file of a failed migration stays: {}: {e}",
+                    path.display()
+                );
+            }
+        }
     }
 
     /// Whether any block has a destination at all.
@@ -320,13 +342,12 @@ impl RamProvider for FileRamProvider {
         }
         let mut created = Vec::new();
         let result = self.provide_all(blocks, &mut created);
+        self.created.append(&mut created);
         if result.is_err() {
             // Files of ours in the snapshot directory would make the next
             // attempt fail with FileExists: take them back (the mappings
             // are gone with the partial RAM).
-            for path in created {
-                let _ = std::fs::remove_file(path);
-            }
+            self.discard_created();
         }
         result
     }
@@ -662,6 +683,44 @@ pub fn open(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The block files made for a migration that then failed are removed
+    /// by `discard_created`, and the directory takes the next attempt; a
+    /// file named by path stays.
+    #[test]
+    fn block_files_of_a_failed_migration_are_discarded() {
+        let dir = tempfile::tempdir().unwrap();
+        let snap = dir.path().join("snap");
+        let named = dir.path().join("m0.ram");
+        let blocks = [
+            RamBlockInfo {
+                idstr: "m0".into(),
+                used_length: 16 * 4096,
+            },
+            RamBlockInfo {
+                idstr: "pc.bios".into(),
+                used_length: 4 * 4096,
+            },
+        ];
+        let names = || [("m0".to_owned(), named.clone())].into_iter().collect();
+        let mut provider = FileRamProvider::new(names(), Some(snap.clone()), false).unwrap();
+        let ram = provider.provide(&blocks).unwrap();
+        ram.blocks()[1].write_page(0, &[7; 4096]).unwrap();
+        let made = snap.join(RAM_DIR).join(block_file_name(1, "pc.bios"));
+        assert!(made.exists());
+        // The migration fails with its RAM still mapped.
+        provider.discard_created();
+        assert!(!made.exists());
+        assert!(named.exists());
+        drop(ram);
+        let mut again = FileRamProvider::new(names(), Some(snap.clone()), false).unwrap();
+        again.provide(&blocks).unwrap();
+        assert!(made.exists());
+        assert!(matches!(
+            FileRamProvider::new(names(), Some(snap), false),
+            Err(Error::FileExists { .. })
+        ));
+    }
 
     #[test]
     fn block_file_names_are_injective_readable_and_short() {
