@@ -95,7 +95,10 @@ pub fn run(a: ReceiveArgs) -> Result<()> {
         let opts = multifd::mapped_ram::RestoreOptions {
             channels: config.channels,
             file: a.file_io.options(),
-            max_ram: a.max_ram.unwrap_or(ReceiveOptions::default().max_ram),
+            limits: multifd::mapped_ram::ReadLimits {
+                max_ram: a.max_ram.unwrap_or(ReceiveOptions::default().max_ram),
+                ..Default::default()
+            },
             ..Default::default()
         };
         return crate::file::restore(

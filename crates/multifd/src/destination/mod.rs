@@ -70,6 +70,20 @@ pub struct StreamSetup<'a> {
     pub blocks: &'a [RamBlockInfo],
 }
 
+/// Fails with [`Error::RamLimit`] when `blocks` announce more RAM in all
+/// than `limit` (a sum that overflows counts as `u64::MAX`): checked
+/// before anything is sized by them.
+pub(crate) fn check_announced_ram(blocks: &[RamBlockInfo], limit: u64) -> Result<()> {
+    let announced = blocks
+        .iter()
+        .try_fold(0u64, |sum, b| sum.checked_add(b.used_length))
+        .unwrap_or(u64::MAX);
+    if announced > limit {
+        return Err(Error::RamLimit { announced, limit });
+    }
+    Ok(())
+}
+
 /// Options of a receiver.
 #[derive(Debug, Clone)]
 pub struct ReceiveOptions {
@@ -270,16 +284,7 @@ impl Migration<'_, '_> {
             blocks,
         } = reader.read_setup()?;
         check_uuid(&configuration, cfg)?;
-        let announced = blocks
-            .iter()
-            .try_fold(0u64, |sum, b| sum.checked_add(b.used_length))
-            .unwrap_or(u64::MAX);
-        if announced > self.opts.max_ram {
-            return Err(Error::RamLimit {
-                announced,
-                limit: self.opts.max_ram,
-            });
-        }
+        check_announced_ram(&blocks, self.opts.max_ram)?;
         let ram = {
             let _work = self.watchdog.hold();
             provider.provide_for(&StreamSetup {

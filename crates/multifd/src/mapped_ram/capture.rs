@@ -226,9 +226,7 @@ mod tests {
         };
         let cfg = Configuration {
             machine: "none".into(),
-            target_page_bits: None,
-            capabilities: Vec::new(),
-            uuid: None,
+            ..Configuration::default()
         };
         let blocks = [RamBlockInfo {
             idstr: "m0".into(),

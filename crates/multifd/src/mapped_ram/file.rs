@@ -73,9 +73,7 @@ pub(crate) fn discard(uri: &FileUri, file: &File, ours: bool, mapped: bool) {
     let outcome = if ours {
         // Only the file made here: not one put at the path since.
         match (std::fs::symlink_metadata(path), file.metadata()) {
-            (Ok(at_path), Ok(made))
-                if (at_path.dev(), at_path.ino()) == (made.dev(), made.ino()) =>
-            {
+            (Ok(at_path), Ok(made)) if FileId::from(&at_path) == FileId::from(&made) => {
                 std::fs::remove_file(path).map_err(|e| format!("removing it: {e}"))
             }
             (Ok(_), Ok(_)) => Err("its path leads to another file now; left in place".into()),
@@ -110,10 +108,16 @@ impl FileId {
         let md = file
             .metadata()
             .map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
-        Ok(Self {
+        Ok(Self::from(&md))
+    }
+}
+
+impl From<&std::fs::Metadata> for FileId {
+    fn from(md: &std::fs::Metadata) -> Self {
+        Self {
             dev: md.dev(),
             ino: md.ino(),
-        })
+        }
     }
 }
 

@@ -12,6 +12,7 @@ use multifd_wire::stream::{Command, Configuration, Event, RamBlockInfo, check_ta
 
 use super::FileUri;
 use super::file::{FileId, read_at};
+use crate::destination::check_announced_ram;
 use crate::error::{Error, Result};
 
 /// Bytes of main stream read at a time.
@@ -259,18 +260,7 @@ fn read_structure(
         ));
     }
     check_file_layout(&layouts, file_len).map_err(|e| bad(path, e))?;
-    let announced = blocks
-        .iter()
-        .try_fold(0u64, |sum: u64, b: &RamBlockInfo| {
-            sum.checked_add(b.used_length)
-        })
-        .unwrap_or(u64::MAX);
-    if announced > limits.max_ram {
-        return Err(Error::RamLimit {
-            announced,
-            limit: limits.max_ram,
-        });
-    }
+    check_announced_ram(&blocks, limits.max_ram)?;
     let tail_len = file_len - tail_offset;
     if tail_len > limits.max_tail as u64 {
         return Err(Error::Unsupported(format!(
@@ -332,9 +322,7 @@ mod tests {
         let mut stream = FileStream::new(f, path, 0);
         let cfg = Configuration {
             machine: "none".into(),
-            target_page_bits: None,
-            capabilities: Vec::new(),
-            uuid: None,
+            ..Configuration::default()
         };
         stream.prefix(&cfg).unwrap();
         let blocks = [RamBlockInfo {

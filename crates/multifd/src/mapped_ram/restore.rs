@@ -76,11 +76,9 @@ pub struct RestoreOptions {
     pub channels: u8,
     /// Descriptors and file options.
     pub file: FileOptions,
-    /// Most guest RAM the file may announce (checked before any RAM is
-    /// made).
-    pub max_ram: u64,
-    /// Longest device-state tail accepted.
-    pub max_tail: usize,
+    /// Most guest RAM the file may announce and longest device-state tail
+    /// (checked before any RAM is made).
+    pub limits: ReadLimits,
     /// Stops the restore from another thread.
     pub cancel: Option<Arc<Cancel>>,
 }
@@ -90,8 +88,7 @@ impl Default for RestoreOptions {
         Self {
             channels: 2,
             file: FileOptions::default(),
-            max_ram: crate::ram::physical_memory(),
-            max_tail: 32 << 20,
+            limits: ReadLimits::default(),
             cancel: None,
         }
     }
@@ -160,11 +157,7 @@ pub fn restore(
         return Err(Error::Config("at least one channel is needed".into()));
     }
     let started = Instant::now();
-    let limits = ReadLimits {
-        max_ram: opts.max_ram,
-        max_tail: opts.max_tail,
-    };
-    let image = read_file(uri, &limits)?;
+    let image = read_file(uri, &opts.limits)?;
     let configuration = image.network_configuration();
     let ram = provider.provide_for(&StreamSetup {
         configuration: &configuration,
